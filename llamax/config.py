@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from llamax.errors import ConfigError
 
 REMAT_POLICIES = ("none", "full", "dots", "dots_with_no_batch_dims", "save_projections")
-ATTENTION_IMPLS = ("xla", "cudnn", "flash")
+ATTENTION_IMPLS = ("xla", "cudnn")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,0 +1,292 @@
+"""HF `LlamaForCausalLM` checkpoints <-> llamax params, as one table.
+
+HF stores linear weights as [out, in]; llamax keeps named axes ([embed, heads, head_dim] for
+q/k/v, [heads, head_dim, embed] for o, [in, out] for the MLP and lm_head). Both use the
+half-split rotary layout, so no q/k permutation is needed here (Meta's format needs one).
+
+Conversion walks the table one tensor at a time: with `WeightFolder`'s memory maps, peak host
+memory is the llamax params being built plus one tensor, never a second copy of the checkpoint.
+"""
+from __future__ import annotations
+
+import collections
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping
+
+import ml_dtypes
+import numpy as np
+
+from llamax.config import ModelConfig
+from llamax.errors import CheckpointError, ConfigError
+from llamax.weights_io import WeightFolder, save_safetensors
+
+Tensor = np.ndarray
+# llamax path inside one decoder layer -> (HF name suffix, HF shape, to llamax, to HF)
+LayerRule = tuple[str, Callable[[ModelConfig], tuple], Callable, Callable]
+
+
+def _q_shape(c):
+    return (c.num_heads * c.head_dim, c.hidden_size)
+
+
+def _kv_shape(c):
+    return (c.num_kv_heads * c.head_dim, c.hidden_size)
+
+
+LAYER_TABLE: dict[tuple[str, ...], LayerRule] = {
+    ("input_layernorm", "weight"): ("input_layernorm.weight", lambda c: (c.hidden_size,),
+                                    lambda w, c: w, lambda w, c: w),
+    ("post_attention_layernorm", "weight"): ("post_attention_layernorm.weight", lambda c: (c.hidden_size,),
+                                             lambda w, c: w, lambda w, c: w),
+    # [heads*head_dim, embed] <-> [embed, heads, head_dim]
+    ("self_attn", "q_proj", "kernel"): ("self_attn.q_proj.weight", _q_shape,
+                                        lambda w, c: w.T.reshape(c.hidden_size, c.num_heads, c.head_dim),
+                                        lambda w, c: w.reshape(c.hidden_size, -1).T),
+    ("self_attn", "k_proj", "kernel"): ("self_attn.k_proj.weight", _kv_shape,
+                                        lambda w, c: w.T.reshape(c.hidden_size, c.num_kv_heads, c.head_dim),
+                                        lambda w, c: w.reshape(c.hidden_size, -1).T),
+    ("self_attn", "v_proj", "kernel"): ("self_attn.v_proj.weight", _kv_shape,
+                                        lambda w, c: w.T.reshape(c.hidden_size, c.num_kv_heads, c.head_dim),
+                                        lambda w, c: w.reshape(c.hidden_size, -1).T),
+    # [embed, heads*head_dim] <-> [heads, head_dim, embed]
+    ("self_attn", "o_proj", "kernel"): ("self_attn.o_proj.weight", lambda c: (c.hidden_size, c.num_heads * c.head_dim),
+                                        lambda w, c: w.T.reshape(c.num_heads, c.head_dim, c.hidden_size),
+                                        lambda w, c: w.reshape(-1, c.hidden_size).T),
+    ("mlp", "gate_proj", "kernel"): ("mlp.gate_proj.weight", lambda c: (c.intermediate_size, c.hidden_size),
+                                     lambda w, c: w.T, lambda w, c: w.T),
+    ("mlp", "up_proj", "kernel"): ("mlp.up_proj.weight", lambda c: (c.intermediate_size, c.hidden_size),
+                                   lambda w, c: w.T, lambda w, c: w.T),
+    ("mlp", "down_proj", "kernel"): ("mlp.down_proj.weight", lambda c: (c.hidden_size, c.intermediate_size),
+                                     lambda w, c: w.T, lambda w, c: w.T),
+}
+
+# Top-level llamax path -> (HF name, HF shape, to llamax, to HF)
+TOP_TABLE: dict[tuple[str, ...], LayerRule] = {
+    ("embed_tokens", "embedding"): ("model.embed_tokens.weight", lambda c: (c.vocab_size, c.hidden_size),
+                                    lambda w, c: w, lambda w, c: w),
+    ("norm", "weight"): ("model.norm.weight", lambda c: (c.hidden_size,), lambda w, c: w, lambda w, c: w),
+    ("lm_head", "kernel"): ("lm_head.weight", lambda c: (c.vocab_size, c.hidden_size),
+                            lambda w, c: w.T, lambda w, c: w.T),
+}
+
+# Tensors some HF checkpoints carry that hold no weights of their own.
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+def _hf_layer_name(layer: int, suffix: str) -> str:
+    return f"model.layers.{layer}.{suffix}"
+
+
+def expected_hf_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Every tensor name an HF checkpoint of this config holds, with its shape."""
+    shapes = {}
+    for path, (name, shape_fn, _, _) in TOP_TABLE.items():
+        if path[0] == "lm_head" and config.tie_word_embeddings:
+            continue
+        shapes[name] = tuple(shape_fn(config))
+    for layer in range(config.num_layers):
+        for suffix, shape_fn, _, _ in LAYER_TABLE.values():
+            shapes[_hf_layer_name(layer, suffix)] = tuple(shape_fn(config))
+    return shapes
+
+
+def _set(tree: dict, path: tuple[str, ...], value: Any) -> None:
+    for key in path[:-1]:
+        tree = tree.setdefault(key, {})
+    tree[path[-1]] = value
+
+
+def _get(tree: Mapping, path: tuple[str, ...]) -> Any:
+    for key in path:
+        tree = tree[key]
+    return tree
+
+
+def hf_to_params(config: ModelConfig, tensors: Mapping[str, Tensor], *, strict: bool = True) -> dict:
+    """llamax params (numpy, in `config.param_dtype`) from a mapping of HF tensor names.
+
+    `tensors` may be lazy (a `WeightFolder`): each tensor is read, converted and dropped.
+    Names may carry the `model.` prefix or not (bare `LlamaModel` checkpoints).
+    """
+    names = {name.removeprefix("model."): name for name in tensors}
+    expected = expected_hf_shapes(config)
+    missing = [n for n in expected if n.removeprefix("model.") not in names]
+    if missing:
+        raise CheckpointError(f"checkpoint is missing {len(missing)} tensor(s) the config needs, e.g. "
+                              f"{missing[:5]} (config: {config.num_layers} layers, "
+                              f"tie_word_embeddings={config.tie_word_embeddings})")
+    known = {n.removeprefix("model.") for n in expected}
+    if config.tie_word_embeddings:
+        known.add("lm_head.weight")  # some tied checkpoints still store the shared matrix
+    unexpected = [names[n] for n in names if n not in known and not n.endswith(_IGNORED_SUFFIXES)]
+    if unexpected and strict:
+        raise CheckpointError(f"checkpoint has {len(unexpected)} tensor(s) a LLaMA with this config does "
+                              f"not use, e.g. {sorted(unexpected)[:5]}")
+    dtype = config.weight_dtype
+
+    def read(hf_name: str) -> Tensor:
+        array = tensors[names[hf_name.removeprefix("model.")]]
+        want = expected[hf_name]
+        if tuple(array.shape) != want:
+            raise CheckpointError(f"tensor {hf_name!r} has shape {tuple(array.shape)}, but config.json implies "
+                                  f"{want}; the weights do not match the config")
+        return array
+
+    params: dict = {}
+    for path, (name, _, to_llamax, _) in TOP_TABLE.items():
+        if name in expected:
+            _set(params, path, np.asarray(to_llamax(read(name), config), dtype=dtype))
+    for path, (suffix, shape_fn, to_llamax, _) in LAYER_TABLE.items():
+        shape = to_llamax(np.empty(shape_fn(config), np.int8), config).shape
+        if config.scan_layers:
+            stacked = np.empty((config.num_layers, *shape), dtype)
+            for layer in range(config.num_layers):
+                stacked[layer] = to_llamax(read(_hf_layer_name(layer, suffix)), config)
+            _set(params, ("layers", *path), stacked)
+        else:
+            for layer in range(config.num_layers):
+                value = to_llamax(read(_hf_layer_name(layer, suffix)), config)
+                _set(params, (f"layers_{layer}", *path), np.asarray(value, dtype=dtype))
+    return params
+
+
+def _layer_params(params: Mapping, config: ModelConfig, layer: int, path: tuple[str, ...]) -> Tensor:
+    if "layers" in params:
+        return np.asarray(_get(params["layers"], path)[layer])
+    return np.asarray(_get(params[f"layers_{layer}"], path))
+
+
+def check_params(config: ModelConfig, params: Mapping) -> None:
+    """Raises CheckpointError unless `params` has exactly the layout `config` implies."""
+    scanned = "layers" in params
+    for path, (name, shape_fn, to_llamax, _) in TOP_TABLE.items():
+        if path[0] == "lm_head" and config.tie_word_embeddings:
+            if "lm_head" in params:
+                raise CheckpointError("params have lm_head but config.tie_word_embeddings=True")
+            continue
+        try:
+            value = _get(params, path)
+        except (KeyError, TypeError):
+            raise CheckpointError(f"params are missing {'/'.join(path)}") from None
+        want = to_llamax(np.empty(shape_fn(config), np.int8), config).shape
+        if tuple(value.shape) != want:
+            raise CheckpointError(f"params {'/'.join(path)} has shape {tuple(value.shape)}, config implies {want}")
+    for path, (_, shape_fn, to_llamax, _) in LAYER_TABLE.items():
+        want = to_llamax(np.empty(shape_fn(config), np.int8), config).shape
+        for layer in range(1 if scanned else config.num_layers):
+            key = "layers" if scanned else f"layers_{layer}"
+            try:
+                value = _get(params[key], path)
+            except (KeyError, TypeError):
+                raise CheckpointError(f"params are missing {key}/{'/'.join(path)}") from None
+            full = (config.num_layers, *want) if scanned else want
+            if tuple(value.shape) != full:
+                raise CheckpointError(f"params {key}/{'/'.join(path)} has shape {tuple(value.shape)}, "
+                                      f"config implies {full}")
+
+
+def params_to_hf(config: ModelConfig, params: Mapping, dtype: Any = None) -> Iterator[tuple[str, Tensor]]:
+    """Yields (HF name, tensor) one at a time, scanned or unscanned params alike."""
+    check_params(config, params)
+    cast = (lambda a: a) if dtype is None else (lambda a: a.astype(np.dtype(dtype)))
+    for path, (name, _, _, to_hf) in TOP_TABLE.items():
+        if path[0] == "lm_head" and config.tie_word_embeddings:
+            continue
+        yield name, cast(np.ascontiguousarray(to_hf(np.asarray(_get(params, path)), config)))
+    for layer in range(config.num_layers):
+        for path, (suffix, _, _, to_hf) in LAYER_TABLE.items():
+            value = to_hf(_layer_params(params, config, layer, path), config)
+            yield _hf_layer_name(layer, suffix), cast(np.ascontiguousarray(value))
+
+
+def read_hf_config(path: str | os.PathLike, **overrides: Any) -> ModelConfig:
+    """ModelConfig from `<path>/config.json` (v4 and v5 spellings)."""
+    config_path = Path(path) / "config.json"
+    if not config_path.exists():
+        raise CheckpointError(f"{config_path} not found: an HF checkpoint folder needs config.json")
+    try:
+        hf = json.loads(config_path.read_text())
+    except ValueError as exc:
+        raise ConfigError(f"{config_path} is not valid JSON: {exc}") from exc
+    return ModelConfig.from_hf(hf, **overrides)
+
+
+def load_hf(path: str | os.PathLike, **config_overrides: Any) -> tuple[ModelConfig, dict]:
+    """Reads an HF Llama checkpoint folder -> (ModelConfig, params as numpy arrays).
+
+    Handles `model.safetensors`, sharded safetensors with `model.safetensors.index.json`, and
+    `pytorch_model*.bin` (loaded with weights_only=True); fp32/bf16/fp16 weights. Params come out
+    in `config.param_dtype` (float32 unless overridden), scanned unless `scan_layers=False`.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"{path} is not a directory; load_hf expects an HF checkpoint folder")
+    config = read_hf_config(path, **config_overrides)
+    return config, hf_to_params(config, WeightFolder(path))
+
+
+def _shard_plan(sizes: list[tuple[str, int]], max_shard_bytes: int) -> list[list[str]]:
+    shards: list[list[str]] = [[]]
+    current = 0
+    for name, size in sizes:
+        if shards[-1] and current + size > max_shard_bytes:
+            shards.append([])
+            current = 0
+        shards[-1].append(name)
+        current += size
+    return shards
+
+
+def save_hf(config: ModelConfig, params: Mapping, path: str | os.PathLike, *, dtype: Any = None,
+            max_shard_size: int = 5 * 2**30, overwrite: bool = False) -> Path:
+    """Writes `params` as an HF checkpoint folder (safetensors + config.json) that
+    `transformers.LlamaForCausalLM.from_pretrained` loads.
+
+    Shards above `max_shard_size` bytes with a `model.safetensors.index.json`. Everything is written
+    to a temporary sibling folder and renamed into place, so a failure leaves nothing half-written.
+    `dtype` ('float32', 'bfloat16', 'float16') casts on the way out; default keeps the params' dtype.
+    """
+    path = Path(path)
+    if path.exists() and any(path.iterdir()) and not overwrite:
+        raise CheckpointError(f"{path} exists and is not empty; pass overwrite=True to replace it")
+    out_dtype = None if dtype is None else (ml_dtypes.bfloat16 if str(dtype) in ("bfloat16", "bf16")
+                                            else np.dtype(dtype))
+    check_params(config, params)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        shapes = expected_hf_shapes(config)
+        first_dtype = np.dtype(out_dtype or np.asarray(_get(params, ("embed_tokens", "embedding"))).dtype)
+        sizes = [(n, int(np.prod(s)) * first_dtype.itemsize) for n, s in shapes.items()]
+        plan = _shard_plan(sizes, max_shard_size)
+        file_of = {}
+        for index, names in enumerate(plan):
+            file_name = ("model.safetensors" if len(plan) == 1
+                         else f"model-{index + 1:05d}-of-{len(plan):05d}.safetensors")
+            file_of.update({n: file_name for n in names})
+        # Tensors arrive in plan order, so at most one shard's tensors are held at a time.
+        tensors_per_file = collections.Counter(file_of.values())
+        pending: dict[str, dict[str, Tensor]] = {}
+        for name, tensor in params_to_hf(config, params, out_dtype):
+            file_name = file_of[name]
+            pending.setdefault(file_name, {})[name] = tensor
+            if len(pending[file_name]) == tensors_per_file[file_name]:
+                save_safetensors(staging / file_name, pending.pop(file_name))
+        if len(plan) > 1:
+            index = {"metadata": {"total_size": sum(size for _, size in sizes)}, "weight_map": file_of}
+            (staging / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+        hf_config = config.to_hf()
+        hf_config["torch_dtype"] = hf_config["dtype"] = {
+            np.dtype(ml_dtypes.bfloat16): "bfloat16", np.dtype(np.float16): "float16"}.get(first_dtype, "float32")
+        (staging / "config.json").write_text(json.dumps(hf_config, indent=2))
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(staging, path)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return path

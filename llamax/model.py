@@ -1,0 +1,294 @@
+"""The LLaMA decoder in Flax linen, functional: `Llama(config).apply({'params': p}, tokens)`.
+
+Parameter names mirror HF (`embed_tokens`, `layers`, `self_attn/q_proj`, `mlp/gate_proj`,
+`input_layernorm`, `post_attention_layernorm`, `norm`, `lm_head`) so conversion is a table.
+Projection kernels keep heads as their own axis ([embed, heads, head_dim]) so tensor parallelism
+splits whole heads and the rules table can name them.
+
+Logical axis names. Params: vocab, embed, heads, kv_heads, head_dim, mlp, norm (+ layers when
+scanned). Activations use their own names (act_*) because a param axis that is sharded for FSDP
+(embed) must stay whole in activations; `llamax.sharding` maps both to mesh axes.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
+
+from llamax.config import ModelConfig
+from llamax.rope import apply_rotary, inverse_frequencies, rotary_cos_sin
+
+Array = jax.Array
+
+ACT_EMBED = ("batch", "length", "act_embed")
+ACT_HEADS = ("batch", "length", "act_heads", "head_dim")
+ACT_KV_HEADS = ("batch", "length", "act_kv_heads", "head_dim")
+ACT_MLP = ("batch", "length", "act_mlp")
+ACT_VOCAB = ("batch", "length", "act_vocab")
+
+
+@flax.struct.dataclass
+class KVCache:
+    """Preallocated keys/values for incremental decoding, GQA-shaped (kv_heads, not heads).
+
+    Slot s of every row holds the token fed at step s. Rows may be left-padded: padding slots
+    carry segment id 0 and real tokens segment id 1, so no real token attends to padding.
+    """
+
+    key: Array  # [layers, batch, max_length, kv_heads, head_dim]
+    value: Array  # [layers, batch, max_length, kv_heads, head_dim]
+    segment_ids: Array  # [batch, max_length]; 0 = empty slot or padding
+    index: Array  # [] int32: the next slot to write
+
+    @classmethod
+    def create(cls, config: ModelConfig, batch_size: int, max_length: int) -> "KVCache":
+        shape = (config.num_layers, batch_size, max_length, config.num_kv_heads, config.head_dim)
+        return cls(
+            key=jnp.zeros(shape, config.compute_dtype),
+            value=jnp.zeros(shape, config.compute_dtype),
+            segment_ids=jnp.zeros((batch_size, max_length), jnp.int32),
+            index=jnp.zeros((), jnp.int32),
+        )
+
+    @property
+    def max_length(self) -> int:
+        return self.key.shape[2]
+
+
+def _init(config: ModelConfig):
+    return nn.initializers.normal(stddev=config.initializer_range)
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm with the variance in float32, as HF computes it."""
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        weight = self.param("weight", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
+                            (x.shape[-1],), self.config.weight_dtype)
+        x32 = x.astype(jnp.float32)
+        variance = jnp.mean(x32 * x32, axis=-1, keepdims=True)
+        normed = (x32 * jax.lax.rsqrt(variance + self.config.rms_norm_eps)).astype(self.config.compute_dtype)
+        return weight.astype(self.config.compute_dtype) * normed
+
+
+class Projection(nn.Module):
+    """A bias-free linear map whose kernel keeps named axes: y = einsum(equation, x, kernel)."""
+
+    config: ModelConfig
+    shape: tuple[int, ...]
+    axes: tuple[str, ...]
+    equation: str
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        kernel = self.param("kernel", nn.with_logical_partitioning(_init(self.config), self.axes),
+                            self.shape, self.config.weight_dtype)
+        dtype = self.config.compute_dtype
+        return jnp.einsum(self.equation, x.astype(dtype), kernel.astype(dtype))
+
+
+class Attention(nn.Module):
+    """Grouped-query causal self-attention with segment masking and an optional KV cache."""
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x: Array, cos: Array, sin: Array, mask: Array,
+                 layer_cache: tuple[Array, Array] | None, cache_index: Array | None):
+        c = self.config
+        heads, kv_heads, head_dim, embed = c.num_heads, c.num_kv_heads, c.head_dim, c.hidden_size
+        q = Projection(c, (embed, heads, head_dim), ("embed", "heads", "head_dim"),
+                       "BTE,EHD->BTHD", name="q_proj")(x)  # [batch, seq, heads, head_dim]
+        k = Projection(c, (embed, kv_heads, head_dim), ("embed", "kv_heads", "head_dim"),
+                       "BTE,EKD->BTKD", name="k_proj")(x)  # [batch, seq, kv_heads, head_dim]
+        v = Projection(c, (embed, kv_heads, head_dim), ("embed", "kv_heads", "head_dim"),
+                       "BTE,EKD->BTKD", name="v_proj")(x)
+        q = nn.with_logical_constraint(checkpoint_name(q, "query_proj"), ACT_HEADS)
+        k = nn.with_logical_constraint(checkpoint_name(k, "key_proj"), ACT_KV_HEADS)
+        v = nn.with_logical_constraint(checkpoint_name(v, "value_proj"), ACT_KV_HEADS)
+        q = apply_rotary(q, cos, sin)
+        k = apply_rotary(k, cos, sin)
+
+        new_cache = None
+        if layer_cache is not None:
+            cached_key, cached_value = layer_cache  # [batch, max_length, kv_heads, head_dim]
+            k = jax.lax.dynamic_update_slice(cached_key, k.astype(cached_key.dtype), (0, cache_index, 0, 0))
+            v = jax.lax.dynamic_update_slice(cached_value, v.astype(cached_value.dtype), (0, cache_index, 0, 0))
+            new_cache = (k, v)
+
+        out = attend(q, k, v, mask, c)  # [batch, seq, heads, head_dim]
+        out = nn.with_logical_constraint(out, ACT_HEADS)
+        out = Projection(c, (heads, head_dim, embed), ("heads", "head_dim", "embed"),
+                         "BTHD,HDE->BTE", name="o_proj")(out)
+        return checkpoint_name(out, "out_proj"), new_cache
+
+
+def attend(q: Array, k: Array, v: Array, mask: Array, config: ModelConfig) -> Array:
+    """softmax(q k^T / sqrt(d)) v where `mask` [batch, q_len, kv_len] is True; GQA without
+    repeating k/v: query heads are grouped under the kv head they share."""
+    batch, q_len, heads, head_dim = q.shape
+    kv_heads = k.shape[2]
+    if config.attention_impl == "cudnn":
+        return jax.nn.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype),
+                                            mask=mask[:, None], implementation="cudnn")
+    groups = heads // kv_heads
+    q = q.reshape(batch, q_len, kv_heads, groups, head_dim)  # [batch, q_len, kv_heads, groups, head_dim]
+    scores = jnp.einsum("BTKGD,BSKD->BKGTS", q, k.astype(q.dtype),
+                        preferred_element_type=jnp.float32) * (head_dim ** -0.5)
+    scores = jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)  # [batch, kv_heads, groups, q_len, kv_len]
+    out = jnp.einsum("BKGTS,BSKD->BTKGD", probs, v.astype(q.dtype))
+    return out.reshape(batch, q_len, heads, head_dim)
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        c = self.config
+        gate = Projection(c, (c.hidden_size, c.intermediate_size), ("embed", "mlp"), "BTE,EM->BTM",
+                          name="gate_proj")(x)
+        up = Projection(c, (c.hidden_size, c.intermediate_size), ("embed", "mlp"), "BTE,EM->BTM",
+                        name="up_proj")(x)
+        hidden = nn.with_logical_constraint(nn.silu(gate) * up, ACT_MLP)  # [batch, seq, mlp]
+        return Projection(c, (c.intermediate_size, c.hidden_size), ("mlp", "embed"), "BTM,ME->BTE",
+                          name="down_proj")(hidden)
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm block: x + attn(norm(x)), then x + mlp(norm(x)). Returns (x, new layer cache) so
+    the same module works under `nn.scan` (carry, per-layer output)."""
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x: Array, cos: Array, sin: Array, mask: Array,
+                 layer_cache: tuple[Array, Array] | None, cache_index: Array | None):
+        attn_out, new_cache = Attention(self.config, name="self_attn")(
+            RMSNorm(self.config, name="input_layernorm")(x), cos, sin, mask, layer_cache, cache_index)
+        x = nn.with_logical_constraint(x + attn_out, ACT_EMBED)
+        x = x + MLP(self.config, name="mlp")(RMSNorm(self.config, name="post_attention_layernorm")(x))
+        return nn.with_logical_constraint(x, ACT_EMBED), new_cache
+
+
+def _remat_policy(name: str):
+    policies = jax.checkpoint_policies
+    return {
+        "full": policies.nothing_saveable,
+        "dots": policies.dots_saveable,
+        "dots_with_no_batch_dims": policies.dots_with_no_batch_dims_saveable,
+        "save_projections": policies.save_only_these_names(
+            "query_proj", "key_proj", "value_proj", "out_proj"),
+    }[name]
+
+
+class Llama(nn.Module):
+    """LLaMA causal LM. Call with tokens [batch, seq] -> logits [batch, seq, vocab] (float32).
+
+    positions [batch, seq] (default 0..seq-1, or continuing from the cache) drive RoPE;
+    segment_ids [batch, seq] (default all 1) keep packed documents from attending to each other;
+    0 marks padding. With `cache`, returns (logits, updated cache).
+    """
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, tokens: Array, positions: Array | None = None,
+                 segment_ids: Array | None = None, cache: KVCache | None = None) -> Any:
+        c = self.config
+        batch, seq = tokens.shape
+        start = 0 if cache is None else cache.index
+        if positions is None:
+            positions = jnp.broadcast_to(start + jnp.arange(seq, dtype=jnp.int32), (batch, seq))
+        if segment_ids is None:
+            segment_ids = jnp.ones((batch, seq), jnp.int32)
+
+        embed_tokens = EmbedTokens(c, name="embed_tokens")
+        x = nn.with_logical_constraint(embed_tokens(tokens), ACT_EMBED)  # [batch, seq, embed]
+        cos, sin = rotary_cos_sin(positions, inverse_frequencies(c.head_dim, c.rope_theta, c.rope_scaling))
+
+        query_slots = start + jnp.arange(seq)
+        if cache is None:
+            key_segments, key_slots = segment_ids, jnp.arange(seq)
+            layer_caches, new_segments = None, None
+        else:
+            new_segments = jax.lax.dynamic_update_slice(cache.segment_ids, segment_ids, (0, cache.index))
+            key_segments, key_slots = new_segments, jnp.arange(cache.max_length)
+            layer_caches = (cache.key, cache.value)
+        mask = (key_slots[None, None, :] <= query_slots[None, :, None]) & (
+            segment_ids[:, :, None] == key_segments[:, None, :])  # [batch, q_len, kv_len]
+
+        block = DecoderLayer
+        if c.remat_policy != "none":
+            block = nn.remat(DecoderLayer, policy=_remat_policy(c.remat_policy),
+                             prevent_cse=not c.scan_layers)
+        if c.scan_layers:
+            stack = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
+                            in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0, nn.broadcast),
+                            length=c.num_layers, metadata_params={nn.PARTITION_NAME: "layers"})
+            x, new_layer_caches = stack(c, name="layers")(x, cos, sin, mask, layer_caches,
+                                                          None if cache is None else cache.index)
+        else:
+            outputs = []
+            for i in range(c.num_layers):
+                layer_cache = None if cache is None else (cache.key[i], cache.value[i])
+                x, layer_out = block(c, name=f"layers_{i}")(x, cos, sin, mask, layer_cache,
+                                                            None if cache is None else cache.index)
+                outputs.append(layer_out)
+            new_layer_caches = None if cache is None else tuple(
+                jnp.stack([out[j] for out in outputs]) for j in range(2))
+
+        x = RMSNorm(c, name="norm")(x)
+        if c.tie_word_embeddings:
+            logits = embed_tokens.attend(x)
+        else:
+            logits = Projection(c, (c.hidden_size, c.vocab_size), ("embed", "vocab"), "BTE,EV->BTV",
+                                name="lm_head")(x)
+        logits = nn.with_logical_constraint(logits.astype(jnp.float32), ACT_VOCAB)
+        if cache is None:
+            return logits
+        new_cache = KVCache(key=new_layer_caches[0], value=new_layer_caches[1],
+                            segment_ids=new_segments, index=cache.index + seq)
+        return logits, new_cache
+
+
+class EmbedTokens(nn.Module):
+    """Token embedding table [vocab, embed]; `attend` reuses it as the tied output layer."""
+
+    config: ModelConfig
+
+    def setup(self):
+        self.embedding = self.param(
+            "embedding", nn.with_logical_partitioning(_init(self.config), ("vocab", "embed")),
+            (self.config.vocab_size, self.config.hidden_size), self.config.weight_dtype)
+
+    def __call__(self, tokens: Array) -> Array:
+        return jnp.take(self.embedding, tokens, axis=0).astype(self.config.compute_dtype)
+
+    def attend(self, x: Array) -> Array:
+        dtype = self.config.compute_dtype
+        return jnp.einsum("BTE,VE->BTV", x.astype(dtype), self.embedding.astype(dtype))
+
+
+def init_params(config: ModelConfig, rng: Array | int = 0) -> dict:
+    """Random params as a plain pytree (no partitioning boxes), on the default device."""
+    if isinstance(rng, int):
+        rng = jax.random.key(rng)
+    variables = Llama(config).init(rng, jnp.zeros((1, 1), jnp.int32))
+    return nn.meta.unbox(variables["params"])
+
+
+def param_logical_axes(config: ModelConfig) -> dict:
+    """The logical axis names of every param, as a pytree of PartitionSpecs (no arrays made)."""
+    abstract = jax.eval_shape(lambda: Llama(config).init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32)))
+    return nn.get_partition_spec(abstract)["params"]

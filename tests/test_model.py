@@ -1,0 +1,113 @@
+"""llamax's forward pass against transformers' PyTorch LlamaForCausalLM, plus invariants."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from hf_models import HF_VARIANTS, hf_logits, make_hf_model
+from llamax.config import ModelConfig, get_preset
+from llamax.convert import hf_to_params
+from llamax.model import KVCache, Llama, init_params, param_logical_axes
+
+
+def _from_hf(model, **overrides):
+    config = ModelConfig.from_hf(model.config.to_dict(), **overrides)
+    state = {name: tensor.numpy() for name, tensor in model.state_dict().items()}
+    return config, hf_to_params(config, state)
+
+
+@pytest.fixture(scope="module", params=sorted(HF_VARIANTS))
+def hf_model(request):
+    return make_hf_model(request.param)
+
+
+@pytest.mark.parametrize("scan_layers", [True, False])
+def test_logits_match_transformers(hf_model, scan_layers):
+    config, params = _from_hf(hf_model, scan_layers=scan_layers)
+    tokens = np.random.RandomState(1).randint(0, config.vocab_size, (2, 64))
+    ours = np.asarray(Llama(config).apply({"params": params}, jnp.asarray(tokens)))
+    theirs = hf_logits(hf_model, tokens)
+    diff = np.abs(ours - theirs).max()
+    assert diff < 1e-4, f"max abs logit diff {diff:.3g} vs transformers"
+    assert np.abs(theirs).max() > 0.1  # the comparison is not between two near-zero tensors
+
+
+def test_remat_policies_do_not_change_logits():
+    config = get_preset("tiny")
+    params = init_params(config)
+    tokens = jnp.asarray(np.random.RandomState(0).randint(0, config.vocab_size, (2, 16)))
+    reference = Llama(config).apply({"params": params}, tokens)
+    for policy in ("full", "dots", "dots_with_no_batch_dims", "save_projections"):
+        logits = Llama(config.replace(remat_policy=policy)).apply({"params": params}, tokens)
+        np.testing.assert_allclose(logits, reference, atol=1e-6)
+
+
+def test_future_tokens_never_change_earlier_logits():
+    config = get_preset("tiny")
+    params = init_params(config)
+    tokens = np.random.RandomState(0).randint(0, config.vocab_size, (1, 24))
+    changed = tokens.copy()
+    changed[0, 12:] = (changed[0, 12:] + 7) % config.vocab_size
+    apply = jax.jit(lambda t: Llama(config).apply({"params": params}, t))
+    before, after = np.asarray(apply(tokens)), np.asarray(apply(changed))
+    np.testing.assert_array_equal(before[0, :12], after[0, :12])
+    assert np.abs(before[0, 12:] - after[0, 12:]).max() > 1e-3
+
+
+def test_packed_segments_equal_separate_documents():
+    config = get_preset("tiny")
+    params = init_params(config)
+    rng = np.random.RandomState(0)
+    doc_a, doc_b = rng.randint(0, config.vocab_size, 10), rng.randint(0, config.vocab_size, 6)
+    packed = np.concatenate([doc_a, doc_b])[None]
+    segment_ids = np.array([[1] * 10 + [2] * 6])
+    positions = np.array([list(range(10)) + list(range(6))])
+    model = Llama(config)
+    logits = model.apply({"params": params}, packed, positions=positions, segment_ids=segment_ids)
+    alone_a = model.apply({"params": params}, doc_a[None])
+    alone_b = model.apply({"params": params}, doc_b[None])
+    np.testing.assert_allclose(logits[0, :10], alone_a[0], atol=1e-5)
+    np.testing.assert_allclose(logits[0, 10:], alone_b[0], atol=1e-5)
+
+
+@pytest.mark.parametrize("scan_layers", [True, False])
+def test_kv_cache_logits_equal_full_forward_at_every_position(scan_layers):
+    config = get_preset("tiny", scan_layers=scan_layers)
+    params = init_params(config)
+    tokens = jnp.asarray(np.random.RandomState(0).randint(0, config.vocab_size, (2, 12)))
+    model = Llama(config)
+    full = model.apply({"params": params}, tokens)
+    cache = KVCache.create(config, batch_size=2, max_length=16)
+    prefill, cache = model.apply({"params": params}, tokens[:, :5], cache=cache)
+    steps = [prefill]
+    for t in range(5, 12):
+        logits, cache = model.apply({"params": params}, tokens[:, t:t + 1], cache=cache)
+        steps.append(logits)
+    np.testing.assert_allclose(jnp.concatenate(steps, axis=1), full, atol=1e-5)
+    assert int(cache.index) == 12
+
+
+def test_bfloat16_compute_with_float32_params_tracks_float32():
+    config = get_preset("tiny")
+    params = init_params(config)
+    tokens = jnp.asarray(np.random.RandomState(0).randint(0, config.vocab_size, (2, 16)))
+    full = Llama(config).apply({"params": params}, tokens)
+    half = Llama(config.replace(dtype="bfloat16")).apply({"params": params}, tokens)
+    assert half.dtype == jnp.float32 and params["norm"]["weight"].dtype == jnp.float32
+    assert float(jnp.abs(half - full).max()) < 0.05
+
+
+def test_every_param_has_logical_axes_matching_its_rank():
+    for scan_layers in (True, False):
+        config = get_preset("tiny", scan_layers=scan_layers, tie_word_embeddings=scan_layers)
+        params = init_params(config)
+        axes = param_logical_axes(config)
+        flat_params = jax.tree_util.tree_leaves_with_path(params)
+        flat_axes = dict(jax.tree_util.tree_leaves_with_path(
+            axes, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec)))
+        for path, value in flat_params:
+            spec = flat_axes[path]
+            assert len(spec) == value.ndim and all(name is not None for name in spec), (path, spec)
+            if scan_layers and path[0].key == "layers":
+                assert spec[0] == "layers"
+        assert ("lm_head" in params) != config.tie_word_embeddings
