@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -77,6 +78,7 @@ class Checkpointer:
                 "(keep=None keeps every checkpoint)."
             )
         self._directory = Path(directory).absolute()
+        self._read_only = read_only
         if read_only and not self._directory.is_dir():
             raise CheckpointError(
                 f"Checkpoint directory {self._directory} does not exist; expected the "
@@ -284,6 +286,7 @@ class Checkpointer:
             if _all_processes_ok(error is None):
                 if failures:
                     logger.warning("Restored step %d after skipping unreadable steps.", candidate)
+                    self._quarantine([s for s in candidates if s > candidate])
                 return result
             cause = _short(error) if error is not None else "another process failed to read it"
             failures.append(f"step {candidate}: {cause}")
@@ -297,6 +300,25 @@ class Checkpointer:
             + "\n  ".join(failures)
             + "\nThe files are corrupt or truncated; restore from a backup or delete the bad step dirs."
         )
+
+
+    def _quarantine(self, bad_steps: list[int]) -> None:
+        """Renames unreadable steps to `<step>.corrupt`: kept for inspection, but no longer a
+        step to orbax, which would otherwise refuse to save that step number again after resume
+        and count it towards keep-N."""
+        if self._read_only or not bad_steps:
+            return
+        if jax.process_index() == 0:
+            for bad in bad_steps:
+                path = self._directory / str(bad)
+                target = self._directory / f"{bad}.corrupt"
+                if target.exists():
+                    shutil.rmtree(target)
+                path.rename(target)
+                logger.warning("Moved unreadable checkpoint %s to %s.", path, target)
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices("llamax_checkpoint_quarantine")
+        self._manager.reload()
 
 
 def restore_params(

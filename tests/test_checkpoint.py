@@ -320,3 +320,20 @@ def test_sigterm_saves_current_step_and_exits_zero(tmp_path):
     state, extras = reader.restore()
     assert extras == {"step": saved_step}
     assert np.all(state["w"] == saved_step)
+
+
+def test_resume_after_fallback_can_save_the_corrupt_step_again(tmp_path):
+    save_steps(tmp_path, [1, 2])
+    _corrupt_data_files(tmp_path / "2", "delete")
+    mesh = fsdp_mesh()
+    checkpointer = Checkpointer(tmp_path, async_save=False)
+    restored, _ = checkpointer.restore(abstract_state=abstract_of(make_state(1), mesh))
+    assert checkpointer.all_steps() == [1]
+    assert (tmp_path / "2.corrupt").is_dir()  # kept for inspection, no longer a step
+    # The resumed run reaches step 2 again: that save must happen, not be skipped as a duplicate.
+    assert checkpointer.save(2, make_state(2), {"data": {"position": 2}}, force=True)
+    checkpointer.wait()
+    restored, extras = checkpointer.restore(abstract_state=abstract_of(make_state(2), mesh))
+    assert extras == {"data": {"position": 2}}
+    assert_bitwise_equal(restored, make_state(2))
+    checkpointer.close()
