@@ -1,0 +1,15 @@
+"""Data: corpus, documents, packing, SFT templates and the grain loader.
+
+Batch contract: every batch is a dict of numpy arrays, all `[batch, seq_len]`:
+  tokens      int32    input token ids (0 on padding)
+  targets     int32    next token within the same segment; 0 where there is none
+  segment_ids int32    1, 2, 3, ... per packed segment within a row; 0 = padding
+  positions   int32    position within the segment, restarting at 0
+  loss_mask   float32  1.0 where `targets` is scored: not on padding, not on the last token of a
+                       segment, and (SFT) only where the target is a response token
+Documents are encoded as BOS ... EOS; a document longer than seq_len is split into seq_len
+chunks, each its own segment. See `llamax.data.packing` and `llamax.data.loader`.
+"""
+from llamax.data.packing import BATCH_DTYPES, BATCH_KEYS
+
+__all__ = ["BATCH_DTYPES", "BATCH_KEYS"]

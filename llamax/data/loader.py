@@ -1,0 +1,290 @@
+"""The grain input pipeline: documents -> shuffled, tokenized, packed `[batch, seq_len]` batches.
+
+    source (random access) -> this process's slice [process_index::process_count]
+      -> shuffle(seed), reshuffled every epoch -> repeat(num_epochs)
+      -> tokenize in grain threads (BOS ... EOS, or an SFT template)
+      -> pack into rows and batch (`PackedBatchIterator`, numpy, see `packing`)
+
+Each process reads a disjoint set of documents and yields its local batch of
+`global_batch_size // process_count` rows; `to_global_batch` assembles the local batches of all
+processes into one global `jax.Array` (the global batch is their concatenation, in process order).
+
+The iterator state is a small JSON-serialisable dict: the grain index of the document that starts
+the next row plus how many of its tokens earlier rows already hold. Restoring it re-reads that one
+document and yields exactly the batches the original iterator would have yielded next, across
+epoch boundaries too. Training loaders repeat forever (`num_epochs=None`, `loader.epoch` counts);
+evaluation loaders (`num_epochs=1`) stop, padding the last batch with all-padding rows.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any, Sequence
+
+import grain
+import jax
+import numpy as np
+
+from llamax.data import chat_templates, packing, sft
+from llamax.errors import DataError
+
+STATE_VERSION = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class LoaderConfig:
+    """How documents become batches.
+
+    Attributes:
+        seq_len: tokens per row.
+        global_batch_size: rows per step summed over all processes.
+        seed: shuffle seed (epoch e uses seed + e).
+        shuffle: shuffle documents (off for evaluation if order matters).
+        num_epochs: None = repeat forever (training); N = stop after N passes (evaluation).
+        sft_template: None for pretraining text; 'llama2', 'llama3' or 'plain' for SFT data.
+        fill_rows: split documents at row boundaries so rows have no padding (pretraining);
+            off: a document that fits in a row is never split (see `packing`).
+        process_index, process_count: this process's place; default jax.process_index/count().
+        num_threads: grain threads that tokenize ahead of the packer.
+        prefetch: documents tokenized ahead.
+    """
+
+    seq_len: int
+    global_batch_size: int
+    seed: int = 0
+    shuffle: bool = True
+    num_epochs: int | None = None
+    sft_template: str | None = None
+    fill_rows: bool = False
+    process_index: int | None = None
+    process_count: int | None = None
+    num_threads: int = 2
+    prefetch: int = 256
+
+
+class _Encode:
+    """grain map: (index, document) -> (epoch, tokens [n] int32, weights [n] float32) or None."""
+
+    def __init__(self, tokenizer, sft_template: str | None, docs_per_epoch: int):
+        self.tokenizer = tokenizer
+        self.sft_template = sft_template
+        self.docs_per_epoch = docs_per_epoch
+
+    def __call__(self, index: int, document: Any):
+        epoch = index // self.docs_per_epoch
+        if self.sft_template is None:
+            if not isinstance(document, str):
+                raise DataError(f"pretraining documents must be str, got {type(document).__name__}"
+                                "; for SFT records pass sft_template='llama2'|'llama3'|'plain'")
+            if not document.strip():
+                return None  # empty documents are skipped (grain drops None)
+            ids = self.tokenizer.encode(document, bos=True, eos=True)
+            return epoch, np.asarray(ids, np.int32), np.ones((len(ids),), np.float32)
+        if not isinstance(document, dict) or "messages" not in document:
+            raise DataError("SFT documents must be {'messages': [...]}; read them with "
+                            "open_documents(..., sft_format=True)")
+        tokens, weights = sft.encode_conversation(document["messages"], self.tokenizer,
+                                                  self.sft_template)
+        return epoch, tokens, weights
+
+
+class PackedBatchIterator(grain.DatasetIterator):
+    """Packs the parent's (epoch, tokens, weights) documents into `[batch, seq_len]` batches."""
+
+    def __init__(self, parent: grain.DatasetIterator, seq_len: int, batch_size: int,
+                 fill_rows: bool = False):
+        super().__init__(parent)
+        self.batch_size = batch_size
+        self.epoch = 0
+        self._packer = packing.DocumentPacker(seq_len, fill_rows)
+        self._document_parent_state: dict | None = None  # parent state before the current doc
+
+    def _read_document(self) -> bool:
+        state = self._parent.get_state()
+        try:
+            epoch, tokens, weights = next(self._parent)
+        except StopIteration:
+            return False
+        self.epoch = epoch
+        self._packer.set_document(tokens, weights)
+        self._document_parent_state = state
+        return True
+
+    def _next_row(self) -> dict[str, np.ndarray] | None:
+        while True:
+            if self._packer.needs_document and not self._read_document():
+                break
+            if not self._packer.place():
+                break
+        return self._packer.finish_row()
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        rows = []
+        while len(rows) < self.batch_size:
+            row = self._next_row()
+            if row is None:
+                break
+            rows.append(row)
+        if not rows:
+            raise StopIteration
+        return packing.stack_rows(rows, self.batch_size)  # [batch, seq_len] each
+
+    def get_state(self) -> dict[str, Any]:
+        # Between batches the row under construction is empty, so the only carried-over data is
+        # the rest of the current document: resume by re-reading it and skipping `offset` tokens.
+        if self._packer.needs_document:
+            parent, skip = self._parent.get_state(), 0
+        else:
+            parent, skip = self._document_parent_state, self._packer.offset
+        return {"parent": _plain(parent), "skip_tokens": int(skip), "epoch": int(self.epoch)}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self._parent.set_state(state["parent"])
+        self._packer = packing.DocumentPacker(self._packer.seq_len, self._packer.fill_rows)
+        self.epoch = state["epoch"]
+        if state["skip_tokens"]:
+            if not self._read_document():
+                raise DataError("loader state points past the end of the data")
+            tokens, weights = self._packer.document
+            if state["skip_tokens"] > len(tokens):
+                raise DataError("loader state does not match the data (document shorter than the "
+                                "saved offset); was it saved with other data or tokenizer?")
+            self._packer.set_document(tokens, weights, offset=state["skip_tokens"])
+
+
+class _PackedBatchDataset(grain.IterDataset):
+    def __init__(self, parent: grain.IterDataset, seq_len: int, batch_size: int, fill_rows: bool):
+        super().__init__(parent)
+        self.seq_len, self.batch_size, self.fill_rows = seq_len, batch_size, fill_rows
+
+    def __iter__(self) -> PackedBatchIterator:
+        return PackedBatchIterator(self._parent.__iter__(), self.seq_len, self.batch_size,
+                                   self.fill_rows)
+
+
+class Loader:
+    """Iterator over local batches with exact, JSON-serialisable state.
+
+    Use `make_loader`. `get_state()` after k batches, then `set_state(state)` on a fresh Loader
+    built with the same config and data, yields batch k+1, k+2, ... of the original.
+    """
+
+    def __init__(self, documents: Sequence[Any], tokenizer, config: LoaderConfig):
+        process_index = jax.process_index() if config.process_index is None else config.process_index
+        process_count = jax.process_count() if config.process_count is None else config.process_count
+        _validate(config, process_index, process_count, len(documents))
+        if isinstance(documents, list) and not any(
+                not isinstance(d, str) or d.strip() for d in documents):
+            # Empty documents are skipped, so an all-empty list would make `next` spin forever.
+            raise DataError(f"all {len(documents)} documents are empty")
+        self.config = config
+        self.process_index, self.process_count = process_index, process_count
+        self.local_batch_size = config.global_batch_size // process_count
+        dataset = grain.MapDataset.source(documents)[process_index::process_count]
+        docs_per_epoch = len(dataset)
+        if docs_per_epoch == 0:
+            raise DataError(f"process {process_index} of {process_count} gets no documents: there "
+                            f"are only {len(documents)}; use more data or fewer processes")
+        if config.shuffle:
+            dataset = dataset.shuffle(seed=config.seed)
+        dataset = dataset.repeat(config.num_epochs)
+        dataset = dataset.map_with_index(_Encode(tokenizer, config.sft_template, docs_per_epoch))
+        read_options = grain.ReadOptions(num_threads=config.num_threads,
+                                         prefetch_buffer_size=config.prefetch)
+        packed = _PackedBatchDataset(dataset.to_iter_dataset(read_options), config.seq_len,
+                                     self.local_batch_size, config.fill_rows)
+        self._fingerprint = {"seq_len": config.seq_len, "global_batch_size": config.global_batch_size,
+                             "seed": config.seed, "shuffle": config.shuffle,
+                             "process_index": process_index, "process_count": process_count,
+                             "num_documents": len(documents), "sft_template": config.sft_template,
+                             "fill_rows": config.fill_rows}
+        self._iterator: PackedBatchIterator = iter(packed)
+
+    def __iter__(self) -> "Loader":
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        return next(self._iterator)
+
+    @property
+    def epoch(self) -> int:
+        """Epoch (0-based) of the most recently read document."""
+        return self._iterator.epoch
+
+    def get_state(self) -> dict[str, Any]:
+        """JSON-serialisable state: `json.dumps(loader.get_state())` works."""
+        return {"version": STATE_VERSION, "config": dict(self._fingerprint),
+                "iterator": self._iterator.get_state()}
+
+    def set_state(self, state: dict[str, Any] | str | bytes) -> None:
+        """Restores a state from `get_state` (or its JSON); checks it fits this loader."""
+        if isinstance(state, (str, bytes)):
+            state = json.loads(state)
+        if state.get("version") != STATE_VERSION:
+            raise DataError(f"loader state version {state.get('version')!r} is not supported "
+                            f"(expected {STATE_VERSION})")
+        saved = state["config"]
+        diff = {k: (saved.get(k), v) for k, v in self._fingerprint.items() if saved.get(k) != v}
+        if diff:
+            raise DataError(
+                "loader state was saved with a different setup: "
+                + ", ".join(f"{k}: saved {a!r}, now {b!r}" for k, (a, b) in diff.items())
+                + ". Restore with the same data and LoaderConfig, or start a fresh loader")
+        self._iterator.set_state(state["iterator"])
+
+
+def make_loader(documents: Sequence[Any], tokenizer, config: LoaderConfig | None = None,
+                **config_kwargs) -> Loader:
+    """A Loader over `documents` (see `llamax.data.sources.open_documents`).
+
+    Example:
+        docs = open_documents(shakespeare_files("train"), text_split="paragraph")
+        loader = make_loader(docs, Tokenizer(path), seq_len=256, global_batch_size=8)
+        batch = next(loader)  # dict of [8, 256] arrays, see `llamax.data`
+    """
+    if config is None:
+        config = LoaderConfig(**config_kwargs)
+    elif config_kwargs:
+        config = dataclasses.replace(config, **config_kwargs)
+    return Loader(documents, tokenizer, config)
+
+
+def to_global_batch(local_batch: dict[str, np.ndarray],
+                    sharding: jax.sharding.NamedSharding) -> dict[str, jax.Array]:
+    """Assembles every process's `[local_batch, seq_len]` arrays into global `jax.Array`s.
+
+    The leading (batch) axis of `sharding` must be split across processes in process order, e.g.
+    `NamedSharding(mesh, P('data', None))` or `P(('data', 'fsdp'), None)`.
+    """
+    return {key: jax.make_array_from_process_local_data(sharding, value)
+            for key, value in local_batch.items()}
+
+
+def _validate(config: LoaderConfig, process_index: int, process_count: int, num_docs: int) -> None:
+    if config.seq_len < 2:
+        raise DataError(f"seq_len must be >= 2, got {config.seq_len}")
+    if config.global_batch_size <= 0 or config.global_batch_size % process_count:
+        raise DataError(f"global_batch_size={config.global_batch_size} must be a positive multiple "
+                        f"of process_count={process_count} (each process loads an equal slice)")
+    if not 0 <= process_index < process_count:
+        raise DataError(f"process_index={process_index} not in [0, {process_count})")
+    if config.num_epochs is not None and config.num_epochs <= 0:
+        raise DataError(f"num_epochs must be None (forever) or positive, got {config.num_epochs}")
+    if not 0 <= config.seed < 2**32:
+        raise DataError(f"seed must be in [0, 2**32), got {config.seed}")
+    if num_docs == 0:
+        raise DataError("no documents to load")
+    if config.sft_template is not None and config.sft_template not in chat_templates.TEMPLATES:
+        raise DataError(f"unknown sft_template {config.sft_template!r}; choose one of "
+                        f"{sorted(chat_templates.TEMPLATES)} or None for pretraining text")
+
+
+def _plain(value: Any) -> Any:
+    """numpy scalars -> Python numbers, so states are JSON-serialisable."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, np.generic):
+        return value.item()
+    return value

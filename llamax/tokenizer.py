@@ -1,0 +1,200 @@
+"""SentencePiece tokenizer: load a `tokenizer.model` (ours or Meta's LLaMA-1/2), train a new one.
+
+A tokenizer trained by `train_tokenizer` uses LLaMA's conventions, so code written against one
+works with the other: BPE with byte fallback (any UTF-8 text round-trips; characters outside the
+vocabulary become `<0xNN>` byte pieces), identity normalisation, digits split, whitespace kept,
+ids `<unk>`=0, `<s>`=1, `</s>`=2 and no pad piece.
+
+Llama-3's `tokenizer.model` is a tiktoken BPE table, not a SentencePiece model; loading one raises
+a DataError that says so.
+"""
+from __future__ import annotations
+
+import io
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import sentencepiece as spm
+
+from llamax.errors import DataError
+
+log = logging.getLogger(__name__)
+
+
+class Tokenizer:
+    """Thin, typed wrapper over `sentencepiece.SentencePieceProcessor`.
+
+    Args:
+        model_path: path to a SentencePiece `tokenizer.model` file.
+    """
+
+    def __init__(self, model_path: str | os.PathLike):
+        path = Path(model_path)
+        if not path.is_file():
+            raise DataError(
+                f"tokenizer file {str(path)!r} does not exist. Pass the path of a SentencePiece "
+                "`tokenizer.model` (e.g. from a LLaMA-2 checkpoint) or train one with "
+                "`python -m experiments.tokenizer --input FILES... --output DIR --vocab_size 2048`")
+        data = path.read_bytes()
+        if _looks_like_tiktoken(data):
+            raise DataError(
+                f"{str(path)!r} is a tiktoken BPE table (Llama-3 format), not a SentencePiece model; "
+                "llamax's Tokenizer reads SentencePiece models only (LLaMA-1/2 or "
+                "`experiments.tokenizer`)")
+        self._sp = spm.SentencePieceProcessor()
+        try:
+            self._sp.LoadFromSerializedProto(data)
+        except Exception as e:  # sentencepiece raises RuntimeError/OSError with a terse message
+            raise DataError(
+                f"could not load {str(path)!r} as a SentencePiece model ({e}); expected a "
+                "`tokenizer.model` written by sentencepiece") from e
+        self.path = path
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of pieces; every id is in `[0, vocab_size)`."""
+        return self._sp.GetPieceSize()
+
+    @property
+    def bos_id(self) -> int:
+        return self._sp.bos_id()
+
+    @property
+    def eos_id(self) -> int:
+        return self._sp.eos_id()
+
+    @property
+    def pad_id(self) -> int:
+        """Id used to fill padding. LLaMA models define no pad piece, so this is then 0 (`<unk>`),
+        which is harmless: padding has `segment_ids == 0` and `loss_mask == 0`."""
+        pad = self._sp.pad_id()
+        return pad if pad >= 0 else 0
+
+    def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
+        """Token ids of `text`, with `<s>` first if `bos` and `</s>` last if `eos`."""
+        if not isinstance(text, str):
+            raise DataError(f"Tokenizer.encode expects str, got {type(text).__name__}")
+        ids = self._sp.EncodeAsIds(text)
+        return ([self.bos_id] if bos else []) + ids + ([self.eos_id] if eos else [])
+
+    def encode_batch(self, texts: Sequence[str], bos: bool = True, eos: bool = False,
+                     num_threads: int = 0) -> list[list[int]]:
+        """`encode` for many texts; sentencepiece spreads the work over `num_threads` (0 = all)."""
+        ids = self._sp.Encode(list(texts), add_bos=bos, add_eos=eos, num_threads=num_threads)
+        return [list(x) for x in ids]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """Text of `ids`; `<s>`, `</s>` and other control pieces are dropped."""
+        return self._sp.DecodeIds([int(i) for i in ids])
+
+    def id_to_piece(self, token_id: int) -> str:
+        return self._sp.IdToPiece(int(token_id))
+
+    def piece_to_id(self, piece: str) -> int:
+        return self._sp.PieceToId(piece)
+
+    def __repr__(self) -> str:
+        return f"Tokenizer({str(self.path)!r}, vocab_size={self.vocab_size})"
+
+
+def check_vocab(tokenizer: Tokenizer, model_vocab_size: int) -> None:
+    """Raises DataError if the tokenizer can emit ids the model's embedding table lacks.
+
+    A model vocabulary larger than the tokenizer's is fine (LLaMA pads tables to a multiple of 64
+    or 128 for speed); a smaller one would index out of range, which JAX does silently.
+    """
+    if tokenizer.vocab_size > model_vocab_size:
+        raise DataError(
+            f"tokenizer {tokenizer.path} has {tokenizer.vocab_size} pieces but the model's "
+            f"vocab_size is {model_vocab_size}; ids >= {model_vocab_size} would silently index out "
+            f"of range. Set ModelConfig.vocab_size >= {tokenizer.vocab_size} (e.g. "
+            f"{-(-tokenizer.vocab_size // 128) * 128}) or retrain the tokenizer with a smaller vocab")
+
+
+def train_tokenizer(
+    files: Sequence[str | os.PathLike],
+    out_path: str | os.PathLike,
+    vocab_size: int = 2048,
+    *,
+    max_sentences: int = 200_000,
+    character_coverage: float = 0.9999,
+    user_defined_symbols: Sequence[str] = (),
+    num_threads: int | None = None,
+    seed: int = 0,
+) -> Tokenizer:
+    """Trains a LLaMA-style BPE SentencePiece model on text files and writes `out_path`.
+
+    Args:
+        files: plain-text files; each line is one training sentence.
+        out_path: where to write the model (e.g. `out/tokenizer.model`); a `.vocab` file with the
+            pieces and scores is written next to it.
+        vocab_size: number of pieces, including the 3 control pieces and 256 byte pieces.
+        max_sentences: at most this many lines (sampled with `seed`) are used; keeps training fast.
+        character_coverage: fraction of characters that get their own piece; the rare rest is
+            spelled with byte pieces.
+        user_defined_symbols: strings that always become one piece (e.g. chat-template markers
+            such as `<|eot_id|>`).
+        num_threads: training threads (default: all CPUs).
+        seed: sampling seed (sentencepiece's own trainer is otherwise deterministic).
+
+    Returns:
+        The trained Tokenizer.
+    """
+    paths = [Path(f) for f in files]
+    if not paths:
+        raise DataError("train_tokenizer got no input files; pass at least one text file")
+    for path in paths:
+        if not path.is_file():
+            raise DataError(f"tokenizer training input {str(path)!r} does not exist")
+        if path.stat().st_size == 0:
+            raise DataError(f"tokenizer training input {str(path)!r} is empty")
+    min_vocab = 3 + 256 + len(user_defined_symbols) + 1
+    if vocab_size < min_vocab:
+        raise DataError(
+            f"vocab_size={vocab_size} is too small: byte fallback alone needs 3 control + 256 byte "
+            f"pieces; use vocab_size >= {min_vocab} (2048 or more is typical)")
+    out = Path(out_path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    model = io.BytesIO()
+    start = time.perf_counter()
+    spm.set_random_generator_seed(seed)
+    try:
+        spm.SentencePieceTrainer.Train(
+            input=[str(p) for p in paths],
+            model_writer=model,
+            model_type="bpe",
+            vocab_size=vocab_size,
+            byte_fallback=True,
+            character_coverage=character_coverage,
+            normalization_rule_name="identity",
+            remove_extra_whitespaces=False,
+            split_digits=True,
+            allow_whitespace_only_pieces=True,
+            add_dummy_prefix=True,
+            max_sentence_length=1 << 14,
+            input_sentence_size=max_sentences,
+            shuffle_input_sentence=True,
+            user_defined_symbols=list(user_defined_symbols),
+            unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+            num_threads=num_threads or os.cpu_count() or 1,
+            minloglevel=2,
+        )
+    except RuntimeError as e:
+        raise DataError(f"sentencepiece could not train on {[str(p) for p in paths]}: {e}") from e
+    out.write_bytes(model.getvalue())
+    tokenizer = Tokenizer(out)
+    with open(out.with_suffix(".vocab"), "w", encoding="utf-8") as f:
+        for i in range(tokenizer.vocab_size):
+            f.write(f"{tokenizer.id_to_piece(i)}\t{tokenizer._sp.GetScore(i)}\n")
+    log.info("trained %d-piece tokenizer on %d files in %.1fs -> %s", vocab_size, len(paths),
+             time.perf_counter() - start, out)
+    return tokenizer
+
+
+def _looks_like_tiktoken(data: bytes) -> bool:
+    """Llama-3's tokenizer.model is lines of `<base64 token> <rank>`."""
+    first_line = data[:200].split(b"\n", 1)[0].split(b" ")
+    return len(first_line) == 2 and first_line[1].isdigit() and data[:1] != b"\n"
