@@ -1,0 +1,135 @@
+"""The training recipe: AdamW, warmup + decay schedule, global-norm clipping, decay mask.
+
+`OptimConfig` also carries the two knobs the train step reads (`grad_accum_steps`,
+`z_loss_weight`) so one frozen dataclass describes the whole optimisation recipe.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from llamax.errors import ConfigError
+
+DECAYS = ("cosine", "linear", "constant")
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    """AdamW with linear warmup and cosine/linear/constant decay.
+
+    learning_rate: peak learning rate, reached at `warmup_steps`.
+    warmup_steps: linear warmup from 0 (step 0 has learning rate 0, as in optax).
+    decay: after warmup, 'cosine' or 'linear' to `min_lr_ratio * learning_rate` at `total_steps`
+        (and held there afterwards), or 'constant' at the peak.
+    b1, b2, eps: Adam moments. b2=0.95 is the LLaMA recipe.
+    weight_decay: decoupled weight decay, scaled by the learning rate (optax/PyTorch AdamW).
+    no_decay_on_norms_and_embeddings: norm weights are never decayed (common practice). When True,
+        the token embedding table is excluded too; the untied `lm_head` is always decayed.
+    clip_norm: clip gradients to this global L2 norm; 0 or None disables clipping.
+    grad_accum_steps: the train step splits each batch into this many micro-batches and sums
+        their gradients; the update equals one step on the whole batch (up to float rounding).
+    z_loss_weight: weight of the PaLM z-loss `logsumexp(logits)^2` added to the training loss.
+    opt_state_dtype: dtype of Adam's first moment (optax `mu_dtype`); the second moment stays in
+        the param dtype, since bf16 squares of small gradients lose too much precision.
+    """
+
+    learning_rate: float = 3e-4
+    warmup_steps: int = 100
+    decay: str = "cosine"
+    total_steps: int = 10_000
+    min_lr_ratio: float = 0.1
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    no_decay_on_norms_and_embeddings: bool = False
+    clip_norm: float | None = 1.0
+    grad_accum_steps: int = 1
+    z_loss_weight: float = 0.0
+    opt_state_dtype: str = "float32"
+
+    def __post_init__(self):
+        if not self.learning_rate >= 0:
+            raise ConfigError(f"OptimConfig.learning_rate must be >= 0, got {self.learning_rate}")
+        if self.decay not in DECAYS:
+            raise ConfigError(f"OptimConfig.decay={self.decay!r}; expected one of {DECAYS}")
+        for name in ("warmup_steps", "total_steps"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ConfigError(f"OptimConfig.{name} must be an int >= 0, got {value!r}")
+        if self.decay != "constant" and self.total_steps <= self.warmup_steps:
+            raise ConfigError(
+                f"OptimConfig.total_steps={self.total_steps} must exceed warmup_steps="
+                f"{self.warmup_steps} for decay={self.decay!r}; raise total_steps or use "
+                "decay='constant'")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ConfigError(f"OptimConfig.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if not (0.0 <= self.b1 < 1.0 and 0.0 <= self.b2 < 1.0):
+            raise ConfigError(f"OptimConfig b1={self.b1}, b2={self.b2} must lie in [0, 1)")
+        if self.weight_decay < 0 or self.eps < 0 or self.z_loss_weight < 0:
+            raise ConfigError(
+                f"weight_decay={self.weight_decay}, eps={self.eps} and z_loss_weight="
+                f"{self.z_loss_weight} must all be >= 0")
+        if self.clip_norm is not None and self.clip_norm < 0:
+            raise ConfigError(f"OptimConfig.clip_norm must be > 0, or 0/None to disable; got {self.clip_norm}")
+        if not isinstance(self.grad_accum_steps, int) or self.grad_accum_steps < 1:
+            raise ConfigError(
+                f"OptimConfig.grad_accum_steps must be an int >= 1, got {self.grad_accum_steps!r}")
+        try:
+            jnp.dtype(self.opt_state_dtype)
+        except TypeError as exc:
+            raise ConfigError(f"OptimConfig.opt_state_dtype={self.opt_state_dtype!r} is not a dtype") from exc
+
+    def replace(self, **changes: Any) -> "OptimConfig":
+        return dataclasses.replace(self, **changes)
+
+
+def learning_rate_schedule(cfg: OptimConfig) -> optax.Schedule:
+    """step -> learning rate; the train step logs `schedule(state.step)`, the rate of that update."""
+    peak = cfg.learning_rate
+    decay_steps = max(cfg.total_steps - cfg.warmup_steps, 1)
+    if cfg.decay == "cosine":
+        decay = optax.cosine_decay_schedule(peak, decay_steps, alpha=cfg.min_lr_ratio)
+    elif cfg.decay == "linear":
+        decay = optax.linear_schedule(peak, peak * cfg.min_lr_ratio, decay_steps)
+    else:
+        decay = optax.constant_schedule(peak)
+    if cfg.warmup_steps == 0:
+        return decay
+    warmup = optax.linear_schedule(0.0, peak, cfg.warmup_steps)
+    return optax.join_schedules([warmup, decay], [cfg.warmup_steps])
+
+
+def _is_norm(path: tuple[str, ...]) -> bool:
+    return any("norm" in key for key in path)  # input_layernorm, post_attention_layernorm, norm
+
+
+def _is_embedding(path: tuple[str, ...]) -> bool:
+    return "embed_tokens" in path
+
+
+def weight_decay_mask(params: Any, cfg: OptimConfig) -> Any:
+    """Pytree of bools like `params`: True where weight decay applies (see OptimConfig)."""
+
+    def decays(path, _) -> bool:
+        keys = tuple(str(getattr(entry, "key", entry)) for entry in path)
+        if _is_norm(keys):
+            return False
+        return not (cfg.no_decay_on_norms_and_embeddings and _is_embedding(keys))
+
+    return jax.tree_util.tree_map_with_path(decays, params)
+
+
+def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
+    """clip_by_global_norm (unless disabled) followed by masked AdamW on the schedule."""
+    adamw = optax.adamw(
+        learning_rate_schedule(cfg), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
+        mu_dtype=jnp.dtype(cfg.opt_state_dtype), weight_decay=cfg.weight_decay,
+        mask=lambda params: weight_decay_mask(params, cfg))
+    # Always a 2-chain, so the optimizer state has one structure whether or not clipping is on.
+    clip = optax.clip_by_global_norm(cfg.clip_norm) if cfg.clip_norm else optax.identity()
+    return optax.chain(clip, adamw)

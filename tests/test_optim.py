@@ -1,0 +1,103 @@
+"""Learning-rate schedule values, the weight-decay mask, and OptimConfig validation."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from llamax.config import get_preset
+from llamax.errors import ConfigError
+from llamax.model import init_params
+from llamax.optim import OptimConfig, learning_rate_schedule, make_optimizer, weight_decay_mask
+
+TINY = get_preset("tiny")
+
+
+@pytest.mark.parametrize("decay", ["cosine", "linear"])
+def test_schedule_warmup_then_decay_to_min(decay):
+    cfg = OptimConfig(learning_rate=1e-3, warmup_steps=10, total_steps=110, min_lr_ratio=0.1, decay=decay)
+    schedule = learning_rate_schedule(cfg)
+    np.testing.assert_allclose(schedule(0), 0.0)
+    np.testing.assert_allclose(schedule(5), 5e-4, rtol=1e-6)
+    np.testing.assert_allclose(schedule(10), 1e-3, rtol=1e-6)  # warmup end: the peak
+    np.testing.assert_allclose(schedule(60), 5.5e-4, rtol=1e-5)  # halfway: cosine == linear here
+    np.testing.assert_allclose(schedule(110), 1e-4, rtol=1e-5)  # decay end: min_lr_ratio * peak
+    np.testing.assert_allclose(schedule(500), 1e-4, rtol=1e-5)  # held afterwards
+
+
+def test_cosine_differs_from_linear_between_ends():
+    kwargs = dict(learning_rate=1.0, warmup_steps=0, total_steps=100, min_lr_ratio=0.0)
+    cosine = learning_rate_schedule(OptimConfig(decay="cosine", **kwargs))
+    linear = learning_rate_schedule(OptimConfig(decay="linear", **kwargs))
+    np.testing.assert_allclose(cosine(25), (1 + np.cos(np.pi / 4)) / 2, rtol=1e-6)
+    np.testing.assert_allclose(linear(25), 0.75, rtol=1e-6)
+
+
+def test_constant_schedule_after_warmup():
+    schedule = learning_rate_schedule(OptimConfig(learning_rate=2e-3, warmup_steps=4, decay="constant"))
+    assert [float(schedule(s)) for s in (0, 2, 4, 10_000)] == pytest.approx([0, 1e-3, 2e-3, 2e-3])
+
+
+def _flat(tree):
+    return {jax.tree_util.keystr(path): leaf for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def test_weight_decay_mask_excludes_norms_only_by_default():
+    params = jax.eval_shape(lambda: init_params(TINY, 0))
+    mask = _flat(weight_decay_mask(params, OptimConfig()))
+    no_decay = {name for name, decays in mask.items() if not decays}
+    assert no_decay == {"['layers']['input_layernorm']['weight']",
+                        "['layers']['post_attention_layernorm']['weight']", "['norm']['weight']"}
+
+
+def test_weight_decay_flag_also_excludes_embeddings():
+    params = jax.eval_shape(lambda: init_params(TINY, 0))
+    mask = _flat(weight_decay_mask(params, OptimConfig(no_decay_on_norms_and_embeddings=True)))
+    assert not mask["['embed_tokens']['embedding']"]
+    assert mask["['lm_head']['kernel']"] and mask["['layers']['mlp']['up_proj']['kernel']"]
+    assert not mask["['norm']['weight']"]
+
+
+def test_optimizer_decays_kernels_but_not_norms():
+    # With zero gradients Adam's step is 0, so the whole update is the decoupled decay -lr*wd*p.
+    cfg = OptimConfig(learning_rate=0.1, warmup_steps=0, decay="constant", weight_decay=0.5)
+    rows = jnp.arange(12.0).reshape(3, 4)
+    params = {"norm": {"weight": rows[0]}, "layers": {"input_layernorm": {"weight": rows[:2]}},
+              "lm_head": {"kernel": rows}}
+    optimizer = make_optimizer(cfg)
+    grads = jax.tree.map(jnp.zeros_like, params)
+    updates, _ = jax.jit(optimizer.update)(grads, optimizer.init(params), params)
+    np.testing.assert_array_equal(updates["norm"]["weight"], 0.0)
+    np.testing.assert_array_equal(updates["layers"]["input_layernorm"]["weight"], 0.0)
+    np.testing.assert_allclose(updates["lm_head"]["kernel"], -0.05 * params["lm_head"]["kernel"],
+                               rtol=1e-6)
+
+
+def test_clipping_limits_the_global_norm_and_keeps_state_structure():
+    params = {"w": jnp.ones((4,))}
+    clipped = make_optimizer(OptimConfig(clip_norm=1.0))
+    unclipped = make_optimizer(OptimConfig(clip_norm=None))
+    assert (jax.tree.structure(clipped.init(params)) == jax.tree.structure(unclipped.init(params)))
+    clip_only = optax.clip_by_global_norm(1.0)
+    grads, _ = clip_only.update({"w": jnp.full((4,), 10.0)}, clip_only.init(params))
+    np.testing.assert_allclose(optax.global_norm(grads), 1.0, rtol=1e-6)
+
+
+def test_opt_state_dtype_sets_first_moment_dtype():
+    optimizer = make_optimizer(OptimConfig(opt_state_dtype="bfloat16"))
+    state = optimizer.init({"w": jnp.ones((4,), jnp.float32)})
+    adam_state = state[1][0]
+    assert adam_state.mu["w"].dtype == jnp.bfloat16 and adam_state.nu["w"].dtype == jnp.float32
+
+
+@pytest.mark.parametrize("fields, match", [
+    (dict(decay="step"), "decay='step'"),
+    (dict(warmup_steps=100, total_steps=100), "must exceed warmup_steps"),
+    (dict(grad_accum_steps=0), "grad_accum_steps"),
+    (dict(min_lr_ratio=1.5), "min_lr_ratio"),
+    (dict(opt_state_dtype="float33"), "not a dtype"),
+    (dict(clip_norm=-1.0), "clip_norm"),
+])
+def test_bad_optim_config_raises(fields, match):
+    with pytest.raises(ConfigError, match=match):
+        OptimConfig(**fields)
