@@ -117,6 +117,30 @@ class ModelConfig:
         embeddings = self.vocab_size * self.hidden_size * (1 if self.tie_word_embeddings else 2)
         return self.num_layers * per_layer + embeddings + self.hidden_size
 
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able dict of every field (rope_scaling nested), for `model_config.json`."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, fields: Mapping[str, Any]) -> "ModelConfig":
+        """Inverse of `to_dict`; unknown keys are an error naming them."""
+        if not isinstance(fields, Mapping):
+            raise ConfigError(f"a model config must be a JSON object, got {type(fields).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(fields) - known)
+        if unknown:
+            raise ConfigError(f"unknown ModelConfig field(s) {unknown}; known fields: {sorted(known)}")
+        try:
+            return cls(**fields)
+        except TypeError as exc:
+            raise ConfigError(f"invalid model config: {exc}") from exc
+
+    def architecture(self) -> dict[str, Any]:
+        """The fields that fix the weights' shapes and meaning (not numerics or memory policy)."""
+        run_fields = {"dtype", "param_dtype", "remat_policy", "scan_layers", "attention_impl",
+                      "initializer_range"}
+        return {k: v for k, v in self.to_dict().items() if k not in run_fields}
+
     # ---- HF config.json -------------------------------------------------------------------
 
     @classmethod

@@ -1,0 +1,161 @@
+"""Training entry point, configured with gin.
+
+    python -m experiments.train --gin_file=configs/runs/tiny.gin \
+        [--gin_file=configs/meshes/cpu8.gin] [--gin.TRAIN_STEPS=500] [--gin.MODEL_DIR="'runs/x'"]
+
+Gin files layer t5x-style: a run file includes a model file; mesh files and `--gin.X=V`
+overrides go on top. A run file binds `train.run` and defines the macros MODEL_DIR, TRAIN_STEPS,
+CHECKPOINT_EVERY and LOG_EVERY. Re-running with the same MODEL_DIR resumes.
+Multi-host: pass --coordinator_address/--num_processes/--process_id (or set the LLAMAX_*
+environment variables); on TPU pods `--distributed` alone lets JAX find its peers.
+"""
+from __future__ import annotations
+
+import difflib
+import re
+import sys
+from pathlib import Path
+
+from llamax.config import ModelConfig
+from llamax.fit import DataConfig, FitResult, TrainConfig, fit
+from llamax.optim import OptimConfig
+from llamax.sharding import MeshConfig
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+REQUIRED_MACROS = ("MODEL_DIR", "TRAIN_STEPS", "CHECKPOINT_EVERY", "LOG_EVERY")
+
+
+def shakespeare_tokenizer(vocab_size: int = 2048, directory: str = "runs/tokenizers") -> str:
+    """Path of a BPE tokenizer trained on the bundled corpus's train split; trained (a few
+    seconds, deterministic) the first time it is asked for."""
+    from llamax.data.corpus import write_corpus
+    from llamax.tokenizer import train_tokenizer
+
+    out = Path(directory) / f"shakespeare-{vocab_size}" / "tokenizer.model"
+    if not out.exists():
+        text = write_corpus(out.parent / "corpus", "txt")["train"]
+        train_tokenizer([text], out, vocab_size=vocab_size)
+    return str(out)
+
+
+def run(model_config: ModelConfig, optim_config: OptimConfig, mesh_config: MeshConfig,
+        data_config: DataConfig, train_config: TrainConfig, init_from: str | None = None) -> FitResult:
+    """What a run gin file binds. Writes the operative config, then trains or resumes."""
+    import gin
+    import jax
+
+    run_dir = Path(train_config.model_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if jax.process_index() == 0:
+        (run_dir / "config.gin").write_text(gin.operative_config_str())
+    init_params = None
+    if init_from:
+        from llamax.checkpoint_formats import load_params_any
+
+        loaded_config, init_params = load_params_any(init_from, scan_layers=model_config.scan_layers,
+                                                     param_dtype=model_config.param_dtype)
+        if loaded_config.architecture() != model_config.architecture():
+            raise ValueError(f"init_from={init_from} holds a different model than the run's "
+                             f"model config: {loaded_config.architecture()} vs {model_config.architecture()}")
+    result = fit(model_config, optim_config, mesh_config, data_config, train_config,
+                 init_params=init_params)
+    if jax.process_index() == 0:
+        print(f"{result.status} at step {result.step}: loss {result.loss}, eval_loss {result.eval_loss}",
+              flush=True)
+    return result
+
+
+def _split_args(argv: list[str]) -> tuple[list[str], list[str], dict[str, str]]:
+    gin_files, bindings, options = [], [], {}
+    for arg in argv:
+        if arg.startswith("--gin_file="):
+            gin_files.append(arg.split("=", 1)[1])
+        elif arg.startswith("--gin."):
+            bindings.append(arg[len("--gin."):])
+        elif arg.startswith("--") and "=" in arg:
+            key, value = arg[2:].split("=", 1)
+            options[key] = value
+        elif arg.startswith("--"):
+            options[arg[2:]] = "true"
+        else:
+            raise SystemExit(f"unexpected argument {arg!r}; see `python -m experiments.train --help`")
+    return gin_files, bindings, options
+
+
+def _resolve(gin_file: str) -> str:
+    for candidate in (Path(gin_file), REPO_ROOT / gin_file, REPO_ROOT / "configs" / gin_file):
+        if candidate.exists():
+            return str(candidate)
+    raise SystemExit(f"gin file {gin_file!r} not found (looked in ., {REPO_ROOT}, {REPO_ROOT / 'configs'})")
+
+
+def explain_gin_error(error: Exception) -> str:
+    """gin's message, plus the nearest valid name for typos in configurables and parameters."""
+    import gin
+
+    message = str(error).strip()
+    missing_macro = re.search(r"No bindings specified for '(\w+)/gin\.macro'", message)
+    if missing_macro:
+        return (f"missing required gin macro {missing_macro.group(1)}: define it in your run file or "
+                f"pass --gin.{missing_macro.group(1)}=VALUE")
+    unknown_param = re.search(r"Configurable '([\w.]+)' doesn't have a parameter named '(\w+)'", message)
+    if unknown_param:
+        configurable, name = unknown_param.groups()
+        try:
+            fn = gin.config._REGISTRY.get_match(configurable).wrapped  # noqa: SLF001
+            import inspect
+
+            known = list(inspect.signature(fn).parameters)
+        except Exception:  # noqa: BLE001 - best effort suggestion only
+            known = []
+        close = difflib.get_close_matches(name, known, n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else (f"; valid: {known}" if known else "")
+        return f"unknown gin binding {configurable}.{name}{hint}"
+    unknown_configurable = re.search(r"No configurable matching '([\w.]+)'", message)
+    if unknown_configurable:
+        name = unknown_configurable.group(1)
+        known = [str(k) for k in gin.config._REGISTRY.keys()]  # noqa: SLF001
+        flat = [".".join(k) if isinstance(k, tuple) else k for k in gin.config._REGISTRY]  # noqa: SLF001
+        close = difflib.get_close_matches(name, flat + known, n=1, cutoff=0.5)
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        return f"unknown gin configurable {name}{hint}"
+    return message
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if any(a in ("-h", "--help") for a in argv):
+        print(__doc__)
+        return 0
+    gin_files, bindings, options = _split_args(argv)
+    if not gin_files:
+        raise SystemExit("pass at least one --gin_file=... (e.g. configs/runs/tiny.gin)")
+
+    from llamax.distributed import initialize_from_options
+
+    initialize_from_options(options)
+    import gin
+
+    gin.add_config_file_search_path(str(REPO_ROOT))
+    gin.add_config_file_search_path(str(REPO_ROOT / "configs"))
+    try:
+        gin.parse_config_files_and_bindings([_resolve(f) for f in gin_files], bindings)
+        for macro in REQUIRED_MACROS:
+            gin.query_parameter(f"%{macro}")
+        # `python -m` runs this file as __main__; gin registered the importable module's `run`.
+        from experiments import train as registered
+
+        runner = gin.get_configurable(registered.run)
+    except (ValueError, KeyError) as error:
+        print(f"error: {explain_gin_error(error)}", file=sys.stderr)
+        return 2
+    try:
+        runner()
+    except ValueError as error:  # every llamax.errors type too: one clear line, no traceback
+        print(f"error: {type(error).__name__}: {explain_gin_error(error)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
