@@ -1,0 +1,53 @@
+"""Convert LLaMA checkpoints between HF, Meta and llamax/orbax folders, tensor by tensor.
+
+    python -m experiments.convert --src PATH --src_format {hf,meta,orbax} \
+        --dst PATH --dst_format {hf,meta,orbax} [--dtype bf16|fp32|fp16] [--num_shards N] \
+        [--step STEP] [--overwrite] [--no_progress]
+
+orbax output is a params checkpoint a fine-tuning run starts from (`llamax.params_checkpoint`);
+orbax input is such a checkpoint or a training run folder (newest step unless --step).
+Errors print one line on stderr and exit with status 1; nothing is left at --dst on failure.
+Installed as the `llamax-convert` console script.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from llamax.convert_hub import FORMATS, convert
+from llamax.errors import LlamaxError
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="llamax-convert", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--src", required=True, help="source checkpoint folder")
+    parser.add_argument("--src_format", required=True, choices=FORMATS)
+    parser.add_argument("--dst", required=True, help="destination folder (must not exist unless --overwrite)")
+    parser.add_argument("--dst_format", required=True, choices=FORMATS)
+    parser.add_argument("--dtype", default=None, choices=["bf16", "fp32", "fp16"],
+                        help="weight dtype of the output (default: the source's)")
+    parser.add_argument("--num_shards", type=int, default=1, help="model-parallel shards of a Meta output")
+    parser.add_argument("--step", type=int, default=None, help="training step of an orbax run source")
+    parser.add_argument("--max_shard_size", type=int, default=5 * 2**30, help="bytes per HF safetensors file")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --dst")
+    parser.add_argument("--no_progress", action="store_true", help="hide the progress bar")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")  # conversion is host work; never grab an accelerator
+    try:
+        path = convert(args.src, args.src_format, args.dst, args.dst_format, dtype=args.dtype,
+                       num_shards=args.num_shards, overwrite=args.overwrite, step=args.step,
+                       max_shard_size=args.max_shard_size, progress=not args.no_progress)
+    except (LlamaxError, OSError) as error:
+        print(f"llamax-convert: error: {error}".splitlines()[0], file=sys.stderr)
+        return 1
+    print(f"wrote {args.dst_format} checkpoint to {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,284 @@
+"""Any of HF, Meta and orbax folders -> any other, one tensor at a time, all-or-nothing.
+
+Every conversion goes through HF tensor names and layouts ([out, in] matrices, half-split
+rotary rows): a *source* is a lazy mapping from HF names to numpy arrays that lists its names in
+the order it reads cheapest, and a *sink* accepts HF-named tensors in any order and writes each
+one straight to its place in the output files. So the peak memory is a few tensors:
+
+  source  | what one read holds                      sink   | what one write holds
+  hf      | one tensor (memory-mapped safetensors)   hf     | one tensor (written at its offset)
+  meta    | one tensor, assembled from its shards    meta   | one tensor (slices written in place)
+  orbax   | one params leaf (a scanned stack)        orbax  | one layer slice; then orbax saves
+                                                              memory-mapped leaves, <= 1 GB in flight
+
+Output goes to a temporary sibling folder renamed into place at the end (`atomic_output_dir`).
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import numpy as np
+from tqdm import tqdm
+
+from llamax.config import ModelConfig
+from llamax.convert import LAYER_TABLE, TOP_TABLE, expected_hf_shapes, read_hf_config
+from llamax.convert_io import atomic_output_dir, check_destination, contiguous_bytes, dtype_name, parse_dtype
+from llamax.convert_meta import MetaReader, MetaWriter
+from llamax.errors import CheckpointError, ConfigError
+from llamax.params_checkpoint import LeafPath, LeafReader, LeafWriter
+from llamax.weights_io import SAFETENSORS_DTYPES, WeightFolder
+
+FORMATS = ("hf", "meta", "orbax")
+_IGNORED_HF_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+def detect_format(path: str | os.PathLike) -> str | None:
+    """'hf', 'meta' or 'orbax' from the files in `path`, or None if it is none of them."""
+    path = Path(path)
+    if (path / "params.json").exists():
+        return "meta"
+    if (path / "config.json").exists():
+        return "hf"
+    if (path / "model_config.json").exists() or (path / "state").is_dir():
+        return "orbax"
+    return None
+
+
+def hf_leaf_table(config: ModelConfig) -> dict[str, tuple[LeafPath, int | None, Callable, Callable]]:
+    """HF name -> (scanned llamax leaf path, layer index or None, to_llamax, to_hf)."""
+    table = {}
+    for path, (name, _, to_llamax, to_hf) in TOP_TABLE.items():
+        if not (path[0] == "lm_head" and config.tie_word_embeddings):
+            table[name] = (path, None, to_llamax, to_hf)
+    for path, (suffix, _, to_llamax, to_hf) in LAYER_TABLE.items():
+        for layer in range(config.num_layers):
+            table[f"model.layers.{layer}.{suffix}"] = (("layers", *path), layer, to_llamax, to_hf)
+    return table
+
+
+# ---- sources ------------------------------------------------------------------------------
+
+class HFSource:
+    """An HF folder (safetensors memory-mapped; `.bin` one shard at a time), checked up front."""
+
+    def __init__(self, path: Path):
+        self.config = read_hf_config(path)
+        self.weights = WeightFolder(path)
+        actual = {name.removeprefix("model."): name for name in self.weights}
+        expected = expected_hf_shapes(self.config)
+        self._where = {}
+        for name, shape in expected.items():
+            if name.removeprefix("model.") not in actual:
+                raise CheckpointError(f"{path} lacks tensor {name!r}, which config.json implies")
+            self._where[name] = actual[name.removeprefix("model.")]
+            found = tuple(self.weights.shape(self._where[name]))
+            if found != tuple(shape):
+                raise CheckpointError(f"{path}: {name!r} has shape {found}, config.json implies {tuple(shape)}")
+        allowed = set(self._where.values()) | {n for n in actual.values() if n.endswith("lm_head.weight")}
+        unexpected = [n for n in self.weights if n not in allowed and not n.endswith(_IGNORED_HF_SUFFIXES)]
+        if unexpected:
+            raise CheckpointError(f"{path} has {len(unexpected)} tensor(s) a LLaMA does not use, e.g. {unexpected[:3]}")
+        self.dtype = np.asarray(self[next(iter(expected))]).dtype
+
+    def names(self) -> list[str]:
+        return list(self._where)
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        return self.weights[self._where[name]]
+
+
+class MetaSource:
+    """A Meta folder; names come layer by layer, so each shard is read front to back."""
+
+    def __init__(self, path: Path, **config_overrides: Any):
+        self.reader = MetaReader(path, **config_overrides)
+        self.config, self.dtype = self.reader.config, self.reader.dtype
+
+    def names(self) -> list[str]:
+        return list(self.reader)
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        return self.reader[name]
+
+
+class OrbaxSource:
+    """A params checkpoint or training run; names come leaf by leaf and one leaf is cached."""
+
+    def __init__(self, path: Path, step: int | None = None):
+        self.reader = LeafReader(path, step)
+        self.config = self.reader.config
+        self.table = hf_leaf_table(self.config)
+        self._cached: tuple[LeafPath | None, np.ndarray | None] = (None, None)
+        for name, (leaf, layer, to_llamax, _) in self.table.items():
+            if self._leaf(leaf, layer) not in self.reader.leaves:
+                raise CheckpointError(f"{self.reader.location.tree_dir} lacks params leaf "
+                                      f"{'/'.join(self._leaf(leaf, layer))} (for {name})")
+        self.dtype = self.reader.leaves[("embed_tokens", "embedding")][1]
+
+    def _leaf(self, leaf: LeafPath, layer: int | None) -> LeafPath:
+        if layer is None or self.config.scan_layers:
+            return leaf
+        return (f"layers_{layer}", *leaf[1:])
+
+    def names(self) -> list[str]:
+        return sorted(self.table, key=lambda n: (self._leaf(*self.table[n][:2]), self.table[n][1] or 0))
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        leaf, layer, _, to_hf = self.table[name]
+        stored = self._leaf(leaf, layer)
+        if self._cached[0] != stored:
+            self._cached = (None, None)  # drop the previous leaf before reading the next
+            self._cached = (stored, self.reader.read(stored))
+        value = self._cached[1]
+        if layer is not None and self.config.scan_layers:
+            value = value[layer]
+        return to_hf(value, self.config)
+
+
+def open_source(path: str | os.PathLike, fmt: str, *, step: int | None = None):
+    """The source for `path` in format `fmt`; errors point at the right format when it is wrong."""
+    path = Path(path)
+    if fmt not in FORMATS:
+        raise ConfigError(f"unknown source format {fmt!r}; expected one of {FORMATS}")
+    if not path.exists():
+        raise CheckpointError(f"source {path} does not exist")
+    detected = detect_format(path)
+    if fmt == "hf" and detected not in (None, "hf"):
+        raise CheckpointError(f"{path} has no config.json: not an HF checkpoint; it looks like a {detected} "
+                              f"checkpoint (--src_format {detected})")
+    if fmt == "hf":
+        return HFSource(path)
+    if fmt == "meta":
+        return MetaSource(path)
+    return OrbaxSource(path, step)
+
+
+# ---- sinks --------------------------------------------------------------------------------
+
+class HFSink:
+    """Writes an HF folder: safetensors files laid out up front (sharded above `max_shard_size`
+    bytes, with an index), each tensor written at its offset as it arrives, plus config.json."""
+
+    def __init__(self, config: ModelConfig, folder: Path, dtype: np.dtype, max_shard_size: int = 5 * 2**30):
+        self.folder, self.dtype = folder, np.dtype(dtype)
+        codes = {np.dtype(v): k for k, v in SAFETENSORS_DTYPES.items()}
+        shapes = expected_hf_shapes(config)
+        files: list[list[str]] = [[]]
+        size = 0
+        for name, shape in shapes.items():
+            nbytes = int(np.prod(shape)) * self.dtype.itemsize
+            if files[-1] and size + nbytes > max_shard_size:
+                files.append([])
+                size = 0
+            files[-1].append(name)
+            size += nbytes
+        self._where: dict[str, tuple[Path, int, tuple]] = {}
+        weight_map = {}
+        for index, names in enumerate(files):
+            file_name = "model.safetensors" if len(files) == 1 else f"model-{index + 1:05d}-of-{len(files):05d}.safetensors"
+            header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+            offset = 0
+            for name in names:
+                end = offset + int(np.prod(shapes[name])) * self.dtype.itemsize
+                header[name] = {"dtype": codes[self.dtype], "shape": list(shapes[name]), "data_offsets": [offset, end]}
+                offset = end
+            blob = json.dumps(header, separators=(",", ":")).encode()
+            blob += b" " * (-len(blob) % 8)
+            with open(folder / file_name, "wb") as f:
+                f.write(len(blob).to_bytes(8, "little") + blob)
+                f.truncate(8 + len(blob) + offset)
+            for name in names:
+                self._where[name] = (folder / file_name, 8 + len(blob) + header[name]["data_offsets"][0], shapes[name])
+                weight_map[name] = file_name
+        if len(files) > 1:
+            total = sum(int(np.prod(s)) * self.dtype.itemsize for s in shapes.values())
+            (folder / "model.safetensors.index.json").write_text(
+                json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+        hf_config = config.to_hf()
+        hf_config["torch_dtype"] = hf_config["dtype"] = dtype_name(self.dtype)
+        (folder / "config.json").write_text(json.dumps(hf_config, indent=2))
+        self._pending = set(self._where)
+
+    def write(self, name: str, array: np.ndarray) -> None:
+        path, offset, shape = self._where[name]
+        if tuple(array.shape) != tuple(shape):
+            raise CheckpointError(f"tensor {name!r} has shape {tuple(array.shape)}, expected {tuple(shape)}")
+        data = contiguous_bytes(np.asarray(array).astype(self.dtype, copy=False))
+        with open(path, "r+b") as f:
+            f.seek(offset)
+            f.write(data)
+        self._pending.discard(name)
+
+    def close(self) -> None:
+        if self._pending:
+            raise CheckpointError(f"{len(self._pending)} tensor(s) never written, e.g. {sorted(self._pending)[:3]}")
+
+
+class OrbaxSink:
+    """Writes a scanned params checkpoint (see `llamax.params_checkpoint`) from HF tensors."""
+
+    def __init__(self, config: ModelConfig, folder: Path, dtype: np.dtype):
+        self.config = config
+        self.table = hf_leaf_table(config)
+        shapes = {}
+        hf_shapes = expected_hf_shapes(config)
+        for name, (leaf, layer, to_llamax, _) in self.table.items():
+            shape = to_llamax(np.empty(hf_shapes[name], np.int8), config).shape
+            shapes[leaf] = shape if layer is None else (config.num_layers, *shape)
+        self.writer = LeafWriter(folder, config, shapes, dtype)
+
+    def write(self, name: str, array: np.ndarray) -> None:
+        leaf, layer, to_llamax, _ = self.table[name]
+        self.writer.write(leaf, layer, to_llamax(np.asarray(array), self.config))
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+def open_sink(fmt: str, config: ModelConfig, folder: Path, dtype: np.dtype, *, num_shards: int = 1,
+              max_shard_size: int = 5 * 2**30):
+    if fmt == "hf":
+        return HFSink(config, folder, dtype, max_shard_size)
+    if fmt == "meta":
+        return MetaWriter(config, folder, dtype=dtype, num_shards=num_shards)
+    if fmt == "orbax":
+        return OrbaxSink(config, folder, dtype)
+    raise ConfigError(f"unknown destination format {fmt!r}; expected one of {FORMATS}")
+
+
+def convert(src: str | os.PathLike, src_format: str, dst: str | os.PathLike, dst_format: str, *,
+            dtype: Any = None, num_shards: int = 1, overwrite: bool = False, step: int | None = None,
+            max_shard_size: int = 5 * 2**30, progress: bool = True) -> Path:
+    """Converts the checkpoint folder `src` into `dst`, tensor by tensor.
+
+    Args:
+      src_format, dst_format: 'hf', 'meta' or 'orbax' (a params checkpoint; as a source also a
+        training run, its checkpoints/ folder or one step folder).
+      dtype: 'bf16', 'fp32', 'fp16' or None to keep the source's dtype (that of the embeddings).
+      num_shards: model-parallel shards of a Meta output.
+      overwrite: replace an existing `dst`; otherwise an existing, non-empty `dst` is refused.
+      step: training step to read from an orbax run (None: the newest committed one).
+      max_shard_size: bytes per safetensors file of an HF output.
+      progress: show a tqdm bar of tensors converted.
+    """
+    for what, fmt in (("source", src_format), ("destination", dst_format)):
+        if fmt not in FORMATS:
+            raise ConfigError(f"unknown {what} format {fmt!r}; expected one of {FORMATS}")
+    if num_shards != 1 and dst_format != "meta":
+        raise ConfigError(f"num_shards={num_shards} only applies to Meta output (--dst_format meta)")
+    if Path(src).absolute() == Path(dst).absolute():
+        raise ConfigError(f"source and destination are the same folder {src}; write somewhere else")
+    check_destination(dst, overwrite)
+    source = open_source(src, src_format, step=step)
+    out_dtype = parse_dtype(dtype) or source.dtype
+    names = source.names()
+    with atomic_output_dir(dst, overwrite=overwrite) as staging:
+        sink = open_sink(dst_format, source.config, staging, out_dtype, num_shards=num_shards,
+                         max_shard_size=max_shard_size)
+        for name in tqdm(names, desc=f"{src_format} -> {dst_format}", unit="tensor", disable=not progress):
+            sink.write(name, source[name])
+        sink.close()
+    return Path(dst)
