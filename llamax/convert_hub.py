@@ -15,6 +15,7 @@ Output goes to a temporary sibling folder renamed into place at the end (`atomic
 """
 from __future__ import annotations
 
+import collections.abc
 import json
 import os
 from pathlib import Path
@@ -24,7 +25,7 @@ import numpy as np
 from tqdm import tqdm
 
 from llamax.config import ModelConfig
-from llamax.convert import LAYER_TABLE, TOP_TABLE, expected_hf_shapes, read_hf_config
+from llamax.convert import LAYER_TABLE, TOP_TABLE, expected_hf_shapes, hf_to_params, read_hf_config
 from llamax.convert_io import atomic_output_dir, check_destination, contiguous_bytes, dtype_name, parse_dtype
 from llamax.convert_meta import MetaReader, MetaWriter
 from llamax.errors import CheckpointError, ConfigError
@@ -282,3 +283,32 @@ def convert(src: str | os.PathLike, src_format: str, dst: str | os.PathLike, dst
             sink.write(name, source[name])
         sink.close()
     return Path(dst)
+
+
+class _SourceMapping(collections.abc.Mapping):
+    """A source viewed as the HF-name -> tensor mapping `hf_to_params` reads."""
+
+    def __init__(self, source):
+        self._source, self._names = source, source.names()
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        return self._source[name]
+
+    def __iter__(self):
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+
+def load_any(path: str | os.PathLike, fmt: str | None = None, *, step: int | None = None,
+             **config_overrides: Any) -> tuple[ModelConfig, dict]:
+    """(config, numpy params) from an HF, Meta or orbax checkpoint, detected from its files
+    unless `fmt` says. `config_overrides` (e.g. scan_layers, param_dtype) shape the params."""
+    fmt = fmt or detect_format(path)
+    if fmt is None:
+        raise CheckpointError(f"{path} is not an HF (config.json), Meta (params.json) or orbax "
+                              "(model_config.json) checkpoint")
+    source = open_source(path, fmt, step=step)
+    config = source.config.replace(**config_overrides)
+    return config, hf_to_params(config, _SourceMapping(source))
