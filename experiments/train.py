@@ -12,8 +12,10 @@ environment variables); on TPU pods `--distributed` alone lets JAX find its peer
 from __future__ import annotations
 
 import difflib
+import os
 import re
 import sys
+import tempfile
 from pathlib import Path
 
 from llamax.config import ModelConfig
@@ -33,8 +35,15 @@ def shakespeare_tokenizer(vocab_size: int = 2048, directory: str = "runs/tokeniz
 
     out = Path(directory) / f"shakespeare-{vocab_size}" / "tokenizer.model"
     if not out.exists():
-        text = write_corpus(out.parent / "corpus", "txt")["train"]
-        train_tokenizer([text], out, vocab_size=vocab_size)
+        # Several processes (multi-host on a shared disk, or runs started together) can get here
+        # at once: each trains in a private folder and renames the result into place, so none
+        # reads a half-written corpus or model. Training is deterministic: any rename may win.
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=out.parent) as private:
+            text = write_corpus(Path(private) / "corpus", "txt")["train"]
+            trained = train_tokenizer([text], Path(private) / out.name, vocab_size=vocab_size)
+            os.replace(trained.path.with_suffix(".vocab"), out.with_suffix(".vocab"))
+            os.replace(trained.path, out)
     return str(out)
 
 
@@ -50,13 +59,17 @@ def run(model_config: ModelConfig, optim_config: OptimConfig, mesh_config: MeshC
         (run_dir / "config.gin").write_text(gin.operative_config_str())
     init_params = None
     if init_from:
-        from llamax.checkpoint_formats import load_params_any
+        from llamax.convert_hub import load_any
 
-        loaded_config, init_params = load_params_any(init_from, scan_layers=model_config.scan_layers,
-                                                     param_dtype=model_config.param_dtype)
-        if loaded_config.architecture() != model_config.architecture():
-            raise ValueError(f"init_from={init_from} holds a different model than the run's "
-                             f"model config: {loaded_config.architecture()} vs {model_config.architecture()}")
+        loaded_config, init_params = load_any(init_from, scan_layers=model_config.scan_layers,
+                                              param_dtype=model_config.param_dtype)
+        # Meta's params.json does not record the context length; it does not shape the weights.
+        ours, theirs = model_config.architecture(), loaded_config.architecture()
+        differences = {k: (theirs[k], ours[k]) for k in ours
+                       if k != "max_position_embeddings" and ours[k] != theirs[k]}
+        if differences:
+            raise ValueError(f"init_from={init_from} holds a different model than the run's model "
+                             f"config (checkpoint vs run): {differences}")
     result = fit(model_config, optim_config, mesh_config, data_config, train_config,
                  init_params=init_params)
     if jax.process_index() == 0:
@@ -114,9 +127,12 @@ def explain_gin_error(error: Exception) -> str:
     unknown_configurable = re.search(r"No configurable matching '([\w.]+)'", message)
     if unknown_configurable:
         name = unknown_configurable.group(1)
-        known = [str(k) for k in gin.config._REGISTRY.keys()]  # noqa: SLF001
-        flat = [".".join(k) if isinstance(k, tuple) else k for k in gin.config._REGISTRY]  # noqa: SLF001
-        close = difflib.get_close_matches(name, flat + known, n=1, cutoff=0.5)
+        # The registry holds complete selectors ('llamax.fit.TrainConfig'); compare as many
+        # trailing components as the user wrote ('fit.TrainConfg' -> 'fit.TrainConfig').
+        depth = name.count(".") + 1
+        known = sorted({".".join(selector.split(".")[-depth:])
+                        for selector, _ in gin.config._REGISTRY.items()})  # noqa: SLF001
+        close = difflib.get_close_matches(name, known, n=1, cutoff=0.5)
         hint = f"; did you mean '{close[0]}'?" if close else ""
         return f"unknown gin configurable {name}{hint}"
     return message

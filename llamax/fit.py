@@ -126,7 +126,10 @@ def write_model_config(run_dir: Path, config: ModelConfig) -> None:
             raise ConfigError(f"{run_dir} holds a run of a different model ({diff} as saved vs now); "
                               "use a new MODEL_DIR or the original model config")
     if jax.process_index() == 0:
-        path.write_text(json.dumps(config.to_dict(), indent=2))
+        # Write-then-rename: other processes may be reading it (the check above) right now.
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(config.to_dict(), indent=2))
+        tmp.replace(path)
 
 
 def read_model_config(run_dir: str | Path) -> ModelConfig:
@@ -134,6 +137,36 @@ def read_model_config(run_dir: str | Path) -> ModelConfig:
     if not path.exists():
         raise ConfigError(f"{path} not found: not a llamax run directory")
     return ModelConfig.from_dict(json.loads(path.read_text()))
+
+
+def all_loader_states(loader) -> list[dict]:
+    """Every process's loader state, in process order, on every process.
+
+    The checkpoint's JSON extras are written by process 0 alone, but each process reads its own
+    slice of the documents, so a resume needs each process's own position.
+    """
+    state = loader.get_state()
+    if jax.process_count() == 1:
+        return [state]
+    from jax.experimental import multihost_utils
+
+    encoded = np.frombuffer(json.dumps(state).encode(), np.uint8)
+    lengths = multihost_utils.process_allgather(np.asarray(len(encoded), np.int32))  # [processes]
+    padded = np.zeros(int(lengths.max()), np.uint8)
+    padded[:len(encoded)] = encoded
+    gathered = multihost_utils.process_allgather(padded)  # [processes, longest]
+    return [json.loads(bytes(row[:length])) for row, length in zip(gathered, lengths)]
+
+
+def this_process_loader_state(saved: list | dict, run_dir: Path) -> dict:
+    """This process's entry of `all_loader_states` as saved (a lone dict: a one-process run)."""
+    states = saved if isinstance(saved, list) else [saved]
+    if len(states) != jax.process_count():
+        raise ConfigError(f"the checkpoint in {run_dir} was saved by {len(states)} process(es) but "
+                          f"this run has {jax.process_count()}; each process's data position "
+                          "cannot be mapped onto another process count. Resume with the same "
+                          "number of processes, or start a new MODEL_DIR")
+    return states[jax.process_index()]
 
 
 def _evaluate(eval_step, params, batches: list, sharding) -> dict[str, float]:
@@ -190,7 +223,7 @@ def fit(model_config: ModelConfig, optim_config: OptimConfig, mesh_config: MeshC
                                                                             sharding=sharding),
                                 abstract_train_state(model_config, optim_config), shardings)
         state, extras = checkpointer.restore(abstract_state=abstract)
-        loader.set_state(extras["data"])
+        loader.set_state(this_process_loader_state(extras["data"], run_dir))
         start_step = int(extras["step"])
         truncate_metrics(run_dir, start_step)
         logger.info("resumed %s from step %d", run_dir, start_step)
@@ -248,8 +281,8 @@ def fit(model_config: ModelConfig, optim_config: OptimConfig, mesh_config: MeshC
                         eval_loss = values.get("eval_loss")
                     log.log(step, values)
                     if at_checkpoint:
-                        checkpointer.save(step, state, {"data": loader.get_state(), "step": step},
-                                          force=True)
+                        extras = {"data": all_loader_states(loader), "step": step}
+                        checkpointer.save(step, state, extras, force=True)
                     window_start, window_steps = time.perf_counter(), 0
                 log.advance(step)
                 if preempted:
