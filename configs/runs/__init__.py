@@ -1,0 +1,1 @@
+"""gin config files (a package so gin can resolve `include` paths from any directory)."""
