@@ -21,7 +21,8 @@ Launchers:
          Afterwards ROOT/results.{md,csv,png} summarise every point.
   tpu    prints one `gcloud compute tpus tpu-vm ssh NAME --worker=all --command="..."` per point
          (every host of the pod runs the same command with --distributed); `--execute` runs them
-         one after another. ROOT should be on GCS (gs://...), which every host can write.
+         one after another. ROOT must be a path every host can write, mounted locally (e.g. a
+         gcsfuse mount of a bucket): run directories are written with local file APIs.
   slurm  writes ROOT/slurm/<point>.sbatch (one task per node, LLAMAX_* variables set for
          jax.distributed) and ROOT/slurm/submit_all.sh; `--execute` submits them with sbatch.
 `--aggregate_only` (re)writes the results files from whatever the runs under ROOT hold, e.g. after
@@ -147,7 +148,7 @@ def format_command(args: Sequence[str]) -> str:
 
 
 def run_dir(root: str, point: Point) -> str:
-    """ROOT/<point name>, joined as text so gs:// roots stay intact."""
+    """ROOT/<point name>, joined as text (the root may name another host's mount)."""
     return root.rstrip("/") + "/" + point.name
 
 
@@ -628,9 +629,9 @@ def _main_local(sweep: Sweep, root: str, args: argparse.Namespace, argv: list[st
 def _main_tpu(sweep: Sweep, root: str, args: argparse.Namespace) -> int:
     if not args.tpu_name or not args.zone:
         raise SweepError("--launcher tpu needs --tpu_name and --zone")
-    if not root.startswith("gs://"):
-        print(f"warning: --root {root} is not on GCS; every TPU host must be able to write it",
-              file=sys.stderr)
+    if "://" in root:
+        raise SweepError(f"--root {root} is a URL; run directories are written with local file APIs, "
+                         "so mount the bucket on every host (gcsfuse) and pass the mounted path")
     for point in sweep.points:
         command = tpu_command(sweep, point, root, args.tpu_name, args.zone, args.remote_dir,
                               args.project, args.python or "python3")

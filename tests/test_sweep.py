@@ -164,7 +164,7 @@ def test_validate_reads_train_steps_and_checks_the_point_gin_file(tmp_path):
 
 def test_tpu_launcher_prints_gcloud_ssh_on_all_workers(tmp_path, capsys):
     spec = _write_spec(tmp_path, SPEC)
-    assert sweeps.main([spec, "--root", "gs://bkt/sw", "--launcher", "tpu", "--tpu_name", "v4-32",
+    assert sweeps.main([spec, "--root", "/mnt/gcs/sw", "--launcher", "tpu", "--tpu_name", "v4-32",
                         "--zone", "us-central2-b", "--project", "proj"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0] == "# lr=0.001"
@@ -172,7 +172,7 @@ def test_tpu_launcher_prints_gcloud_ssh_on_all_workers(tmp_path, capsys):
         "gcloud compute tpus tpu-vm ssh v4-32 --zone=us-central2-b --project=proj --worker=all "
         "--command=\"cd ~/llamax && python3 -m experiments.train --gin_file=configs/runs/tiny.gin "
         "--gin.TRAIN_STEPS=20 --gin.fit.TrainConfig.progress_bar=False --gin.LEARNING_RATE=0.001 "
-        "--gin.MODEL_DIR=\\\"'gs://bkt/sw/lr=0.001'\\\" --distributed\"")
+        "--gin.MODEL_DIR=\\\"'/mnt/gcs/sw/lr=0.001'\\\" --distributed\"")
     # The local shell hands gcloud one --command; the remote shell turns it back into the argv.
     words = subprocess.run(["bash", "-c", f"printf '%s\\n' {lines[1]}"], capture_output=True,
                            text=True, check=True).stdout.splitlines()
@@ -181,7 +181,14 @@ def test_tpu_launcher_prints_gcloud_ssh_on_all_workers(tmp_path, capsys):
     sweep = sweeps.load_sweep(spec)
     assert subprocess.run(["bash", "-c", f"printf '%s\\n' {remote[len('cd ~/llamax && '):]}"],
                           capture_output=True, text=True, check=True).stdout.splitlines() == \
-        sweeps.train_args(sweep, sweep.points[0], "gs://bkt/sw", "python3", ["--distributed"])
+        sweeps.train_args(sweep, sweep.points[0], "/mnt/gcs/sw", "python3", ["--distributed"])
+
+
+def test_tpu_launcher_refuses_url_roots(tmp_path, capsys):
+    # Run directories are written with local file APIs: a bucket must be mounted (gcsfuse).
+    assert sweeps.main([_write_spec(tmp_path, SPEC), "--root", "gs://bkt/sw", "--launcher", "tpu",
+                        "--tpu_name", "v4-32", "--zone", "us-central2-b"]) == 2
+    assert "mount the bucket" in capsys.readouterr().err
 
 
 def test_slurm_launcher_writes_one_sbatch_script_per_unfinished_point(tmp_path):
