@@ -50,5 +50,11 @@ setup(
     packages=find_packages(include=["llamax", "llamax.*", "experiments", "experiments.*"]),
     install_requires=CORE,
     extras_require={"convert": CONVERT, "test": TEST + CONVERT, "all": TEST + CONVERT},
-    entry_points={"console_scripts": []},
+    entry_points={"console_scripts": [
+        "llamax-train = experiments.train:main",
+        "llamax-convert = experiments.convert:main",
+        "llamax-sample = experiments.sample:main",
+        "llamax-tokenizer = experiments.tokenizer:main",
+        "llamax-sweep = experiments.sweep:main",
+    ]},
 )

@@ -9,15 +9,17 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 from llamax.data import corpus
+from llamax.errors import DataError
 from llamax.tokenizer import train_tokenizer
 
 
-def main(argv: list[str] | None = None) -> Path:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--input", nargs="+", default=[], help="plain-text training files")
@@ -35,16 +37,20 @@ def main(argv: list[str] | None = None) -> Path:
     if not args.input and not args.shakespeare:
         parser.error("give --input FILES... and/or --shakespeare")
     out = Path(args.output) / "tokenizer.model"
-    with tempfile.TemporaryDirectory() as tmp:
-        files = list(args.input)
-        if args.shakespeare:
-            files.append(str(corpus.write_corpus(tmp, fmt="txt")["train"]))
-        start = time.perf_counter()
-        tokenizer = train_tokenizer(files, out, args.vocab_size, max_sentences=args.max_sentences,
-                                    user_defined_symbols=args.user_defined_symbols, seed=args.seed)
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            files = list(args.input)
+            if args.shakespeare:
+                files.append(str(corpus.write_corpus(tmp, fmt="txt")["train"]))
+            start = time.perf_counter()
+            tokenizer = train_tokenizer(files, out, args.vocab_size, max_sentences=args.max_sentences,
+                                        user_defined_symbols=args.user_defined_symbols, seed=args.seed)
+    except DataError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
     print(f"wrote {out} ({tokenizer.vocab_size} pieces) in {time.perf_counter() - start:.1f}s")
-    return out
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

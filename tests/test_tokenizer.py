@@ -75,10 +75,17 @@ def test_user_defined_symbols_are_single_pieces(tmp_path):
 def test_cli_writes_model(tmp_path, capsys):
     source = tmp_path / "in.txt"
     source.write_text(corpus.read_play(corpus.shakespeare_files("validation")[1]))
-    out = tokenizer_cli.main(["--input", str(source), "--output", str(tmp_path / "o"),
-                              "--vocab_size", "400"])
-    assert Tokenizer(out).vocab_size == 400
+    assert tokenizer_cli.main(["--input", str(source), "--output", str(tmp_path / "o"),
+                               "--vocab_size", "400"]) == 0
+    assert Tokenizer(tmp_path / "o" / "tokenizer.model").vocab_size == 400
     assert "wrote" in capsys.readouterr().out
+
+
+def test_cli_reports_bad_input_in_one_line(tmp_path, capsys):
+    (tmp_path / "empty.txt").write_text("")
+    assert tokenizer_cli.main(["--input", str(tmp_path / "empty.txt"), "--output", str(tmp_path / "o")]) == 1
+    assert capsys.readouterr().err.startswith("error: ")
+    assert not (tmp_path / "o" / "tokenizer.model").exists()
 
 
 def test_check_vocab(small_tokenizer):
