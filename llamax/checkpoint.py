@@ -36,6 +36,7 @@ Typical loop:
 """
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import shutil
@@ -137,16 +138,46 @@ class Checkpointer:
         args = ocp.args.Composite(
             **{STATE_ITEM: ocp.args.PyTreeSave(state), EXTRAS_ITEM: ocp.args.JsonSave(extras)}
         )
-        return bool(self._manager.save(step, args=args, force=force))
+        try:
+            # orbax first waits for the previous async save, so its failure surfaces here too.
+            return bool(self._manager.save(step, args=args, force=force))
+        except Exception as error:  # noqa: BLE001 -- orbax/tensorstore raise bare ValueError etc.
+            raise self._save_failed(error) from error
 
     def wait(self) -> None:
-        """Blocks until the in-flight async save (if any) has committed."""
-        self._manager.wait_until_finished()
+        """Blocks until the in-flight async save (if any) has committed.
+
+        Raises:
+          CheckpointError: the background write failed (disk full, I/O error); the message names
+            the cause. The step was not committed: earlier committed steps are intact.
+        """
+        try:
+            self._manager.wait_until_finished()
+        except Exception as error:  # noqa: BLE001 -- orbax re-raises the writer thread's error
+            raise self._save_failed(error) from error
 
     def close(self) -> None:
-        """Waits for pending saves and releases orbax's background resources."""
-        self._manager.wait_until_finished()
-        self._manager.close()
+        """Waits for pending saves and releases orbax's background resources (even if the last
+        save failed; that failure is then raised as in `wait`)."""
+        try:
+            self.wait()
+        finally:
+            self._manager.close()
+
+    def _save_failed(self, error: BaseException) -> CheckpointError:
+        """A CheckpointError naming a failed save's cause and what is still safe on disk."""
+        text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        text = text.split(" See full TensorStore details")[0]
+        hint = ""
+        if "No space left on device" in text or "os_error_code='28'" in text or (
+                isinstance(error, OSError) and error.errno == errno.ENOSPC):
+            hint = " The disk is full (ENOSPC): free space or point the run at a larger disk, then rerun."
+        latest = self.latest_step()
+        return CheckpointError(
+            f"Saving a checkpoint in {self._directory} failed: {type(error).__name__}: {text[:1500]}."
+            f"{hint} The failed step was not committed; the newest committed step is "
+            f"{latest if latest is not None else 'none'}, and a rerun resumes from it."
+        )
 
     def __enter__(self) -> Checkpointer:
         return self

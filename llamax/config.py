@@ -8,6 +8,7 @@ GQA everywhere, rope_theta 5e5), Llama-3.1 (llama3 rope scaling, 128k context) a
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Mapping
 
 import jax.numpy as jnp
@@ -54,44 +55,62 @@ class ModelConfig:
     remat_policy: str = "none"
     scan_layers: bool = True
     attention_impl: str = "xla"
+    # Causal attention without a cache runs in query blocks of this many tokens, each reading
+    # only the keys up to its end (skips the masked upper triangle); 0 = one dense block.
+    attention_block_size: int = 128
 
     def __post_init__(self):
+        if isinstance(self.rope_scaling, Mapping):
+            try:
+                object.__setattr__(self, "rope_scaling", RopeScaling(**self.rope_scaling))
+            except TypeError as exc:
+                raise ConfigError(f"rope_scaling={dict(self.rope_scaling)!r} is not a RopeScaling: {exc}") from exc
         if self.head_dim == 0:
+            _check_positive_ints(self, ("hidden_size", "num_heads"))
             if self.num_heads <= 0 or self.hidden_size % self.num_heads:
                 raise ConfigError(
                     f"hidden_size={self.hidden_size} is not divisible by num_heads={self.num_heads}; "
                     "set head_dim explicitly or fix the sizes")
             object.__setattr__(self, "head_dim", self.hidden_size // self.num_heads)
-        if isinstance(self.rope_scaling, Mapping):
-            object.__setattr__(self, "rope_scaling", RopeScaling(**self.rope_scaling))
         self.validate()
 
     def validate(self) -> None:
         """Raises ConfigError naming the first field that is out of range."""
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
-                     "num_kv_heads", "head_dim", "max_position_embeddings"):
+        _check_positive_ints(self, ("vocab_size", "hidden_size", "intermediate_size", "num_layers",
+                                    "num_heads", "num_kv_heads", "head_dim", "max_position_embeddings"))
+        for name in ("rms_norm_eps", "rope_theta", "initializer_range"):
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ConfigError(f"ModelConfig.{name} must be a positive integer, got {value!r}")
+            if not is_finite_number(value) or not value >= 0 or (value == 0 and name != "initializer_range"):
+                raise ConfigError(f"ModelConfig.{name} must be a finite number > 0"
+                                  f"{' (>= 0)' if name == 'initializer_range' else ''}, got {value!r}")
+        for name in ("tie_word_embeddings", "scan_layers"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"ModelConfig.{name} must be true or false, got {getattr(self, name)!r}")
+        if self.rope_scaling is not None:
+            _check_rope_scaling(self.rope_scaling)
         if self.num_heads % self.num_kv_heads:
             raise ConfigError(
                 f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads} "
                 "(grouped-query attention shares each kv head among num_heads // num_kv_heads heads)")
         if self.head_dim % 2:
             raise ConfigError(f"head_dim={self.head_dim} must be even for rotary embeddings")
-        if not self.rms_norm_eps > 0 or not self.rope_theta > 0:
-            raise ConfigError(
-                f"rms_norm_eps and rope_theta must be > 0, got {self.rms_norm_eps}, {self.rope_theta}")
         for name in ("dtype", "param_dtype"):
+            if not isinstance(getattr(self, name), str):
+                raise ConfigError(f"ModelConfig.{name} must be a dtype name such as 'bfloat16', "
+                                  f"got {getattr(self, name)!r}")
             try:
                 jnp.dtype(getattr(self, name))
             except TypeError as exc:
                 raise ConfigError(f"ModelConfig.{name}={getattr(self, name)!r} is not a dtype") from exc
-        if self.remat_policy not in REMAT_POLICIES:
+        if not isinstance(self.remat_policy, str) or self.remat_policy not in REMAT_POLICIES:
             raise ConfigError(f"remat_policy={self.remat_policy!r}; expected one of {REMAT_POLICIES}")
-        if self.attention_impl not in ATTENTION_IMPLS:
+        if not isinstance(self.attention_impl, str) or self.attention_impl not in ATTENTION_IMPLS:
             raise ConfigError(
                 f"attention_impl={self.attention_impl!r}; expected one of {ATTENTION_IMPLS}")
+        block = self.attention_block_size
+        if not isinstance(block, int) or isinstance(block, bool) or block < 0:
+            raise ConfigError(f"ModelConfig.attention_block_size must be an int >= 0 (0 = no "
+                              f"blocking), got {block!r}")
 
     @property
     def compute_dtype(self) -> jnp.dtype:
@@ -138,7 +157,7 @@ class ModelConfig:
     def architecture(self) -> dict[str, Any]:
         """The fields that fix the weights' shapes and meaning (not numerics or memory policy)."""
         run_fields = {"dtype", "param_dtype", "remat_policy", "scan_layers", "attention_impl",
-                      "initializer_range"}
+                      "attention_block_size", "initializer_range"}
         return {k: v for k, v in self.to_dict().items() if k not in run_fields}
 
     # ---- HF config.json -------------------------------------------------------------------
@@ -162,6 +181,8 @@ class ModelConfig:
         if scaling is None and rope.get("rope_type", "default") != "default":
             scaling = rope
         rope_theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
+        if not is_finite_number(rope_theta):
+            raise ConfigError(f"config.json rope_theta must be a number, got {rope_theta!r}")
         required = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                     "num_attention_heads")
         missing = [key for key in required if key not in hf]
@@ -179,14 +200,17 @@ class ModelConfig:
             rope_theta=float(rope_theta),
             rope_scaling=_rope_scaling_from_hf(scaling),
             max_position_embeddings=hf.get("max_position_embeddings", 2048),
-            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            tie_word_embeddings=hf.get("tie_word_embeddings", False),  # validated: must be a bool
             initializer_range=hf.get("initializer_range", 0.02),
         )
         for flag in ("attention_bias", "mlp_bias"):
             if hf.get(flag):
                 raise ConfigError(f"config.json sets {flag}=true; llamax LLaMA layers have no biases")
         fields.update(overrides)
-        return cls(**fields)
+        try:
+            return cls(**fields)
+        except TypeError as exc:  # an override that is not a field
+            raise ConfigError(f"invalid ModelConfig override: {exc}") from exc
 
     def to_hf(self) -> dict[str, Any]:
         """An HF `config.json` dict that transformers v4 and v5 both read."""
@@ -239,6 +263,41 @@ def _rope_scaling_from_hf(scaling: Mapping[str, Any] | None) -> RopeScaling | No
         )
     except KeyError as exc:
         raise ConfigError(f"llama3 rope_scaling in config.json is missing {exc.args[0]!r}") from exc
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"llama3 rope_scaling in config.json has a non-numeric value ({exc}): "
+                          f"{dict(scaling)!r}") from exc
+
+
+def is_finite_number(value: Any) -> bool:
+    """A finite int or float (JSON number), not a bool."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(float(value))
+    except OverflowError:  # an int beyond float range
+        return False
+
+
+def _check_positive_ints(config: Any, names: tuple[str, ...]) -> None:
+    for name in names:
+        value = getattr(config, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise ConfigError(f"ModelConfig.{name} must be a positive integer, got {value!r}")
+
+
+def _check_rope_scaling(scaling: Any) -> None:
+    if not isinstance(scaling, RopeScaling):
+        raise ConfigError(f"rope_scaling must be a RopeScaling or None, got {scaling!r}")
+    numbers = (scaling.factor, scaling.low_freq_factor, scaling.high_freq_factor)
+    context = scaling.original_max_position_embeddings
+    if (not all(is_finite_number(v) and v > 0 for v in numbers) or isinstance(context, bool)
+            or not isinstance(context, int) or context <= 0):
+        raise ConfigError(f"rope_scaling={scaling} needs factors > 0 and a positive integer "
+                          "original_max_position_embeddings")
+    if not scaling.high_freq_factor > scaling.low_freq_factor:
+        raise ConfigError(f"rope_scaling high_freq_factor={scaling.high_freq_factor} must exceed "
+                          f"low_freq_factor={scaling.low_freq_factor} (llama3 scaling interpolates "
+                          "between the two wavelengths)")
 
 
 # ---- presets ------------------------------------------------------------------------------

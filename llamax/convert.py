@@ -173,6 +173,7 @@ def check_params(config: ModelConfig, params: Mapping) -> None:
         except (KeyError, TypeError):
             raise CheckpointError(f"params are missing {'/'.join(path)}") from None
         want = to_llamax(np.empty(shape_fn(config), np.int8), config).shape
+        _check_is_array(value, path)
         if tuple(value.shape) != want:
             raise CheckpointError(f"params {'/'.join(path)} has shape {tuple(value.shape)}, config implies {want}")
     for path, (_, shape_fn, to_llamax, _) in LAYER_TABLE.items():
@@ -183,10 +184,16 @@ def check_params(config: ModelConfig, params: Mapping) -> None:
                 value = _get(params[key], path)
             except (KeyError, TypeError):
                 raise CheckpointError(f"params are missing {key}/{'/'.join(path)}") from None
+            _check_is_array(value, (key, *path))
             full = (config.num_layers, *want) if scanned else want
             if tuple(value.shape) != full:
                 raise CheckpointError(f"params {key}/{'/'.join(path)} has shape {tuple(value.shape)}, "
                                       f"config implies {full}")
+
+
+def _check_is_array(value: Any, path: tuple[str, ...]) -> None:
+    if not (hasattr(value, "shape") and hasattr(value, "dtype")):
+        raise CheckpointError(f"params {'/'.join(path)} is a {type(value).__name__}, expected an array")
 
 
 def params_to_hf(config: ModelConfig, params: Mapping, dtype: Any = None) -> Iterator[tuple[str, Tensor]]:

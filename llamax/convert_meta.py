@@ -35,6 +35,7 @@ from llamax.errors import CheckpointError, ConfigError
 from llamax.meta_config import (LLAMA3_VOCAB_SIZE, PARAMS_FILE, config_from_meta, config_to_meta,
                                  meta_intermediate_size, read_params_json)
 from llamax.pth_io import PthFile, PthWriter
+from llamax.weights_io import safe_member
 
 SHARD_PATTERN = re.compile(r"^consolidated\.(\d+)\.pth$")
 REPLICATED = None  # split dim of tensors every shard holds whole (norms)
@@ -99,7 +100,9 @@ def _rotary_heads(config: ModelConfig, hf_name: str) -> int | None:
 
 def shard_paths(path: Path) -> list[Path]:
     """consolidated.00.pth ... in order; raises CheckpointError if none or if the numbering has gaps."""
-    found = {int(m.group(1)): path / name for name in os.listdir(path) if (m := SHARD_PATTERN.match(name))}
+    # safe_member: a shard that is a symlink out of the folder is refused, as for HF index files.
+    found = {int(m.group(1)): safe_member(path, name) for name in os.listdir(path)
+             if (m := SHARD_PATTERN.match(name))}
     if not found:
         raise CheckpointError(f"no consolidated.NN.pth files in {path}; a Meta checkpoint folder holds "
                               "params.json and consolidated.00.pth (one file per model-parallel shard)")
@@ -142,7 +145,7 @@ class MetaReader(Mapping):
             raise CheckpointError(f"params.json says vocab_size={params['vocab_size']}, but tok_embeddings "
                                   f"holds {vocab} rows")
         ffn = first.shape("layers.0.feed_forward.w1.weight")[0] * count
-        expected_ffn = meta_intermediate_size(dim, params.get("multiple_of", 256), params.get("ffn_dim_multiplier"))
+        expected_ffn = meta_intermediate_size(dim, params.get("multiple_of") or 256, params.get("ffn_dim_multiplier"))
         if ffn != expected_ffn:
             raise CheckpointError(f"params.json (multiple_of, ffn_dim_multiplier) imply an FFN width of "
                                   f"{expected_ffn}, but w1 has {ffn} rows; params.json does not match the weights")

@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 from typing import Any, Mapping
 
-from llamax.config import ModelConfig, RopeScaling
+from llamax.config import ModelConfig, RopeScaling, is_finite_number
 from llamax.errors import CheckpointError, ConfigError
 
 PARAMS_FILE = "params.json"
@@ -52,19 +52,53 @@ def read_params_json(path: Path) -> dict:
         raise CheckpointError(f"{params_path} not found: a Meta checkpoint folder needs params.json "
                               f"next to its consolidated.NN.pth shards{hint}")
     try:
-        params = json.loads(params_path.read_text())
-    except ValueError as exc:
+        params = json.loads(params_path.read_bytes())
+    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
         raise ConfigError(f"{params_path} is not valid JSON: {exc}") from exc
-    missing = [k for k in ("dim", "n_layers", "n_heads") if k not in params]
-    if not isinstance(params, dict) or missing:
-        raise ConfigError(f"{params_path} lacks required key(s) {missing}; expected Meta's ModelArgs "
-                          "(dim, n_layers, n_heads, vocab_size, multiple_of, norm_eps, ...)")
+    check_params_json(params, str(params_path))
     return params
+
+
+# params.json key -> (kind, required); None is accepted for every optional key, as Meta writes it.
+_PARAM_KINDS: dict[str, tuple[str, bool]] = {
+    "dim": ("count", True), "n_layers": ("count", True), "n_heads": ("count", True),
+    "n_kv_heads": ("count", False), "multiple_of": ("count", False), "max_seq_len": ("count", False),
+    "vocab_size": ("vocab", False), "ffn_dim_multiplier": ("positive", False),
+    "norm_eps": ("positive", False), "rope_theta": ("positive", False),
+    "rope_scaling_factor": ("positive", False), "rope_high_freq_factor": ("positive", False),
+    "use_scaled_rope": ("bool", False),
+}
+
+
+def check_params_json(params: Any, where: str = PARAMS_FILE) -> None:
+    """Raises ConfigError unless `params` is a params.json object whose known keys have the types
+    and ranges Meta's ModelArgs gives them (unknown keys are ignored, as Meta's code does)."""
+    if not isinstance(params, dict):
+        raise ConfigError(f"{where} holds a {type(params).__name__}, expected a JSON object with "
+                          "Meta's ModelArgs (dim, n_layers, n_heads, vocab_size, multiple_of, ...)")
+    missing = [key for key, (_, required) in _PARAM_KINDS.items() if required and key not in params]
+    if missing:
+        raise ConfigError(f"{where} lacks required key(s) {missing}; expected Meta's ModelArgs "
+                          "(dim, n_layers, n_heads, vocab_size, multiple_of, norm_eps, ...)")
+    for key, (kind, required) in _PARAM_KINDS.items():
+        if key not in params or (params[key] is None and not required):
+            continue
+        value = params[key]
+        is_int = isinstance(value, int) and not isinstance(value, bool)
+        ok = {"count": is_int and value > 0,
+              "vocab": is_int and (value > 0 or value == -1),
+              "positive": is_finite_number(value) and value > 0,
+              "bool": isinstance(value, bool)}[kind]
+        if not ok:
+            expected = {"count": "a positive integer", "vocab": "a positive integer or -1",
+                        "positive": "a number > 0", "bool": "true or false"}[kind]
+            raise ConfigError(f"{where}: {key} must be {expected}, got {value!r}")
 
 
 def config_from_meta(params: Mapping[str, Any], *, vocab_size: int, intermediate_size: int,
                      tie_word_embeddings: bool, **overrides: Any) -> ModelConfig:
     """ModelConfig from params.json values plus what only the tensors know (vocab, FFN width)."""
+    check_params_json(params)
     dim, num_heads = params["dim"], params["n_heads"]
     if num_heads <= 0 or dim % num_heads:
         raise ConfigError(f"params.json: n_heads={num_heads} does not divide dim={dim}; Meta's "
@@ -77,8 +111,8 @@ def config_from_meta(params: Mapping[str, Any], *, vocab_size: int, intermediate
             low_freq_factor=META_ROPE_SCALING.low_freq_factor,
             high_freq_factor=float(params.get("rope_high_freq_factor") or META_ROPE_SCALING.high_freq_factor),
             original_max_position_embeddings=META_ROPE_SCALING.original_max_position_embeddings)
-    rope_theta = float(params.get("rope_theta", 10000.0))
-    norm_eps = float(params.get("norm_eps", 1e-5))
+    rope_theta = float(params.get("rope_theta") or 10000.0)
+    norm_eps = float(params.get("norm_eps") or 1e-5)
     # Context length is a runtime argument in Meta's code; these are the released models' values.
     if "max_seq_len" in params:
         context = int(params["max_seq_len"])

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import logging
+import operator
 import os
 import time
 from pathlib import Path
@@ -77,18 +78,47 @@ class Tokenizer:
         """Token ids of `text`, with `<s>` first if `bos` and `</s>` last if `eos`."""
         if not isinstance(text, str):
             raise DataError(f"Tokenizer.encode expects str, got {type(text).__name__}")
-        ids = self._sp.EncodeAsIds(text)
+        try:
+            ids = self._sp.EncodeAsIds(text)
+        except (RuntimeError, TypeError) as e:  # pybind11 cannot pass lone surrogates to C++
+            raise _not_utf8(text, 0) from e
         return ([self.bos_id] if bos else []) + ids + ([self.eos_id] if eos else [])
 
     def encode_batch(self, texts: Sequence[str], bos: bool = True, eos: bool = False,
                      num_threads: int = 0) -> list[list[int]]:
         """`encode` for many texts; sentencepiece spreads the work over `num_threads` (0 = all)."""
-        ids = self._sp.Encode(list(texts), add_bos=bos, add_eos=eos, num_threads=num_threads)
+        texts = list(texts)
+        try:
+            ids = self._sp.Encode(texts, add_bos=bos, add_eos=eos, num_threads=num_threads)
+        except (RuntimeError, TypeError) as e:
+            for index, text in enumerate(texts):
+                if not isinstance(text, str):
+                    raise DataError(f"Tokenizer.encode_batch: text {index} is a "
+                                    f"{type(text).__name__}, expected str") from e
+                if _has_surrogates(text):
+                    raise _not_utf8(text, index) from e
+            raise
         return [list(x) for x in ids]
 
     def decode(self, ids: Iterable[int]) -> str:
-        """Text of `ids`; `<s>`, `</s>` and other control pieces are dropped."""
-        return self._sp.DecodeIds([int(i) for i in ids])
+        """Text of `ids`; `<s>`, `</s>` and other control pieces are dropped.
+
+        Raises:
+            DataError: an id is not an integer in `[0, vocab_size)` (sentencepiece would raise
+                an IndexError, or silently truncate a float).
+        """
+        checked, vocab_size = [], self.vocab_size
+        for position, token_id in enumerate(ids):
+            try:
+                value = operator.index(token_id)  # ints, numpy/jax integer scalars; not floats
+            except TypeError:
+                value = None
+            if value is None or not 0 <= value < vocab_size:
+                raise DataError(f"Tokenizer.decode: id {token_id!r} at position {position} is not an "
+                                f"integer in [0, {vocab_size}); was it produced by another "
+                                "tokenizer or a model with a larger vocab_size?")
+            checked.append(value)
+        return self._sp.DecodeIds(checked)
 
     def id_to_piece(self, token_id: int) -> str:
         return self._sp.IdToPiece(int(token_id))
@@ -192,6 +222,25 @@ def train_tokenizer(
     log.info("trained %d-piece tokenizer on %d files in %.1fs -> %s", vocab_size, len(paths),
              time.perf_counter() - start, out)
     return tokenizer
+
+
+def _has_surrogates(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+def _not_utf8(text: str, index: int) -> DataError:
+    """The error for a str sentencepiece cannot take: one holding lone surrogates."""
+    try:
+        text.encode("utf-8")
+        detail = "sentencepiece could not encode it"
+    except UnicodeEncodeError as e:
+        detail = f"character {e.start} ({text[e.start]!r}) is a lone surrogate, not valid Unicode"
+    return DataError(f"text {index} cannot be tokenized: {detail}. Decode input files with "
+                     "errors='replace' (or re-encode them as UTF-8) before tokenizing")
 
 
 def _looks_like_tiktoken(data: bytes) -> bool:

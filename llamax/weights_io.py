@@ -23,14 +23,34 @@ SAFETENSORS_DTYPES = {
 _DTYPE_CODES = {np.dtype(v): k for k, v in SAFETENSORS_DTYPES.items()}
 
 
-def _safe_member(folder: Path, name: str) -> Path:
-    """`name` (from an index file) as a file inside `folder`; refuses paths that escape it."""
-    if not isinstance(name, str) or not name or os.path.isabs(name) or ".." in Path(name).parts:
-        raise CheckpointError(f"weight index in {folder} names file {name!r}, which is not a plain "
-                              "file name inside the checkpoint folder")
+def _allowed_roots(folder: Path) -> list[Path]:
+    """Where files of `folder` may live: the folder itself and, for a Hugging Face hub cache
+    snapshot (`<repo>/snapshots/<revision>/...`, whose files are symlinks to `<repo>/blobs/`),
+    that repository's blob store."""
+    folder = folder.absolute()
+    roots = [folder.resolve()]
+    for ancestor in folder.parents:
+        if ancestor.name == "snapshots" and (ancestor.parent / "blobs").is_dir():
+            roots.append((ancestor.parent / "blobs").resolve())
+            break
+    return roots
+
+
+def safe_member(folder: Path, name: str) -> Path:
+    """`name` (from an index file, or a fixed weight file name) as a file inside `folder`.
+
+    Refuses absolute paths, `..` components and symlinks that resolve outside the folder (a
+    downloaded checkpoint must not make us read, say, /etc/shadow or another model's files);
+    the one exception is a hub cache snapshot's own blob store, see `_allowed_roots`.
+    """
+    if (not isinstance(name, str) or not name or "\0" in name or os.path.isabs(name)
+            or ".." in Path(name).parts):
+        raise CheckpointError(f"{folder}: weight file {name!r} (named by an index file or the folder) "
+                              "is not a plain file name inside the checkpoint folder")
     path = (folder / name).resolve()
-    if folder.resolve() not in path.parents:
-        raise CheckpointError(f"weight index in {folder} names {name!r}, which escapes the folder")
+    if not any(root in path.parents for root in _allowed_roots(folder)):
+        raise CheckpointError(f"{folder}: weight file {name!r} escapes the checkpoint folder "
+                              f"(it resolves to {path}, e.g. through a symlink); refusing to read it")
     return path
 
 
@@ -47,7 +67,12 @@ class SafetensorsFile:
                 header = json.loads(f.read(header_size))
         except (OSError, ValueError, struct.error) as exc:
             raise CheckpointError(f"{self.path} is not a readable safetensors file: {exc}") from exc
+        if not isinstance(header, dict):
+            raise CheckpointError(f"{self.path}: the safetensors header is a {type(header).__name__}, "
+                                  "expected a JSON object of tensor entries")
         self.metadata = header.pop("__metadata__", {}) or {}
+        for name, entry in header.items():
+            _check_entry(self.path, name, entry)
         self.entries = header
         self.data_start = 8 + header_size
         self.file_size = os.path.getsize(self.path)
@@ -73,6 +98,19 @@ class SafetensorsFile:
         return np.memmap(self.path, dtype=dtype, mode="r", offset=self.data_start + begin, shape=shape)
 
 
+def _check_entry(path: Path, name: str, entry: object) -> None:
+    """Raises CheckpointError unless `entry` is a well-formed safetensors header entry."""
+    def is_count(value: object) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+    ok = (isinstance(entry, dict) and isinstance(entry.get("shape"), list)
+          and all(is_count(d) for d in entry["shape"]) and isinstance(entry.get("data_offsets"), list)
+          and len(entry["data_offsets"]) == 2 and all(is_count(o) for o in entry["data_offsets"]))
+    if not ok:
+        raise CheckpointError(f"{path}: header entry for tensor {name!r} is malformed ({entry!r:.200}); "
+                              "expected {\"dtype\", \"shape\": [ints], \"data_offsets\": [begin, end]}")
+
+
 def _torch_to_numpy(tensor) -> np.ndarray:
     import torch
 
@@ -95,8 +133,9 @@ def load_torch_file(path: Path) -> dict[str, np.ndarray]:
         raise CheckpointError(
             f"refusing or unable to load {path} as plain tensors (torch.load weights_only=True): "
             f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from exc
-    if not isinstance(state, Mapping):
-        raise CheckpointError(f"{path} holds a {type(state).__name__}, expected a dict of tensors")
+    if not isinstance(state, Mapping) or not all(isinstance(t, torch.Tensor) for t in state.values()):
+        raise CheckpointError(f"{path} holds a {type(state).__name__} that is not a flat dict of "
+                              "tensors; expected a state_dict saved with torch.save")
     return {name: _torch_to_numpy(t) for name, t in state.items()}
 
 
@@ -111,32 +150,32 @@ class WeightFolder(Mapping):
         self.format = self._discover()
 
     def _discover(self) -> str:
-        for index_name, fmt in (("model.safetensors.index.json", "safetensors"),
-                                ("pytorch_model.bin.index.json", "torch")):
+        # Safetensors first: it cannot run code, whereas a torch pickle is only as safe as
+        # `weights_only=True`. A folder holding both formats never opens its .bin files.
+        for index_name, single_name, fmt in (
+                ("model.safetensors.index.json", "model.safetensors", "safetensors"),
+                ("pytorch_model.bin.index.json", "pytorch_model.bin", "torch")):
             index_path = self.folder / index_name
             if index_path.exists():
                 try:
                     weight_map = json.loads(index_path.read_text())["weight_map"]
                 except (ValueError, KeyError, TypeError) as exc:
                     raise CheckpointError(f"{index_path} is not a valid weight index: {exc!r}") from exc
-                if not isinstance(weight_map, dict):
-                    raise CheckpointError(f"{index_path}: weight_map must be an object")
+                if not isinstance(weight_map, dict) or not weight_map:
+                    raise CheckpointError(f"{index_path}: weight_map must be a non-empty object "
+                                          "mapping tensor names to file names")
                 for name, file_name in weight_map.items():
-                    path = _safe_member(self.folder, file_name)
-                    if not path.exists():
+                    path = safe_member(self.folder, file_name)
+                    if not path.is_file():
                         raise CheckpointError(f"{index_path} maps {name!r} to {file_name}, which is missing")
                     self._where[name] = path
                 return fmt
-        single = self.folder / "model.safetensors"
-        if single.exists():
-            for name in self._file(single).keys():
-                self._where[name] = single
-            return "safetensors"
-        single = self.folder / "pytorch_model.bin"
-        if single.exists():
-            for name in self._torch(single):
-                self._where[name] = single
-            return "torch"
+            if (self.folder / single_name).exists():
+                single = safe_member(self.folder, single_name)
+                names = self._file(single).keys() if fmt == "safetensors" else self._torch(single)
+                for name in names:
+                    self._where[name] = single
+                return fmt
         raise CheckpointError(
             f"no weights found in {self.folder}: expected model.safetensors, "
             "model.safetensors.index.json, pytorch_model.bin or pytorch_model.bin.index.json")

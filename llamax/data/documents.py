@@ -83,7 +83,8 @@ def read_jsonl(path: str | os.PathLike, parse: Callable[[Any], Document | None],
             continue
         try:
             doc = parse(json.loads(line))
-        except ValueError as e:  # json.JSONDecodeError is a ValueError
+        except (ValueError, RecursionError) as e:  # JSONDecodeError is a ValueError; RecursionError:
+            # arrays nested thousands deep exhaust the decoder's stack
             if on_error == "raise":
                 raise DataError(f"{path}:{number}: {e}. Fix the line or pass on_error='skip' to "
                                 "skip malformed records (they are counted in a warning)") from e
