@@ -123,21 +123,44 @@ class Attention(nn.Module):
             v = jax.lax.dynamic_update_slice(cached_value, v.astype(cached_value.dtype), (0, cache_index, 0, 0))
             new_cache = (k, v)
 
-        out = attend(q, k, v, mask, c)  # [batch, seq, heads, head_dim]
+        # Without a cache, query i sits at key slot i, so `mask` is causal in slot order.
+        out = attend(q, k, v, mask, c, causal=layer_cache is None)  # [batch, seq, heads, head_dim]
         out = nn.with_logical_constraint(out, ACT_HEADS)
         out = Projection(c, (heads, head_dim, embed), ("heads", "head_dim", "embed"),
                          "BTHD,HDE->BTE", name="o_proj")(out)
         return checkpoint_name(out, "out_proj"), new_cache
 
 
-def attend(q: Array, k: Array, v: Array, mask: Array, config: ModelConfig) -> Array:
+def attend(q: Array, k: Array, v: Array, mask: Array, config: ModelConfig,
+           causal: bool = False) -> Array:
     """softmax(q k^T / sqrt(d)) v where `mask` [batch, q_len, kv_len] is True; GQA without
-    repeating k/v: query heads are grouped under the kv head they share."""
+    repeating k/v: query heads are grouped under the kv head they share.
+
+    causal=True promises that `mask` already hides every key slot after the query's own slot
+    (no cache: query i is key i). The XLA path then splits the queries into blocks of
+    `config.attention_block_size` and lets block j read only keys [0, (j+1) * block): the
+    masked upper triangle is never computed (about half the attention work and memory at long
+    sequences). cuDNN gets `is_causal=True` and skips it itself.
+    """
+    if config.attention_impl == "cudnn":
+        # GQA is native; `mask` (causal & same segment) becomes an additive bias inside jax.
+        return jax.nn.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype),
+                                            mask=mask[:, None], is_causal=causal,
+                                            implementation="cudnn")
+    q_len, block = q.shape[1], config.attention_block_size
+    if not causal or not block or q_len <= block:
+        return _attend_dense(q, k, v, mask)
+    outputs = []
+    for start in range(0, q_len, block):  # static: a few blocks per layer
+        end = min(start + block, q_len)
+        outputs.append(_attend_dense(q[:, start:end], k[:, :end], v[:, :end], mask[:, start:end, :end]))
+    return jnp.concatenate(outputs, axis=1)  # [batch, q_len, heads, head_dim]
+
+
+def _attend_dense(q: Array, k: Array, v: Array, mask: Array) -> Array:
+    """The full [q_len, kv_len] attention of `attend`, scores and softmax in float32."""
     batch, q_len, heads, head_dim = q.shape
     kv_heads = k.shape[2]
-    if config.attention_impl == "cudnn":
-        return jax.nn.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype),
-                                            mask=mask[:, None], implementation="cudnn")
     groups = heads // kv_heads
     q = q.reshape(batch, q_len, kv_heads, groups, head_dim)  # [batch, q_len, kv_heads, groups, head_dim]
     scores = jnp.einsum("BTKGD,BSKD->BKGTS", q, k.astype(q.dtype),
