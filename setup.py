@@ -56,5 +56,7 @@ setup(
         "llamax-sample = experiments.sample:main",
         "llamax-tokenizer = experiments.tokenizer:main",
         "llamax-sweep = experiments.sweep:main",
+        "llamax-eval = experiments.eval:main",
+        "llamax-export-lora = experiments.export_lora:main",
     ]},
 )

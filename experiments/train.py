@@ -6,6 +6,8 @@
 Gin files layer t5x-style: a run file includes a model file; mesh files and `--gin.X=V`
 overrides go on top. A run file binds `train.run` and defines the macros MODEL_DIR, TRAIN_STEPS,
 CHECKPOINT_EVERY and LOG_EVERY. Re-running with the same MODEL_DIR resumes.
+Fine-tuning: INIT_FROM (HF, Meta or orbax folder) gives the starting weights, a `lora_config`
+binding trains LoRA adapters of them instead (configs/runs/sft.gin, docs/finetuning.md).
 Multi-host: pass --coordinator_address/--num_processes/--process_id (or set the LLAMAX_*
 environment variables); on TPU pods `--distributed` alone lets JAX find its peers.
 """
@@ -16,15 +18,19 @@ import os
 import re
 import sys
 import tempfile
+import tokenize
 from pathlib import Path
 
 from llamax.config import ModelConfig
+from llamax.errors import ConfigError
 from llamax.fit import DataConfig, FitResult, TrainConfig, fit
+from llamax.lora import LoraConfig
 from llamax.optim import OptimConfig
 from llamax.sharding import MeshConfig
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 REQUIRED_MACROS = ("MODEL_DIR", "TRAIN_STEPS", "CHECKPOINT_EVERY", "LOG_EVERY")
+INIT_FROM_FILE = "init_from.json"  # where a run's starting weights came from (export reads it)
 
 
 def shakespeare_tokenizer(vocab_size: int = 2048, directory: str = "runs/tokenizers") -> str:
@@ -47,9 +53,34 @@ def shakespeare_tokenizer(vocab_size: int = 2048, directory: str = "runs/tokeniz
     return str(out)
 
 
+def load_init_params(init_from: str, model_config: ModelConfig) -> dict:
+    """Params of the HF, Meta or orbax checkpoint `init_from`, laid out for `model_config`;
+    ConfigError if that checkpoint holds a different architecture."""
+    from llamax.convert_hub import load_any
+
+    loaded_config, params = load_any(init_from, scan_layers=model_config.scan_layers,
+                                     param_dtype=model_config.param_dtype)
+    # Meta's params.json does not record the context length; it does not shape the weights.
+    ours, theirs = model_config.architecture(), loaded_config.architecture()
+    differences = {k: (theirs[k], ours[k]) for k in ours
+                   if k != "max_position_embeddings" and ours[k] != theirs[k]}
+    if differences:
+        raise ConfigError(f"init_from={init_from} holds a different model than the run's model "
+                          f"config (checkpoint vs run): {differences}; include the model gin file "
+                          "that matches the checkpoint or override those fields")
+    return params
+
+
 def run(model_config: ModelConfig, optim_config: OptimConfig, mesh_config: MeshConfig,
-        data_config: DataConfig, train_config: TrainConfig, init_from: str | None = None) -> FitResult:
-    """What a run gin file binds. Writes the operative config, then trains or resumes."""
+        data_config: DataConfig, train_config: TrainConfig, init_from: str | None = None,
+        lora_config: LoraConfig | None = None) -> FitResult:
+    """What a run gin file binds. Writes the operative config, then trains or resumes.
+
+    `init_from`: HF/Meta/orbax weights to start from (recorded in the run's init_from.json).
+    `lora_config`: train LoRA adapters of those weights (loaded again on every resume).
+    """
+    import json
+
     import gin
     import jax
 
@@ -57,21 +88,11 @@ def run(model_config: ModelConfig, optim_config: OptimConfig, mesh_config: MeshC
     run_dir.mkdir(parents=True, exist_ok=True)
     if jax.process_index() == 0:
         (run_dir / "config.gin").write_text(gin.operative_config_str())
-    init_params = None
-    if init_from:
-        from llamax.convert_hub import load_any
-
-        loaded_config, init_params = load_any(init_from, scan_layers=model_config.scan_layers,
-                                              param_dtype=model_config.param_dtype)
-        # Meta's params.json does not record the context length; it does not shape the weights.
-        ours, theirs = model_config.architecture(), loaded_config.architecture()
-        differences = {k: (theirs[k], ours[k]) for k in ours
-                       if k != "max_position_embeddings" and ours[k] != theirs[k]}
-        if differences:
-            raise ValueError(f"init_from={init_from} holds a different model than the run's model "
-                             f"config (checkpoint vs run): {differences}")
+        if init_from:
+            (run_dir / INIT_FROM_FILE).write_text(json.dumps({"path": str(Path(init_from).resolve())}))
+    init_params = load_init_params(init_from, model_config) if init_from else None
     result = fit(model_config, optim_config, mesh_config, data_config, train_config,
-                 init_params=init_params)
+                 init_params=init_params, lora_config=lora_config)
     if jax.process_index() == 0:
         print(f"{result.status} at step {result.step}: loss {result.loss}, eval_loss {result.eval_loss}",
               flush=True)
@@ -162,7 +183,8 @@ def main(argv: list[str] | None = None) -> int:
         from experiments import train as registered
 
         runner = gin.get_configurable(registered.run)
-    except (ValueError, KeyError) as error:
+    except (ValueError, KeyError, SyntaxError, tokenize.TokenError, RecursionError) as error:
+        # gin reports malformed bindings as SyntaxError/TokenError, self-references by recursion.
         print(f"error: {explain_gin_error(error)}", file=sys.stderr)
         return 2
     try:
@@ -170,6 +192,10 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as error:  # every llamax.errors type too: one clear line, no traceback
         print(f"error: {type(error).__name__}: {explain_gin_error(error)}", file=sys.stderr)
         return 1
+    except (TypeError, RecursionError) as error:  # a binding of the wrong type reached a config
+        print(f"error: invalid gin binding: {type(error).__name__}: {explain_gin_error(error)}",
+              file=sys.stderr)
+        return 2
     return 0
 
 

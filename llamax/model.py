@@ -5,6 +5,9 @@ Parameter names mirror HF (`embed_tokens`, `layers`, `self_attn/q_proj`, `mlp/ga
 Projection kernels keep heads as their own axis ([embed, heads, head_dim]) so tensor parallelism
 splits whole heads and the rules table can name them.
 
+LoRA: pass adapters as a second variable collection, `apply({'params': p, 'lora': adapters}, ...)`
+(see `llamax.lora`); every Projection that finds `lora_a`/`lora_b` there adds their low-rank term.
+
 Logical axis names. Params: vocab, embed, heads, kv_heads, head_dim, mlp, norm (+ layers when
 scanned). Activations use their own names (act_*) because a param axis that is sharded for FSDP
 (embed) must stay whole in activations; `llamax.sharding` maps both to mesh axes.
@@ -29,6 +32,7 @@ ACT_HEADS = ("batch", "length", "act_heads", "head_dim")
 ACT_KV_HEADS = ("batch", "length", "act_kv_heads", "head_dim")
 ACT_MLP = ("batch", "length", "act_mlp")
 ACT_VOCAB = ("batch", "length", "act_vocab")
+LORA_COLLECTION = "lora"  # variable collection of LoRA adapters; absent = the plain model
 
 
 @flax.struct.dataclass
@@ -79,7 +83,12 @@ class RMSNorm(nn.Module):
 
 
 class Projection(nn.Module):
-    """A bias-free linear map whose kernel keeps named axes: y = einsum(equation, x, kernel)."""
+    """A bias-free linear map whose kernel keeps named axes: y = einsum(equation, x, kernel).
+
+    Kernels are laid out [inputs..., outputs...]. With LoRA adapters in the `lora` collection
+    (lora_a [inputs..., rank], lora_b [rank, outputs...], already scaled by alpha / rank) it
+    computes y + (x A) B without ever forming the full-size product A B.
+    """
 
     config: ModelConfig
     shape: tuple[int, ...]
@@ -91,7 +100,24 @@ class Projection(nn.Module):
         kernel = self.param("kernel", nn.with_logical_partitioning(_init(self.config), self.axes),
                             self.shape, self.config.weight_dtype)
         dtype = self.config.compute_dtype
-        return jnp.einsum(self.equation, x.astype(dtype), kernel.astype(dtype))
+        y = jnp.einsum(self.equation, x.astype(dtype), kernel.astype(dtype))
+        if self.has_variable(LORA_COLLECTION, "lora_a"):
+            y = y + self._low_rank(x.astype(dtype), dtype)
+        return y
+
+    def _low_rank(self, x: Array, dtype: jnp.dtype) -> Array:
+        a = self.get_variable(LORA_COLLECTION, "lora_a").astype(dtype)  # [inputs..., rank]
+        b = self.get_variable(LORA_COLLECTION, "lora_b").astype(dtype)  # [rank, outputs...]
+        operands, out_letters = self.equation.split("->")  # e.g. 'BTE,EHD', 'BTHD'
+        x_letters, kernel_letters = operands.split(",")
+        in_letters, rest = kernel_letters[:a.ndim - 1], kernel_letters[a.ndim - 1:]
+        if set(in_letters) != set(kernel_letters) & set(x_letters):
+            raise ValueError(f"{self.name}: lora_a {a.shape} does not match the inputs of "
+                             f"kernel {self.shape} ({self.equation})")
+        lead = "".join(letter for letter in x_letters if letter not in in_letters)  # e.g. 'BT'
+        # 'R' is the rank; no projection equation uses it.
+        down = jnp.einsum(f"{x_letters},{in_letters}R->{lead}R", x, a)  # [batch, seq, rank]
+        return jnp.einsum(f"{lead}R,R{rest}->{out_letters}", down, b)
 
 
 class Attention(nn.Module):
@@ -256,7 +282,8 @@ class Llama(nn.Module):
             block = nn.remat(DecoderLayer, policy=_remat_policy(c.remat_policy),
                              prevent_cse=not c.scan_layers)
         if c.scan_layers:
-            stack = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
+            stack = nn.scan(block, variable_axes={"params": 0, LORA_COLLECTION: 0},
+                            split_rngs={"params": True},
                             in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0, nn.broadcast),
                             length=c.num_layers, metadata_params={nn.PARTITION_NAME: "layers"})
             x, new_layer_caches = stack(c, name="layers")(x, cos, sin, mask, layer_caches,

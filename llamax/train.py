@@ -9,6 +9,13 @@ A batch is a dict of global [batch, seq] arrays: `tokens`, `targets` (int32), `l
 with `llamax.sharding.shard_batch`.
 The loss is token cross-entropy weighted by `loss_mask`, divided by the number of scored tokens;
 `loss_mask` already covers padding, document ends and SFT prompt tokens.
+
+What is trained: every function takes an optional `lora_config`. Without it (full training) the
+state's params are the model params. With it, the state's params are the LoRA adapters (so the
+optimizer state, checkpoints and donation cover only them) and the steps take the frozen base
+params as one more, non-donated argument: `train_step(state, batch, base_params)`. One step
+function serves both: it differentiates `trainable` and builds the forward's variables with
+`llamax.lora.model_variables(trainable, frozen, lora_config)`.
 """
 from __future__ import annotations
 
@@ -22,6 +29,7 @@ import optax
 
 from llamax.config import ModelConfig
 from llamax.errors import ConfigError
+from llamax.lora import LoraConfig, adapter_shardings, init_adapters, model_variables
 from llamax.model import Llama
 from llamax.optim import OptimConfig, learning_rate_schedule, make_optimizer
 from llamax.sharding import (LOGICAL_AXIS_RULES, Rules, batch_sharding, check_batch_size,
@@ -37,16 +45,20 @@ class TrainState:
     """Everything a training run checkpoints. All leaves are plain arrays."""
 
     step: Array  # [] int32: number of updates applied so far
-    params: Any  # pytree like `init_params`, in config.param_dtype (fp32 master weights)
+    params: Any  # the trained params: like `init_params` (fp32 master weights), or LoRA adapters
     opt_state: Any  # optax state; moments shaped and sharded like params
     rng: Array  # [2] uint32 (threefry) key data (jax.random.key_data); wrap with jax.random.wrap_key_data
 
 
 def _init_state(model_config: ModelConfig, optimizer: optax.GradientTransformation,
-                key: Array) -> TrainState:
-    # Params come from `key` itself, so they equal `init_params(config, key)`.
-    variables = Llama(model_config).init(key, jnp.zeros((1, 1), jnp.int32))
-    params = nn.meta.unbox(variables["params"])
+                key: Array, lora_config: LoraConfig | None = None) -> TrainState:
+    # Params come from `key` itself, so they equal `init_params(config, key)` (or
+    # `init_adapters(config, lora_config, key)`).
+    if lora_config is None:
+        variables = Llama(model_config).init(key, jnp.zeros((1, 1), jnp.int32))
+        params = nn.meta.unbox(variables["params"])
+    else:
+        params = init_adapters(model_config, lora_config, key)
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params),
                       rng=jax.random.key_data(jax.random.fold_in(key, 1)))
 
@@ -59,18 +71,30 @@ def _as_key(rng: Array | int) -> Array:
     return rng
 
 
-def abstract_train_state(model_config: ModelConfig, optim_config: OptimConfig) -> TrainState:
+def abstract_train_state(model_config: ModelConfig, optim_config: OptimConfig,
+                         lora_config: LoraConfig | None = None) -> TrainState:
     """TrainState of ShapeDtypeStructs (no arrays made); e.g. the target of a checkpoint restore."""
     optimizer = make_optimizer(optim_config)
-    return jax.eval_shape(lambda key: _init_state(model_config, optimizer, key), jax.random.key(0))
+    return jax.eval_shape(lambda key: _init_state(model_config, optimizer, key, lora_config),
+                          jax.random.key(0))
+
+
+def trainable_shardings(model_config: ModelConfig, mesh: jax.sharding.Mesh,
+                        rules: Rules = LOGICAL_AXIS_RULES,
+                        lora_config: LoraConfig | None = None) -> Any:
+    """Shardings of the trained pytree: the params, or the LoRA adapters."""
+    if lora_config is None:
+        return param_shardings(model_config, mesh, rules)
+    return adapter_shardings(model_config, lora_config, mesh, rules)
 
 
 def state_shardings(model_config: ModelConfig, optim_config: OptimConfig, mesh: jax.sharding.Mesh,
-                    rules: Rules = LOGICAL_AXIS_RULES) -> TrainState:
+                    rules: Rules = LOGICAL_AXIS_RULES,
+                    lora_config: LoraConfig | None = None) -> TrainState:
     """NamedSharding of every TrainState leaf: Adam moments follow their param, scalars
     (step, counts, rng) are replicated."""
-    abstract = abstract_train_state(model_config, optim_config)
-    params = param_shardings(model_config, mesh, rules)
+    abstract = abstract_train_state(model_config, optim_config, lora_config)
+    params = trainable_shardings(model_config, mesh, rules, lora_config)
     is_sharding = lambda x: isinstance(x, jax.sharding.NamedSharding)  # noqa: E731
     opt_state = optax.tree_map_params(
         make_optimizer(optim_config), lambda _, sharding: sharding, abstract.opt_state, params,
@@ -80,12 +104,15 @@ def state_shardings(model_config: ModelConfig, optim_config: OptimConfig, mesh: 
 
 
 def init_train_state(model_config: ModelConfig, optim_config: OptimConfig, mesh: jax.sharding.Mesh,
-                     rules: Rules = LOGICAL_AXIS_RULES, rng: Array | int = 0) -> TrainState:
+                     rules: Rules = LOGICAL_AXIS_RULES, rng: Array | int = 0,
+                     lora_config: LoraConfig | None = None) -> TrainState:
     """A fresh TrainState created directly in its sharded layout (the full params never exist on
-    one device). `rng`: int seed, typed PRNG key, or uint32 key data."""
+    one device). `rng`: int seed, typed PRNG key, or uint32 key data. With `lora_config` the
+    state trains fresh adapters (B = 0); the base params are passed to each step instead."""
     optimizer = make_optimizer(optim_config)
-    shardings = state_shardings(model_config, optim_config, mesh, rules)
-    init = jax.jit(lambda key: _init_state(model_config, optimizer, key), out_shardings=shardings)
+    shardings = state_shardings(model_config, optim_config, mesh, rules, lora_config)
+    init = jax.jit(lambda key: _init_state(model_config, optimizer, key, lora_config),
+                   out_shardings=shardings)
     return init(_as_key(rng))
 
 
@@ -106,8 +133,8 @@ def cross_entropy_sums(logits: Array, targets: Array, loss_mask: Array) -> tuple
     return jnp.sum(cross_entropy), jnp.sum(z_term)
 
 
-def _forward_sums(model: Llama, params: Any, batch: Batch) -> tuple[Array, Array]:
-    logits = model.apply({"params": params}, batch["tokens"], positions=batch.get("positions"),
+def _forward_sums(model: Llama, variables: dict, batch: Batch) -> tuple[Array, Array]:
+    logits = model.apply(variables, batch["tokens"], positions=batch.get("positions"),
                          segment_ids=batch.get("segment_ids"))  # [batch, seq, vocab] float32
     return cross_entropy_sums(logits, batch["targets"], batch["loss_mask"])
 
@@ -145,13 +172,16 @@ def _split_micro_batches(batch: Batch, micro_batches: int, mesh: jax.sharding.Me
 
 # ---- train / eval steps -------------------------------------------------------------------
 
-def _loss_and_grads(model: Llama, params: Any, batch: Batch, micro_batches: int, z_weight: float,
+def _loss_and_grads(model: Llama, params: Any, frozen: Any, lora_config: LoraConfig | None,
+                    batch: Batch, micro_batches: int, z_weight: float,
                     mesh: jax.sharding.Mesh, rules: Rules) -> tuple[dict, Any]:
-    """(metrics, grads) of the batch-mean loss, accumulating over micro-batches. Traced under the
-    mesh and rules contexts."""
+    """(metrics, grads w.r.t. the trained `params`) of the batch-mean loss, accumulating over
+    micro-batches; `frozen` (LoRA base params) gets no gradient. Traced under the mesh and rules
+    contexts."""
 
     def objective(params, batch, num_scored):
-        cross_entropy_sum, z_sum = _forward_sums(model, params, batch)
+        variables = model_variables(params, frozen, lora_config)
+        cross_entropy_sum, z_sum = _forward_sums(model, variables, batch)
         return (cross_entropy_sum + z_weight * z_sum) / num_scored, (cross_entropy_sum, z_sum)
 
     grad_fn = jax.value_and_grad(objective, has_aux=True)
@@ -174,41 +204,76 @@ def _loss_and_grads(model: Llama, params: Any, batch: Batch, micro_batches: int,
     return metrics, grads
 
 
-def _checked(jitted: Callable, mesh: jax.sharding.Mesh, rules: Rules, micro_batches: int) -> Callable:
-    """Wraps a jitted (x, batch) function with a host-side batch check, which must run before
+def _jit(fn: Callable, in_shardings: tuple, out_shardings: Any, frozen_shardings: Any,
+         donate_argnums: tuple[int, ...] = ()) -> Callable:
+    """jit of `fn(x, batch, frozen)`. Full training compiles `(x, batch)` with frozen=None (so
+    `.lower(state, batch)` keeps working); LoRA adds the frozen base params as a third,
+    non-donated argument."""
+    if frozen_shardings is None:
+        return jax.jit(lambda x, batch: fn(x, batch, None), in_shardings=in_shardings,
+                       out_shardings=out_shardings, donate_argnums=donate_argnums)
+    return jax.jit(fn, in_shardings=(*in_shardings, frozen_shardings),
+                   out_shardings=out_shardings, donate_argnums=donate_argnums)
+
+
+def _checked(jitted: Callable, mesh: jax.sharding.Mesh, rules: Rules, micro_batches: int,
+             lora_config: LoraConfig | None = None) -> Callable:
+    """Wraps a jitted (x, batch[, frozen]) function with host-side checks, which must run before
     jit's own sharding check so a bad batch size gets a ConfigError that says how to fix it."""
 
-    def call(first: Any, batch: Batch):
+    def call(first: Any, batch: Batch, frozen: Any = None):
         _check_batch(batch, mesh, rules, micro_batches)
-        return jitted(first, batch)
+        if lora_config is None:
+            if frozen is not None:
+                raise ConfigError("frozen params were passed to a step built without lora_config; "
+                                  "full training trains every param, so pass only (state, batch)")
+            return jitted(first, batch)
+        if frozen is None:
+            raise ConfigError("a LoRA step needs the frozen base params: call "
+                              "step(state_or_adapters, batch, base_params)")
+        return jitted(first, batch, frozen)
 
     call.jitted = jitted  # for .lower(...) / ahead-of-time compilation
     call.__doc__ = jitted.__doc__
     return call
 
 
+def _frozen_shardings(model_config: ModelConfig, mesh: jax.sharding.Mesh, rules: Rules,
+                      lora_config: LoraConfig | None) -> Any:
+    return None if lora_config is None else param_shardings(model_config, mesh, rules)
+
+
 def make_loss_and_grads(model_config: ModelConfig, optim_config: OptimConfig,
-                        mesh: jax.sharding.Mesh, rules: Rules = LOGICAL_AXIS_RULES
-                        ) -> Callable[[Any, Batch], tuple[dict, Any]]:
+                        mesh: jax.sharding.Mesh, rules: Rules = LOGICAL_AXIS_RULES,
+                        lora_config: LoraConfig | None = None
+                        ) -> Callable[..., tuple[dict, Any]]:
     """Returns jitted `loss_and_grads(params, batch) -> (metrics, grads)`: the gradient half of
     the train step (same accumulation and loss), for tests, gradient checks and debugging.
-    metrics: loss, z_loss, scored_tokens; grads are sharded like params."""
+    metrics: loss, z_loss, scored_tokens; grads are sharded like params. With `lora_config`:
+    `loss_and_grads(adapters, batch, base_params)`, grads w.r.t. the adapters."""
     model = Llama(model_config)
 
-    def loss_and_grads(params: Any, batch: Batch) -> tuple[dict, Any]:
+    def loss_and_grads(params: Any, batch: Batch, frozen: Any) -> tuple[dict, Any]:
         with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), nn.logical_axis_rules(rules):
-            return _loss_and_grads(model, params, batch, optim_config.grad_accum_steps,
-                                   optim_config.z_loss_weight, mesh, rules)
+            return _loss_and_grads(model, params, frozen, lora_config, batch,
+                                   optim_config.grad_accum_steps, optim_config.z_loss_weight,
+                                   mesh, rules)
 
-    shardings = param_shardings(model_config, mesh, rules)
-    jitted = jax.jit(loss_and_grads, in_shardings=(shardings, batch_sharding(mesh, rules)),
-                     out_shardings=(replicated(mesh), shardings))
-    return _checked(jitted, mesh, rules, optim_config.grad_accum_steps)
+    shardings = trainable_shardings(model_config, mesh, rules, lora_config)
+    jitted = _jit(loss_and_grads, (shardings, batch_sharding(mesh, rules)),
+                  (replicated(mesh), shardings),
+                  _frozen_shardings(model_config, mesh, rules, lora_config))
+    return _checked(jitted, mesh, rules, optim_config.grad_accum_steps, lora_config)
 
 
 def make_train_step(model_config: ModelConfig, optim_config: OptimConfig, mesh: jax.sharding.Mesh,
-                    rules: Rules = LOGICAL_AXIS_RULES) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
+                    rules: Rules = LOGICAL_AXIS_RULES, lora_config: LoraConfig | None = None
+                    ) -> Callable[..., tuple[TrainState, dict]]:
     """Returns jitted `train_step(state, batch) -> (state, metrics)`; `state` is donated.
+
+    With `lora_config`: `train_step(state, batch, base_params)`; the state holds the adapters
+    and their optimizer state, `base_params` (any float dtype, e.g. bf16) are read, never
+    updated and never donated.
 
     Metrics (replicated scalars): loss (mean cross-entropy over scored tokens), z_loss (mean
     logsumexp^2; the objective adds z_loss_weight * z_loss), grad_norm (before clipping),
@@ -222,9 +287,10 @@ def make_train_step(model_config: ModelConfig, optim_config: OptimConfig, mesh: 
     optimizer = make_optimizer(optim_config)
     schedule = learning_rate_schedule(optim_config)
 
-    def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
+    def train_step(state: TrainState, batch: Batch, frozen: Any) -> tuple[TrainState, dict]:
         with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), nn.logical_axis_rules(rules):
-            metrics, grads = _loss_and_grads(model, state.params, batch, optim_config.grad_accum_steps,
+            metrics, grads = _loss_and_grads(model, state.params, frozen, lora_config, batch,
+                                             optim_config.grad_accum_steps,
                                              optim_config.z_loss_weight, mesh, rules)
             grad_norm = optax.global_norm(grads)
             finite = (jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["z_loss"])
@@ -239,10 +305,11 @@ def make_train_step(model_config: ModelConfig, optim_config: OptimConfig, mesh: 
                        learning_rate=jnp.asarray(schedule(state.step), jnp.float32))
         return new_state, metrics
 
-    shardings = state_shardings(model_config, optim_config, mesh, rules)
-    jitted = jax.jit(train_step, in_shardings=(shardings, batch_sharding(mesh, rules)),
-                     out_shardings=(shardings, replicated(mesh)), donate_argnums=(0,))
-    return _checked(jitted, mesh, rules, optim_config.grad_accum_steps)
+    shardings = state_shardings(model_config, optim_config, mesh, rules, lora_config)
+    jitted = _jit(train_step, (shardings, batch_sharding(mesh, rules)),
+                  (shardings, replicated(mesh)),
+                  _frozen_shardings(model_config, mesh, rules, lora_config), donate_argnums=(0,))
+    return _checked(jitted, mesh, rules, optim_config.grad_accum_steps, lora_config)
 
 
 def _next_rng(rng: Array) -> Array:
@@ -251,23 +318,27 @@ def _next_rng(rng: Array) -> Array:
 
 
 def make_eval_step(model_config: ModelConfig, mesh: jax.sharding.Mesh,
-                   rules: Rules = LOGICAL_AXIS_RULES) -> Callable[[Any, Batch], dict]:
-    """Returns jitted `eval_step(params, batch) -> {'loss_sum', 'scored_tokens'}`.
+                   rules: Rules = LOGICAL_AXIS_RULES, lora_config: LoraConfig | None = None
+                   ) -> Callable[..., dict]:
+    """Returns jitted `eval_step(params, batch) -> {'loss_sum', 'scored_tokens'}` (with
+    `lora_config`: `eval_step(adapters, batch, base_params)`).
 
-    Sum both over batches; perplexity = exp(total loss_sum / total scored_tokens).
+    Sum both over batches; perplexity = exp(total loss_sum / total scored_tokens)
+    (`llamax.evaluate` does this).
     """
     model = Llama(model_config)
 
-    def eval_step(params: Any, batch: Batch) -> dict:
+    def eval_step(params: Any, batch: Batch, frozen: Any) -> dict:
         with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), nn.logical_axis_rules(rules):
-            cross_entropy_sum, _ = _forward_sums(model, params, batch)
+            variables = model_variables(params, frozen, lora_config)
+            cross_entropy_sum, _ = _forward_sums(model, variables, batch)
         return dict(loss_sum=cross_entropy_sum,
                     scored_tokens=jnp.sum(batch["loss_mask"].astype(jnp.float32)))
 
-    jitted = jax.jit(eval_step, in_shardings=(param_shardings(model_config, mesh, rules),
-                                              batch_sharding(mesh, rules)),
-                     out_shardings=replicated(mesh))
-    return _checked(jitted, mesh, rules, 1)
+    jitted = _jit(eval_step, (trainable_shardings(model_config, mesh, rules, lora_config),
+                              batch_sharding(mesh, rules)), replicated(mesh),
+                  _frozen_shardings(model_config, mesh, rules, lora_config))
+    return _checked(jitted, mesh, rules, 1, lora_config)
 
 
 # ---- throughput (host side) ---------------------------------------------------------------

@@ -1,0 +1,91 @@
+"""Perplexity of a checkpoint on a held-out split or any text/JSONL files.
+
+    python -m experiments.eval --checkpoint PATH --tokenizer PATH [--data shakespeare|FILES|TFDS]
+        [--split validation] [--seq_len 256] [--batch_size 8] [--max_batches K] [--step STEP]
+        [--sft_template plain|llama2|llama3] [--base PATH] [--mesh fsdp|dp|fsdp_tp]
+
+--checkpoint: a training run (newest checkpoint unless --step; LoRA runs are merged with their
+base, see `experiments.export_lora`), an orbax params checkpoint, or an HF or Meta folder.
+--data: as `DataConfig.train` ('shakespeare', 'shakespeare_sft', files, a directory, a glob, or a
+prepared tfds dataset with --tfds_data_dir). Documents are packed into rows with no padding
+(--sft_template: one conversation per row, response tokens scored) and only `loss_mask` tokens
+count. Prints one JSON line {"loss", "perplexity", "tokens", ...}; for a run directory it also
+appends {"step": STEP, "eval": {...}} to the run's metrics.jsonl (nested under "eval" so the
+training curves' keys stay untouched). Errors print one line and exit with status 1.
+Installed as the `llamax-eval` console script.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from llamax.errors import LlamaxError
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="llamax-eval", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--checkpoint", required=True, help="run dir, orbax, HF or Meta folder")
+    parser.add_argument("--tokenizer", required=True, help="SentencePiece tokenizer.model")
+    parser.add_argument("--data", default="shakespeare", help="'shakespeare', files, or tfds name")
+    parser.add_argument("--split", default="validation", help="split (shakespeare/tfds)")
+    parser.add_argument("--seq_len", type=int, default=256)
+    parser.add_argument("--batch_size", type=int, default=8, help="global rows per batch")
+    parser.add_argument("--max_batches", type=int, default=None, help="stop after K batches")
+    parser.add_argument("--step", type=int, default=None, help="checkpoint step of a run")
+    parser.add_argument("--base", default=None, help="base weights of a LoRA run")
+    parser.add_argument("--sft_template", default=None, choices=["plain", "llama2", "llama3"])
+    parser.add_argument("--mesh", default="fsdp", help="mesh preset: dp, fsdp or fsdp_tp")
+    parser.add_argument("--tfds_data_dir", default=None)
+    parser.add_argument("--text_split", default="paragraph", choices=["file", "paragraph", "line"])
+    parser.add_argument("--text_key", default="text", help="JSONL field / tfds feature of the text")
+    return parser.parse_args(argv)
+
+
+def evaluate_checkpoint(args: argparse.Namespace) -> dict[str, Any]:
+    """Loads the checkpoint and data that `args` name and returns the perplexity record."""
+    from experiments.export_lora import is_run_dir, load_run_params
+    from llamax.data.loader import LoaderConfig, make_loader
+    from llamax.evaluate import evaluate_perplexity
+    from llamax.fit import DataConfig, open_split
+    from llamax.metrics_log import METRICS_FILE
+    from llamax.sharding import get_mesh_preset, make_mesh
+    from llamax.tokenizer import Tokenizer, check_vocab
+
+    tokenizer = Tokenizer(args.tokenizer)
+    config, params, step = load_run_params(args.checkpoint, step=args.step, base=args.base)
+    check_vocab(tokenizer, config.vocab_size)
+    data = DataConfig(tokenizer=args.tokenizer, train=args.data, validation=args.data,
+                      validation_split=args.split, tfds_data_dir=args.tfds_data_dir,
+                      text_split=args.text_split, text_key=args.text_key,
+                      sft_template=args.sft_template)
+    loader = make_loader(open_split(data, args.data, args.split), tokenizer, LoaderConfig(
+        seq_len=args.seq_len, global_batch_size=args.batch_size, shuffle=False, num_epochs=1,
+        sft_template=args.sft_template, fill_rows=args.sft_template is None))
+    batches = loader if args.max_batches is None else itertools.islice(loader, args.max_batches)
+    result = evaluate_perplexity(config, params, batches, make_mesh(get_mesh_preset(args.mesh)))
+    record = {**result, "data": args.data, "split": args.split, "seq_len": args.seq_len,
+              "checkpoint": str(args.checkpoint), "step": step}
+    if is_run_dir(args.checkpoint):
+        eval_record = {k: v for k, v in record.items() if k not in ("checkpoint", "step")}
+        with open(Path(args.checkpoint) / METRICS_FILE, "a", encoding="utf-8") as metrics:
+            metrics.write(json.dumps({"step": step, "eval": eval_record}) + "\n")
+    return record
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        record = evaluate_checkpoint(args)
+    except (LlamaxError, OSError) as error:
+        print(f"llamax-eval: error: {type(error).__name__}: {error}".splitlines()[0], file=sys.stderr)
+        return 1
+    print(json.dumps(record))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
