@@ -1,0 +1,352 @@
+"""Side-by-side performance suite: llamax vs PyTorch/transformers on the same machine, in one run.
+
+    python -m benchmarks.run [--json PATH] [--quick] [--config bench] [--batch 4] [--seq_len 512]
+                             [--dtype float32] [--steps 7] [--gpu]
+
+Measures, interleaving llamax and its peer so that a background load slows both alike:
+  peak    fp32 matmul GFLOP/s of this machine, in jax and in torch (the max is the MFU peak);
+  train   tokens/s of one optimizer step: `llamax.train.make_train_step` on a 1-device mesh vs
+          `transformers.LlamaForCausalLM` + `torch.optim.AdamW` on the same weights and batch;
+  decode  greedy tokens/s of `llamax.sample.generate` vs `transformers` `generate`, batch 1 and 8.
+
+Every number is the median over repeats; compile time is reported apart from step time. `--gpu`
+skips the torch CPU peer and uses the device's tabulated bf16 peak (`llamax.train`) for MFU.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import time
+from typing import Any, Callable
+
+import jax
+import numpy as np
+
+from llamax.config import get_preset
+from llamax.convert import hf_to_params
+from llamax.optim import OptimConfig
+from llamax.sharding import MeshConfig, make_mesh
+from llamax.train import flops_per_token, init_train_state, make_train_step, peak_flops_per_device
+
+# The recipe both sides run: AdamW (b2 0.95, wd 0.1) after global-norm clipping to 1.0.
+OPTIM = OptimConfig(learning_rate=1e-4, warmup_steps=0, decay="constant", clip_norm=1.0)
+
+
+# ---- machine ------------------------------------------------------------------------------
+
+def machine_info() -> dict[str, Any]:
+    """CPU model, core count, load averages, library versions and the date, for the record."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    import torch
+    return dict(date=datetime.datetime.now().isoformat(timespec="seconds"), cpu=cpu,
+                cores=os.cpu_count(), load_avg=[round(x, 2) for x in os.getloadavg()],
+                jax_backend=jax.default_backend(), jax_device=jax.devices()[0].device_kind,
+                jax=jax.__version__, torch=torch.__version__, torch_threads=torch.get_num_threads())
+
+
+def _interleaved(fns: dict[str, Callable[[], Any]], repeats: int,
+                 reduce: Callable[[list[float]], float] = statistics.median) -> dict[str, float]:
+    """Median (or `reduce`) seconds of each fn, called round-robin so load drifts hit all alike."""
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: reduce(ts) for name, ts in times.items()}
+
+
+def matmul_peak(size: int = 2048, repeats: int = 7) -> dict[str, float]:
+    """Measured fp32 matmul GFLOP/s of [size, size] @ [size, size] in jax and torch: the best
+    of `repeats` (a peak is what the machine can do; the fastest run is the least disturbed)."""
+    import torch
+    a = np.random.RandomState(0).standard_normal((size, size)).astype(np.float32)
+    a_jax = jax.device_put(a)
+    mm = jax.jit(lambda x: x @ x)
+    mm(a_jax).block_until_ready()
+    a_torch = torch.from_numpy(a)
+    torch.mm(a_torch, a_torch)
+    medians = _interleaved({"jax": lambda: mm(a_jax).block_until_ready(),
+                            "torch": lambda: torch.mm(a_torch, a_torch)}, repeats, min)
+    flops = 2.0 * size ** 3
+    result = {f"{name}_gflops": round(flops / s / 1e9, 1) for name, s in medians.items()}
+    result["peak_gflops"] = max(result.values())
+    return result
+
+
+# ---- train --------------------------------------------------------------------------------
+
+def _hf_model(config, seed: int = 0):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(LlamaConfig(**config.to_hf()))
+
+
+def _params_from_hf(config, hf_model) -> Any:
+    return hf_to_params(config, {k: v.detach().numpy() for k, v in hf_model.state_dict().items()})
+
+
+def random_batch(vocab_size: int, batch: int, seq_len: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """Next-token batch of random tokens: targets = tokens shifted by one, all scored."""
+    stream = np.random.RandomState(seed).randint(0, vocab_size, (batch, seq_len + 1)).astype(np.int32)
+    return dict(tokens=stream[:, :-1], targets=stream[:, 1:],
+                loss_mask=np.ones((batch, seq_len), np.float32))
+
+
+def make_llamax_train(config, batch: dict, params: Any | None = None):
+    """(compile_s, step_fn, compiled): llamax's train step on a 1-device mesh, compiled ahead of
+    time. step_fn runs one step and blocks on its loss; the donated state lives in the closure."""
+    mesh = make_mesh(MeshConfig(data=1, fsdp=1, tensor=1), devices=jax.devices()[:1])
+    state = init_train_state(config, OPTIM, mesh)
+    if params is not None:
+        state = state.replace(params=jax.device_put(params, jax.tree.map(lambda x: x.sharding,
+                                                                          state.params)))
+    step = make_train_step(config, OPTIM, mesh)
+    device_batch = jax.device_put(batch)
+    start = time.perf_counter()
+    compiled = step.jitted.lower(state, device_batch).compile()
+    compile_s = time.perf_counter() - start
+    holder = {"state": state}
+
+    def run() -> float:
+        holder["state"], metrics = compiled(holder["state"], device_batch)
+        return float(metrics["loss"])  # blocks
+
+    return compile_s, run, compiled
+
+
+def make_torch_train(hf_model, batch: dict):
+    """step_fn of the PyTorch peer: forward, token cross-entropy, backward, clip, AdamW."""
+    import torch
+    hf_model.train()
+    optimizer = torch.optim.AdamW(hf_model.parameters(), lr=OPTIM.learning_rate,
+                                  betas=(OPTIM.b1, OPTIM.b2), eps=OPTIM.eps,
+                                  weight_decay=OPTIM.weight_decay)
+    tokens = torch.as_tensor(batch["tokens"], dtype=torch.long)
+    targets = torch.as_tensor(batch["targets"], dtype=torch.long)
+
+    def run() -> float:
+        logits = hf_model(tokens).logits  # [batch, seq, vocab]
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(hf_model.parameters(), OPTIM.clip_norm)
+        optimizer.step()
+        return float(loss.detach())
+
+    return run
+
+
+def memory_analysis(compiled) -> dict[str, float]:
+    """MiB of arguments/outputs/temporaries of a compiled executable (XLA's own estimate)."""
+    try:
+        analysis = compiled.memory_analysis()
+    except Exception:  # noqa: BLE001 - not every backend implements it
+        return {}
+    if analysis is None:
+        return {}
+    mib = 1 << 20
+    return dict(argument_mib=round(analysis.argument_size_in_bytes / mib, 1),
+                output_mib=round(analysis.output_size_in_bytes / mib, 1),
+                temp_mib=round(analysis.temp_size_in_bytes / mib, 1))
+
+
+def bench_train(config, batch_size: int, seq_len: int, steps: int, peak_gflops: float | None,
+                with_torch: bool = True) -> dict[str, Any]:
+    """llamax vs torch train-step tokens/s on the same weights and batch (interleaved)."""
+    batch = random_batch(config.vocab_size, batch_size, seq_len)
+    hf_model = _hf_model(config) if with_torch else None
+    params = _params_from_hf(config, hf_model) if with_torch else None
+    compile_s, llamax_step, compiled = make_llamax_train(config, batch, params)
+    fns = {"llamax": llamax_step}
+    first_loss = {"llamax": llamax_step()}  # warm-up
+    if with_torch:
+        fns["torch"] = make_torch_train(hf_model, batch)
+        first_loss["torch"] = fns["torch"]()
+    medians = _interleaved(fns, steps)
+    tokens = batch_size * seq_len
+    flops = flops_per_token(config, seq_len)
+    result = dict(batch=batch_size, seq_len=seq_len, steps=steps, compile_s=round(compile_s, 2),
+                  flops_per_token=flops, llamax_step_s=round(medians["llamax"], 4),
+                  llamax_tok_s=round(tokens / medians["llamax"], 1),
+                  first_loss={k: round(v, 4) for k, v in first_loss.items()},
+                  **memory_analysis(compiled))
+    if peak_gflops:
+        result["mfu"] = round(tokens / medians["llamax"] * flops / (peak_gflops * 1e9), 4)
+    if with_torch:
+        result.update(torch_step_s=round(medians["torch"], 4),
+                      torch_tok_s=round(tokens / medians["torch"], 1),
+                      ratio=round(medians["torch"] / medians["llamax"], 3))
+        if peak_gflops:
+            result["torch_mfu"] = round(tokens / medians["torch"] * flops / (peak_gflops * 1e9), 4)
+    return result
+
+
+# ---- decode -------------------------------------------------------------------------------
+
+def bench_decode(config, batch_size: int, prompt_len: int, new_tokens: int, repeats: int,
+                 with_hf: bool = True) -> dict[str, Any]:
+    """Greedy decode tokens/s of llamax `generate` vs HF `generate` (interleaved), same weights.
+
+    Mirrors `benchmarks/decode.py` (which times the two one after the other) and adds
+    interleaving; `same_tokens` says whether both produced the same continuation.
+    """
+    import torch
+    from llamax.sample import generate
+    hf_model = _hf_model(config).eval()
+    hf_model.generation_config.eos_token_id = None  # every row decodes the full length
+    hf_model.generation_config.pad_token_id = 0
+    params = jax.device_put(_params_from_hf(config, hf_model))
+    prompts = np.random.RandomState(0).randint(3, config.vocab_size, (batch_size, prompt_len))
+    outputs: dict[str, Any] = {}
+
+    def run_llamax():
+        outputs["llamax"] = generate(config, params, prompts.tolist(), new_tokens)
+
+    inputs = torch.as_tensor(prompts)
+    mask = torch.ones_like(inputs)
+
+    def run_hf():
+        with torch.no_grad():
+            out = hf_model.generate(inputs, attention_mask=mask, max_new_tokens=new_tokens,
+                                    min_new_tokens=new_tokens, do_sample=False)
+        outputs["hf"] = out[:, prompt_len:].tolist()
+
+    start = time.perf_counter()
+    run_llamax()
+    first_call = time.perf_counter() - start
+    fns = {"llamax": run_llamax}
+    if with_hf:
+        run_hf()  # warm-up
+        fns["hf"] = run_hf
+    medians = _interleaved(fns, repeats)
+    generated = batch_size * new_tokens
+    result = dict(batch=batch_size, prompt_len=prompt_len, new_tokens=new_tokens,
+                  compile_s=round(first_call - medians["llamax"], 2),
+                  llamax_tok_s=round(generated / medians["llamax"], 1))
+    if with_hf:
+        result.update(hf_tok_s=round(generated / medians["hf"], 1),
+                      ratio=round(medians["hf"] / medians["llamax"], 2),
+                      same_tokens=outputs["llamax"] == outputs["hf"])
+    return result
+
+
+# ---- report -------------------------------------------------------------------------------
+
+def _geomean(values: list[float]) -> float:
+    return float(np.exp(np.mean(np.log(values))))
+
+
+def format_table(results: dict) -> str:
+    m, peak, train = results["machine"], results["peak"], results["train"]
+    lines = [f"{m['date']}  {m['cpu']}  {m['cores']} cores  load {m['load_avg']}  "
+             f"jax {m['jax']} ({m['jax_backend']})  torch {m['torch']} ({m['torch_threads']} threads)",
+             f"config {results['config']}  dtype {results['dtype']}",
+             f"matmul peak fp32: jax {peak.get('jax_gflops')} GFLOP/s, torch "
+             f"{peak.get('torch_gflops')} GFLOP/s -> peak {peak['peak_gflops']}", "",
+             f"{'':<22}{'llamax':>12}{'peer':>12}{'ratio':>9}{'goal':>7}"]
+    lines.append(f"{'train tok/s':<22}{train['llamax_tok_s']:>12.1f}"
+                 f"{train.get('torch_tok_s', float('nan')):>12.1f}"
+                 f"{train.get('ratio', float('nan')):>8.2f}x{'1.2x':>7}")
+    for row in results["decode"]["per_batch"]:
+        lines.append(f"{'decode tok/s  b=' + str(row['batch']):<22}{row['llamax_tok_s']:>12.1f}"
+                     f"{row.get('hf_tok_s', float('nan')):>12.1f}"
+                     f"{row.get('ratio', float('nan')):>8.2f}x{'5x':>7}")
+    lines += ["", f"train: batch {train['batch']} x seq {train['seq_len']}, median of "
+                  f"{train['steps']} steps, compile {train['compile_s']} s, MFU "
+                  f"{train.get('mfu', float('nan')):.1%} (torch {train.get('torch_mfu', float('nan')):.1%}), "
+                  f"XLA temp {train.get('temp_mib', '?')} MiB"]
+    return "\n".join(lines)
+
+
+def _parse_value(text: str) -> Any:
+    """'True'/'False' -> bool, '128' -> int, anything else stays a string."""
+    if text in ("True", "False"):
+        return text == "True"
+    try:
+        return int(text)
+    except ValueError:
+        return text
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", help="write the results to this JSON file")
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke run: tiny config, short sequences, 2 repeats")
+    parser.add_argument("--config", default=None, help="model preset (default bench; tiny with --quick)")
+    parser.add_argument("--batch", type=int, default=None, help="train batch size (default 4)")
+    parser.add_argument("--seq_len", type=int, default=None, help="train sequence length (default 512)")
+    parser.add_argument("--dtype", default="float32", help="compute dtype, e.g. bfloat16 on GPU")
+    parser.add_argument("--steps", type=int, default=None, help="timed train steps (default 7)")
+    parser.add_argument("--decode_batches", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--prompt_len", type=int, default=None, help="decode prompt (default 32)")
+    parser.add_argument("--new_tokens", type=int, default=None, help="decode length (default 128)")
+    parser.add_argument("--gpu", action="store_true",
+                        help="accelerator run: no torch CPU peer; MFU from the device's bf16 peak")
+    parser.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE",
+                        help="ModelConfig overrides, e.g. scan_layers=False remat_policy=full")
+    args = parser.parse_args(argv)
+
+    quick = args.quick
+    preset = args.config or ("tiny" if quick else "bench")
+    overrides: dict[str, Any] = {"dtype": args.dtype}
+    for item in args.set:
+        name, value = item.split("=", 1)
+        overrides[name] = _parse_value(value)
+    config = get_preset(preset, **overrides)
+    batch = args.batch or (2 if quick else 4)
+    seq_len = args.seq_len or (64 if quick else 512)
+    steps = args.steps or (2 if quick else 7)
+    prompt_len = args.prompt_len or (8 if quick else 32)
+    new_tokens = args.new_tokens or (8 if quick else 128)
+    peer = not args.gpu
+
+    results: dict[str, Any] = dict(machine=machine_info(), config=preset, dtype=args.dtype,
+                                   overrides={k: v for k, v in overrides.items() if k != "dtype"})
+    if args.gpu:
+        device_peak = peak_flops_per_device()
+        results["peak"] = dict(peak_gflops=device_peak / 1e9 if device_peak else None,
+                               source="llamax.train.PEAK_FLOPS_PER_DEVICE (dense bf16)")
+    else:
+        results["peak"] = matmul_peak(512 if quick else 2048, 2 if quick else 7)
+    print(f"peak: {results['peak']}", flush=True)
+
+    results["train"] = bench_train(config, batch, seq_len, steps, results["peak"]["peak_gflops"],
+                                   with_torch=peer)
+    print(f"train: {results['train']}", flush=True)
+
+    rows = []
+    for decode_batch in args.decode_batches:
+        rows.append(bench_decode(config, decode_batch, prompt_len, new_tokens, 2 if quick else 3,
+                                 with_hf=peer))
+        print(f"decode: {rows[-1]}", flush=True)
+    decode: dict[str, Any] = dict(per_batch=rows,
+                                  llamax_tok_s=round(_geomean([r["llamax_tok_s"] for r in rows]), 1))
+    if peer:
+        decode.update(hf_tok_s=round(_geomean([r["hf_tok_s"] for r in rows]), 1),
+                      ratio=round(_geomean([r["ratio"] for r in rows]), 2))
+    decode["summary"] = "geometric mean over decode batch sizes " + str(args.decode_batches)
+    results["decode"] = decode
+    results["machine"]["load_avg_end"] = [round(x, 2) for x in os.getloadavg()]
+
+    print()
+    print(format_table(results))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+    return results
+
+
+if __name__ == "__main__":
+    main()
