@@ -22,6 +22,7 @@ import numpy as np
 
 from llamax.config import ModelConfig
 from llamax.errors import CheckpointError, ConfigError
+from llamax.tree_paths import get_path, set_path
 from llamax.weights_io import WeightFolder, save_safetensors
 
 Tensor = np.ndarray
@@ -94,18 +95,6 @@ def expected_hf_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def _set(tree: dict, path: tuple[str, ...], value: Any) -> None:
-    for key in path[:-1]:
-        tree = tree.setdefault(key, {})
-    tree[path[-1]] = value
-
-
-def _get(tree: Mapping, path: tuple[str, ...]) -> Any:
-    for key in path:
-        tree = tree[key]
-    return tree
-
-
 def hf_to_params(config: ModelConfig, tensors: Mapping[str, Tensor], *, strict: bool = True) -> dict:
     """llamax params (numpy, in `config.param_dtype`) from a mapping of HF tensor names.
 
@@ -139,25 +128,25 @@ def hf_to_params(config: ModelConfig, tensors: Mapping[str, Tensor], *, strict: 
     params: dict = {}
     for path, (name, _, to_llamax, _) in TOP_TABLE.items():
         if name in expected:
-            _set(params, path, np.asarray(to_llamax(read(name), config), dtype=dtype))
+            set_path(params, path, np.asarray(to_llamax(read(name), config), dtype=dtype))
     for path, (suffix, shape_fn, to_llamax, _) in LAYER_TABLE.items():
         shape = to_llamax(np.empty(shape_fn(config), np.int8), config).shape
         if config.scan_layers:
             stacked = np.empty((config.num_layers, *shape), dtype)
             for layer in range(config.num_layers):
                 stacked[layer] = to_llamax(read(_hf_layer_name(layer, suffix)), config)
-            _set(params, ("layers", *path), stacked)
+            set_path(params, ("layers", *path), stacked)
         else:
             for layer in range(config.num_layers):
                 value = to_llamax(read(_hf_layer_name(layer, suffix)), config)
-                _set(params, (f"layers_{layer}", *path), np.asarray(value, dtype=dtype))
+                set_path(params, (f"layers_{layer}", *path), np.asarray(value, dtype=dtype))
     return params
 
 
 def _layer_params(params: Mapping, config: ModelConfig, layer: int, path: tuple[str, ...]) -> Tensor:
     if "layers" in params:
-        return np.asarray(_get(params["layers"], path)[layer])
-    return np.asarray(_get(params[f"layers_{layer}"], path))
+        return np.asarray(get_path(params["layers"], path)[layer])
+    return np.asarray(get_path(params[f"layers_{layer}"], path))
 
 
 def check_params(config: ModelConfig, params: Mapping) -> None:
@@ -169,7 +158,7 @@ def check_params(config: ModelConfig, params: Mapping) -> None:
                 raise CheckpointError("params have lm_head but config.tie_word_embeddings=True")
             continue
         try:
-            value = _get(params, path)
+            value = get_path(params, path)
         except (KeyError, TypeError):
             raise CheckpointError(f"params are missing {'/'.join(path)}") from None
         want = to_llamax(np.empty(shape_fn(config), np.int8), config).shape
@@ -181,7 +170,7 @@ def check_params(config: ModelConfig, params: Mapping) -> None:
         for layer in range(1 if scanned else config.num_layers):
             key = "layers" if scanned else f"layers_{layer}"
             try:
-                value = _get(params[key], path)
+                value = get_path(params[key], path)
             except (KeyError, TypeError):
                 raise CheckpointError(f"params are missing {key}/{'/'.join(path)}") from None
             _check_is_array(value, (key, *path))
@@ -203,7 +192,7 @@ def params_to_hf(config: ModelConfig, params: Mapping, dtype: Any = None) -> Ite
     for path, (name, _, _, to_hf) in TOP_TABLE.items():
         if path[0] == "lm_head" and config.tie_word_embeddings:
             continue
-        yield name, cast(np.ascontiguousarray(to_hf(np.asarray(_get(params, path)), config)))
+        yield name, cast(np.ascontiguousarray(to_hf(np.asarray(get_path(params, path)), config)))
     for layer in range(config.num_layers):
         for path, (suffix, _, _, to_hf) in LAYER_TABLE.items():
             value = to_hf(_layer_params(params, config, layer, path), config)
@@ -267,7 +256,7 @@ def save_hf(config: ModelConfig, params: Mapping, path: str | os.PathLike, *, dt
     staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
         shapes = expected_hf_shapes(config)
-        first_dtype = np.dtype(out_dtype or np.asarray(_get(params, ("embed_tokens", "embedding"))).dtype)
+        first_dtype = np.dtype(out_dtype or np.asarray(get_path(params, ("embed_tokens", "embedding"))).dtype)
         sizes = [(n, int(np.prod(s)) * first_dtype.itemsize) for n, s in shapes.items()]
         plan = _shard_plan(sizes, max_shard_size)
         file_of = {}

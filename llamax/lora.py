@@ -29,6 +29,7 @@ from llamax.config import ModelConfig
 from llamax.errors import CheckpointError, ConfigError
 from llamax.model import LORA_COLLECTION, init_params, param_logical_axes
 from llamax.sharding import LOGICAL_AXIS_RULES, Rules, check_heads_divisible, logical_to_sharding
+from llamax.tree_paths import nest
 
 Array = jax.Array
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -128,16 +129,6 @@ def _adapter_layout(config: ModelConfig, lora: LoraConfig) -> dict[LoraPath, dic
     return layout
 
 
-def _nest(flat: Mapping[tuple[str, ...], Any]) -> dict:
-    tree: dict = {}
-    for path, value in flat.items():
-        node = tree
-        for key in path[:-1]:
-            node = node.setdefault(key, {})
-        node[path[-1]] = value
-    return tree
-
-
 def _flat_adapters(adapters: Mapping) -> dict[LoraPath, dict]:
     """{projection path: {'lora_a': A, 'lora_b': B}} of an adapters pytree."""
     flat = {}
@@ -156,14 +147,14 @@ def _flat_adapters(adapters: Mapping) -> dict[LoraPath, dict]:
 def abstract_adapters(config: ModelConfig, lora: LoraConfig) -> dict:
     """Adapters as ShapeDtypeStructs (no arrays made)."""
     dtype = jnp.dtype(lora.dtype)
-    return _nest({path + (name,): jax.ShapeDtypeStruct(shape, dtype)
+    return nest({path + (name,): jax.ShapeDtypeStruct(shape, dtype)
                   for path, pair in _adapter_layout(config, lora).items()
                   for name, (shape, _) in pair.items()})
 
 
 def adapter_logical_axes(config: ModelConfig, lora: LoraConfig) -> dict:
     """PartitionSpecs of logical axis names, like `param_logical_axes` for the params."""
-    return _nest({path + (name,): PartitionSpec(*axes)
+    return nest({path + (name,): PartitionSpec(*axes)
                   for path, pair in _adapter_layout(config, lora).items()
                   for name, (_, axes) in pair.items()})
 
@@ -172,7 +163,7 @@ def adapter_shardings(config: ModelConfig, lora: LoraConfig, mesh: Mesh,
                       rules: Rules = LOGICAL_AXIS_RULES) -> dict:
     """NamedSharding of every adapter leaf: A and B split like their kernel's input/output axes."""
     check_heads_divisible(config, mesh, rules)
-    return _nest({path + (name,): logical_to_sharding(shape, axes, mesh, rules,
+    return nest({path + (name,): logical_to_sharding(shape, axes, mesh, rules,
                                                       name="/".join(path + (name,)))
                   for path, pair in _adapter_layout(config, lora).items()
                   for name, (shape, axes) in pair.items()})
@@ -194,7 +185,7 @@ def init_adapters(config: ModelConfig, lora: LoraConfig, rng: Array | int = 0) -
         key = jax.random.fold_in(rng, index)
         flat[path + ("lora_a",)] = jax.random.uniform(key, a_shape, dtype, -bound, bound)
         flat[path + ("lora_b",)] = jnp.zeros(b_shape, dtype)
-    return _nest(flat)
+    return nest(flat)
 
 
 def check_adapters(config: ModelConfig, lora: LoraConfig, adapters: Mapping) -> None:

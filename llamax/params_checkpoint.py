@@ -34,6 +34,7 @@ from orbax.checkpoint._src.serialization import type_handlers
 from llamax.config import ModelConfig
 from llamax.convert_io import atomic_output_dir, contiguous_bytes, dtype_name
 from llamax.errors import CheckpointError, ConfigError
+from llamax.tree_paths import flatten, nest
 
 CONFIG_FILE = "model_config.json"
 PARAMS_ITEM = "params"
@@ -144,26 +145,6 @@ def _restore(tree_dir: Path, target: PyTree) -> PyTree:
         return checkpointer.restore(tree_dir, args=args)
 
 
-def _flatten(tree: Mapping, prefix: LeafPath = ()) -> dict[LeafPath, Any]:
-    flat: dict[LeafPath, Any] = {}
-    for key, value in tree.items():
-        if isinstance(value, Mapping):
-            flat.update(_flatten(value, (*prefix, str(key))))
-        else:
-            flat[(*prefix, str(key))] = value
-    return flat
-
-
-def _nest(flat: Mapping[LeafPath, Any]) -> dict:
-    tree: dict = {}
-    for path, value in flat.items():
-        node = tree
-        for key in path[:-1]:
-            node = node.setdefault(key, {})
-        node[path[-1]] = value
-    return tree
-
-
 # ---- whole-tree save / load ---------------------------------------------------------------
 
 def _numpy_registry():
@@ -209,11 +190,11 @@ def load_params(path: str | os.PathLike, abstract_params: PyTree = None, *,
     location = locate_params(path, step)
     config = read_model_config(location.config_folder)
     if location.params_key == PARAMS_ITEM and location.step is None:
-        saved = _flatten(_saved_tree(location.tree_dir).get(PARAMS_ITEM, {}))
+        saved = flatten(_saved_tree(location.tree_dir).get(PARAMS_ITEM, {}))
         if abstract_params is None:
             wanted = {p: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype) for p, m in saved.items()}
         else:
-            wanted = _flatten(abstract_params)
+            wanted = flatten(abstract_params)
             if set(wanted) != set(saved):
                 raise CheckpointError(
                     f"abstract_params do not match the checkpoint in {path}: requested but not saved "
@@ -223,7 +204,7 @@ def load_params(path: str | os.PathLike, abstract_params: PyTree = None, *,
                 if tuple(struct.shape) != tuple(saved[leaf].shape):
                     raise CheckpointError(f"params leaf {'/'.join(leaf)}: checkpoint shape {tuple(saved[leaf].shape)}"
                                           f", requested {tuple(struct.shape)}; the model config differs")
-        return config, _restore(location.tree_dir, {PARAMS_ITEM: _nest(wanted)})[PARAMS_ITEM]
+        return config, _restore(location.tree_dir, {PARAMS_ITEM: nest(wanted)})[PARAMS_ITEM]
     from llamax.checkpoint import restore_params
 
     return config, restore_params(location.tree_dir.parent.parent, location.step, abstract_params)
@@ -245,13 +226,13 @@ class LeafReader:
         if not isinstance(saved, Mapping) or self.location.params_key not in saved:
             raise CheckpointError(f"{self.location.tree_dir} holds no '{self.location.params_key}' subtree")
         self.leaves = {leaf: (tuple(meta.shape), np.dtype(meta.dtype))
-                       for leaf, meta in _flatten(saved[self.location.params_key]).items()}
+                       for leaf, meta in flatten(saved[self.location.params_key]).items()}
         self.config = self.config.replace(scan_layers=any(leaf[0] == "layers" for leaf in self.leaves))
 
     def read(self, leaf: LeafPath) -> np.ndarray:
         shape, dtype = self.leaves[leaf]
         key = self.location.params_key
-        restored = _restore(self.location.tree_dir, {key: _nest({leaf: jax.ShapeDtypeStruct(shape, dtype)})})
+        restored = _restore(self.location.tree_dir, {key: nest({leaf: jax.ShapeDtypeStruct(shape, dtype)})})
         for name in (key, *leaf):
             restored = restored[name]
         return np.asarray(restored)
@@ -301,7 +282,7 @@ class LeafWriter:
             raise CheckpointError(f"params leaves never written: {missing[:5]}")
         leaves = {leaf: np.memmap(self._files[leaf], self.dtype, "r", shape=shape)
                   for leaf, shape in self.shapes.items()}
-        _save_tree(self.folder / PARAMS_ITEM, _nest(leaves))
+        _save_tree(self.folder / PARAMS_ITEM, nest(leaves))
         del leaves
         write_model_config(self.folder, self.config)
         shutil.rmtree(self.scratch)
