@@ -44,7 +44,11 @@ def plot_loss(run_dir: Path) -> Path:
 
 
 def print_samples(run_dir: Path, tokenizer_path: str, max_new_tokens: int = 60) -> None:
+    import logging
+
     from llamax.checkpoint import restore_params
+
+    logging.getLogger("absl").setLevel(logging.ERROR)  # orbax's notes on opening read-only
     from llamax.fit import read_model_config
     from llamax.sample import generate
     from llamax.tokenizer import Tokenizer

@@ -109,11 +109,17 @@ def init_train_state(model_config: ModelConfig, optim_config: OptimConfig, mesh:
     """A fresh TrainState created directly in its sharded layout (the full params never exist on
     one device). `rng`: int seed, typed PRNG key, or uint32 key data. With `lora_config` the
     state trains fresh adapters (B = 0); the base params are passed to each step instead."""
+    return make_init(model_config, optim_config, mesh, rules, lora_config)(_as_key(rng))
+
+
+def make_init(model_config: ModelConfig, optim_config: OptimConfig, mesh: jax.sharding.Mesh,
+              rules: Rules = LOGICAL_AXIS_RULES, lora_config: LoraConfig | None = None) -> Callable:
+    """The jitted `init(key) -> TrainState` behind `init_train_state`, for ahead-of-time
+    inspection (`make_init(...).lower(key).compile().memory_analysis()`)."""
     optimizer = make_optimizer(optim_config)
     shardings = state_shardings(model_config, optim_config, mesh, rules, lora_config)
-    init = jax.jit(lambda key: _init_state(model_config, optimizer, key, lora_config),
+    return jax.jit(lambda key: _init_state(model_config, optimizer, key, lora_config),
                    out_shardings=shardings)
-    return init(_as_key(rng))
 
 
 # ---- loss ---------------------------------------------------------------------------------
