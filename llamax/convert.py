@@ -15,7 +15,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import ml_dtypes
 import numpy as np
@@ -95,34 +95,51 @@ def expected_hf_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+def match_hf_tensors(config: ModelConfig, names: Iterable[str],
+                     shape_of: Callable[[str], tuple] | None = None, *, strict: bool = True) -> dict[str, str]:
+    """Maps each tensor name the config implies to the checkpoint's name for it (with or without
+    the `model.` prefix). Raises CheckpointError naming missing tensors, unexpected ones (unless
+    `strict=False`) and, when `shape_of(name)` can tell without reading, shapes that disagree."""
+    actual = {name.removeprefix("model."): name for name in names}
+    expected = expected_hf_shapes(config)
+    missing = [n for n in expected if n.removeprefix("model.") not in actual]
+    if missing:
+        raise CheckpointError(f"checkpoint is missing {len(missing)} tensor(s) the config needs, e.g. "
+                              f"{missing[:5]} (config: {config.num_layers} layers, "
+                              f"tie_word_embeddings={config.tie_word_embeddings})")
+    where = {n: actual[n.removeprefix("model.")] for n in expected}
+    if shape_of is not None:
+        for name, want in expected.items():
+            _check_shape(name, tuple(shape_of(where[name])), want)
+    known = set(where.values())
+    if config.tie_word_embeddings:  # some tied checkpoints still store the shared matrix
+        known |= {n for n in actual.values() if n.removeprefix("model.") == "lm_head.weight"}
+    unexpected = [n for n in actual.values() if n not in known and not n.endswith(_IGNORED_SUFFIXES)]
+    if unexpected and strict:
+        raise CheckpointError(f"checkpoint has {len(unexpected)} tensor(s) a LLaMA with this config does "
+                              f"not use, e.g. {sorted(unexpected)[:5]}")
+    return where
+
+
+def _check_shape(name: str, found: tuple, want: tuple) -> None:
+    if found != want:
+        raise CheckpointError(f"tensor {name!r} has shape {found}, but config.json implies {want}; "
+                              "the weights do not match the config")
+
+
 def hf_to_params(config: ModelConfig, tensors: Mapping[str, Tensor], *, strict: bool = True) -> dict:
     """llamax params (numpy, in `config.param_dtype`) from a mapping of HF tensor names.
 
     `tensors` may be lazy (a `WeightFolder`): each tensor is read, converted and dropped.
     Names may carry the `model.` prefix or not (bare `LlamaModel` checkpoints).
     """
-    names = {name.removeprefix("model."): name for name in tensors}
     expected = expected_hf_shapes(config)
-    missing = [n for n in expected if n.removeprefix("model.") not in names]
-    if missing:
-        raise CheckpointError(f"checkpoint is missing {len(missing)} tensor(s) the config needs, e.g. "
-                              f"{missing[:5]} (config: {config.num_layers} layers, "
-                              f"tie_word_embeddings={config.tie_word_embeddings})")
-    known = {n.removeprefix("model.") for n in expected}
-    if config.tie_word_embeddings:
-        known.add("lm_head.weight")  # some tied checkpoints still store the shared matrix
-    unexpected = [names[n] for n in names if n not in known and not n.endswith(_IGNORED_SUFFIXES)]
-    if unexpected and strict:
-        raise CheckpointError(f"checkpoint has {len(unexpected)} tensor(s) a LLaMA with this config does "
-                              f"not use, e.g. {sorted(unexpected)[:5]}")
+    where = match_hf_tensors(config, tensors, getattr(tensors, "shape", None), strict=strict)
     dtype = config.weight_dtype
 
     def read(hf_name: str) -> Tensor:
-        array = tensors[names[hf_name.removeprefix("model.")]]
-        want = expected[hf_name]
-        if tuple(array.shape) != want:
-            raise CheckpointError(f"tensor {hf_name!r} has shape {tuple(array.shape)}, but config.json implies "
-                                  f"{want}; the weights do not match the config")
+        array = tensors[where[hf_name]]
+        _check_shape(hf_name, tuple(array.shape), expected[hf_name])
         return array
 
     params: dict = {}

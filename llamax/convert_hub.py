@@ -25,7 +25,8 @@ import numpy as np
 from tqdm import tqdm
 
 from llamax.config import ModelConfig
-from llamax.convert import LAYER_TABLE, TOP_TABLE, expected_hf_shapes, hf_to_params, read_hf_config
+from llamax.convert import (LAYER_TABLE, TOP_TABLE, expected_hf_shapes, hf_to_params, match_hf_tensors,
+                            read_hf_config)
 from llamax.convert_io import atomic_output_dir, check_destination, contiguous_bytes, dtype_name, parse_dtype
 from llamax.convert_meta import MetaReader, MetaWriter
 from llamax.errors import CheckpointError, ConfigError
@@ -33,7 +34,6 @@ from llamax.params_checkpoint import LeafPath, LeafReader, LeafWriter
 from llamax.weights_io import SAFETENSORS_DTYPES, WeightFolder
 
 FORMATS = ("hf", "meta", "orbax")
-_IGNORED_HF_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
 def detect_format(path: str | os.PathLike) -> str | None:
@@ -68,21 +68,11 @@ class HFSource:
     def __init__(self, path: Path):
         self.config = read_hf_config(path)
         self.weights = WeightFolder(path)
-        actual = {name.removeprefix("model."): name for name in self.weights}
-        expected = expected_hf_shapes(self.config)
-        self._where = {}
-        for name, shape in expected.items():
-            if name.removeprefix("model.") not in actual:
-                raise CheckpointError(f"{path} lacks tensor {name!r}, which config.json implies")
-            self._where[name] = actual[name.removeprefix("model.")]
-            found = tuple(self.weights.shape(self._where[name]))
-            if found != tuple(shape):
-                raise CheckpointError(f"{path}: {name!r} has shape {found}, config.json implies {tuple(shape)}")
-        allowed = set(self._where.values()) | {n for n in actual.values() if n.endswith("lm_head.weight")}
-        unexpected = [n for n in self.weights if n not in allowed and not n.endswith(_IGNORED_HF_SUFFIXES)]
-        if unexpected:
-            raise CheckpointError(f"{path} has {len(unexpected)} tensor(s) a LLaMA does not use, e.g. {unexpected[:3]}")
-        self.dtype = np.asarray(self[next(iter(expected))]).dtype
+        try:
+            self._where = match_hf_tensors(self.config, self.weights, self.weights.shape)
+        except CheckpointError as error:
+            raise CheckpointError(f"{path}: {error}") from None
+        self.dtype = np.asarray(self[next(iter(self._where))]).dtype
 
     def names(self) -> list[str]:
         return list(self._where)
