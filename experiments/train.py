@@ -71,6 +71,17 @@ def load_init_params(init_from: str, model_config: ModelConfig) -> dict:
     return params
 
 
+def _has_checkpoint(run_dir: Path) -> bool:
+    """Whether the run in `run_dir` has a committed checkpoint to resume from."""
+    from llamax.checkpoint import Checkpointer
+
+    directory = run_dir / "checkpoints"
+    if not directory.is_dir():
+        return False
+    with Checkpointer(directory, read_only=True) as checkpointer:
+        return checkpointer.latest_step() is not None
+
+
 def run(model_config: ModelConfig, optim_config: OptimConfig, mesh_config: MeshConfig,
         data_config: DataConfig, train_config: TrainConfig, init_from: str | None = None,
         lora_config: LoraConfig | None = None) -> FitResult:
@@ -86,11 +97,15 @@ def run(model_config: ModelConfig, optim_config: OptimConfig, mesh_config: MeshC
 
     run_dir = Path(train_config.model_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    resuming = _has_checkpoint(run_dir)
     if jax.process_index() == 0:
         (run_dir / "config.gin").write_text(gin.operative_config_str())
-        if init_from:
+        if init_from and not resuming:  # records what the run started from, once
             (run_dir / INIT_FROM_FILE).write_text(json.dumps({"path": str(Path(init_from).resolve())}))
-    init_params = load_init_params(init_from, model_config) if init_from else None
+    # A resumed full fine-tuning run continues from its own checkpoint: reading INIT_FROM again
+    # (tens of GB for a large model) would be wasted. LoRA needs its frozen base every time.
+    needs_init = init_from and (lora_config is not None or not resuming)
+    init_params = load_init_params(init_from, model_config) if needs_init else None
     result = fit(model_config, optim_config, mesh_config, data_config, train_config,
                  init_params=init_params, lora_config=lora_config)
     if jax.process_index() == 0:

@@ -104,9 +104,11 @@ def test_sft_from_hf_weights_trains_and_resumes_exactly(sft_reference, tiny_hf_d
     resumed = tmp_path / "resumed"
     shutil.copytree(reference, resumed)
     shutil.rmtree(resumed / "checkpoints" / str(STEPS))
-    run_cli("configs/runs/sft_tiny.gin", resumed, tiny_hf_dir, str(small_tokenizer.path), STEPS)
+    # Resuming continues from the run's own checkpoint and never reads INIT_FROM again.
+    run_cli("configs/runs/sft_tiny.gin", resumed, tmp_path / "no_such_init", str(small_tokenizer.path), STEPS)
     assert losses(resumed) == curve
     assert Checkpointer(resumed / "checkpoints", read_only=True).all_steps() == [CHECKPOINT_EVERY, STEPS]
+    assert json.loads((resumed / "init_from.json").read_text())["path"] == str(tiny_hf_dir.resolve())
 
 
 def test_lora_run_trains_adapters_only_and_exports_to_transformers(sft_reference, tiny_hf_dir,  # noqa: F811
