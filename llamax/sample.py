@@ -146,11 +146,13 @@ def filter_logits(logits: Array, top_k: int | None = None, top_p: float | None =
         kth_largest = jax.lax.top_k(logits, top_k)[0][..., -1:]  # [..., 1]
         logits = jnp.where(logits < kth_largest, -jnp.inf, logits)
     if top_p is not None and top_p < 1:
-        sorted_logits = -jnp.sort(-logits, axis=-1)  # [..., vocab] descending
-        probs = jax.nn.softmax(sorted_logits, axis=-1)
-        mass_before = jnp.cumsum(probs, axis=-1) - probs  # probability of strictly likelier tokens
-        num_kept = jnp.sum(mass_before < top_p, axis=-1, keepdims=True)  # >= 1
-        threshold = jnp.take_along_axis(sorted_logits, num_kept - 1, axis=-1)  # [..., 1]
+        sorted_logits = jnp.sort(logits, axis=-1)  # [..., vocab] ascending
+        # Tail mass (this token and every less likely one), summed from the small end: a sum from
+        # the top rounds to 1.0 in float32 before the last tokens when top_p is close to 1.
+        tail_mass = jnp.cumsum(jax.nn.softmax(sorted_logits, axis=-1), axis=-1)
+        dropped = tail_mass <= 1.0 - top_p  # the least likely tokens outside the nucleus
+        num_dropped = jnp.minimum(jnp.sum(dropped, axis=-1, keepdims=True), logits.shape[-1] - 1)
+        threshold = jnp.take_along_axis(sorted_logits, num_dropped, axis=-1)  # [..., 1]
         logits = jnp.where(logits < threshold, -jnp.inf, logits)
     return logits
 

@@ -5,7 +5,7 @@ import jax
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import example, given, settings, strategies as st
 from transformers import GenerationConfig
 from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
 
@@ -108,9 +108,10 @@ def test_compiles_once_per_bucket(gqa):
     assert compiled._cache_size() == 1
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=60, deadline=None, derandomize=True)
 @given(seed=st.integers(0, 2**31 - 1), top_k=st.one_of(st.none(), st.integers(1, 64)),
        top_p=st.one_of(st.none(), st.floats(0.01, 1.0)), scale=st.floats(0.1, 10.0))
+@example(seed=0, top_k=None, top_p=0.9999999999999999, scale=3.0)  # float32 rounding near top_p=1
 def test_filter_logits_matches_transformers_warpers(seed, top_k, top_p, scale):
     logits = np.random.RandomState(seed % 2**31).randn(4, 64).astype(np.float32) * scale
     expected = torch.from_numpy(logits.copy())
