@@ -148,7 +148,7 @@ class ModelConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(fields) - known)
         if unknown:
-            raise ConfigError(f"unknown ModelConfig field(s) {unknown}; known fields: {sorted(known)}")
+            raise ConfigError(f"unknown field(s) {unknown} for ModelConfig; known fields: {sorted(known)}")
         try:
             return cls(**fields)
         except TypeError as exc:

@@ -41,6 +41,7 @@ from llamax.lora import LoraConfig
 from llamax.metrics_log import MetricsLogger, truncate_metrics
 from llamax.model import init_params as random_params
 from llamax.optim import OptimConfig
+from llamax.params_checkpoint import read_model_config  # noqa: F401  (a run dir is read like a params checkpoint)
 from llamax.preemption import PreemptionGuard
 from llamax.sharding import (LOGICAL_AXIS_RULES, MeshConfig, batch_sharding, check_batch_size,
                              check_heads_divisible, make_mesh, param_shardings)
@@ -190,13 +191,6 @@ def check_has_responses(documents: Sequence[Any], source: str) -> None:
         raise DataError(f"SFT data {source!r}: all {len(documents)} records have empty responses, "
                         "so there are no response tokens to train on; fill the 'response' (or "
                         "assistant 'content') fields")
-
-
-def read_model_config(run_dir: str | Path) -> ModelConfig:
-    path = Path(run_dir) / MODEL_CONFIG_FILE
-    if not path.exists():
-        raise ConfigError(f"{path} not found: not a llamax run directory")
-    return ModelConfig.from_dict(json.loads(path.read_text()))
 
 
 def all_loader_states(loader) -> list[dict]:

@@ -3,7 +3,7 @@
 Layout of a params checkpoint folder (written all-or-nothing):
 
     <path>/
-      model_config.json     # ModelConfig fields as JSON (`config_to_json`), rope_scaling included
+      model_config.json     # ModelConfig fields as JSON (`ModelConfig.to_dict`), rope_scaling included
       params/               # orbax PyTree checkpoint of {'params': <llamax params>} (OCDBT)
 
 `load_params` also reads a training run: `<run>/model_config.json` plus `<run>/checkpoints/<step>/`
@@ -44,30 +44,10 @@ LeafPath = tuple[str, ...]
 
 # ---- model_config.json --------------------------------------------------------------------
 
-def config_to_json(config: ModelConfig) -> dict[str, Any]:
-    """Every ModelConfig field as a JSON-ready dict (rope_scaling as a dict or None)."""
-    return dataclasses.asdict(config)
-
-
-def config_from_json(data: Mapping[str, Any]) -> ModelConfig:
-    """Inverse of `config_to_json`; ConfigError names unknown or invalid fields."""
-    if not isinstance(data, Mapping):
-        raise ConfigError(f"{CONFIG_FILE} must hold a JSON object, got {type(data).__name__}")
-    known = {field.name for field in dataclasses.fields(ModelConfig)}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise ConfigError(f"{CONFIG_FILE} has unknown field(s) {unknown}; known ModelConfig fields: "
-                          f"{sorted(known)}")
-    try:
-        return ModelConfig(**data)
-    except TypeError as exc:
-        raise ConfigError(f"{CONFIG_FILE} does not describe a ModelConfig: {exc}") from exc
-
-
 def write_model_config(folder: str | os.PathLike, config: ModelConfig) -> Path:
     """Writes `<folder>/model_config.json`."""
     path = Path(folder) / CONFIG_FILE
-    path.write_text(json.dumps(config_to_json(config), indent=2))
+    path.write_text(json.dumps(config.to_dict(), indent=2))
     return path
 
 
@@ -78,7 +58,7 @@ def read_model_config(folder: str | os.PathLike) -> ModelConfig:
         raise CheckpointError(f"{path} not found: llamax params checkpoints and training runs keep "
                               "their ModelConfig there")
     try:
-        return config_from_json(json.loads(path.read_text()))
+        return ModelConfig.from_dict(json.loads(path.read_text()))
     except ValueError as exc:
         if isinstance(exc, ConfigError):
             raise

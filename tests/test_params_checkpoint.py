@@ -9,10 +9,10 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from hf_models import make_hf_model
 from llamax.checkpoint import Checkpointer
-from llamax.config import RopeScaling, get_preset
+from llamax.config import ModelConfig, RopeScaling, get_preset
 from llamax.convert import load_hf
 from llamax.errors import CheckpointError, ConfigError
-from llamax.params_checkpoint import (LeafReader, config_from_json, config_to_json, load_params,
+from llamax.params_checkpoint import (LeafReader, load_params,
                                       save_params, write_model_config)
 
 
@@ -33,12 +33,12 @@ def hf_params(tmp_path_factory):
 
 def test_config_json_round_trip():
     config = get_preset("llama3.2_1b", param_dtype="bfloat16", scan_layers=False)
-    data = json.loads(json.dumps(config_to_json(config)))
+    data = json.loads(json.dumps(config.to_dict()))
     assert data["rope_scaling"]["factor"] == 32.0
-    assert config_from_json(data) == config
-    assert config_from_json(data).rope_scaling == RopeScaling(32.0, 1.0, 4.0, 8192)
+    assert ModelConfig.from_dict(data) == config
+    assert ModelConfig.from_dict(data).rope_scaling == RopeScaling(32.0, 1.0, 4.0, 8192)
     with pytest.raises(ConfigError, match="unknown field"):
-        config_from_json({**data, "n_layers": 3})
+        ModelConfig.from_dict({**data, "n_layers": 3})
 
 
 def test_save_and_load_params_bit_exact(tmp_path, hf_params):
