@@ -94,7 +94,7 @@ def finalized_steps(run_dir: Path) -> list[int]:
 
 def check_after_kill(run_dir: Path) -> list[int]:
     """Only committed steps are listed, and the newest restores. Returns the listed steps."""
-    from llamax.checkpoint import Checkpointer
+    from llamax.train.checkpoint import Checkpointer
 
     if not (run_dir / "checkpoints").is_dir():
         return []
@@ -151,8 +151,8 @@ def run_chaos(work: Path, *, trials: int = 6, steps: int = 40, checkpoint_every:
               seed: int = 0, phases: list[str] | None = None) -> dict:
     """Runs the reference and the chaos run under `work`; returns trials, timings and verdicts."""
     from experiments.train import shakespeare_tokenizer
-    from llamax.checkpoint import restore_params
-    from llamax.metrics_log import read_metrics
+    from llamax.train.checkpoint import restore_params
+    from llamax.train.metrics import read_metrics
 
     rng = random.Random(seed)
     tokenizers = work / "tokenizers"

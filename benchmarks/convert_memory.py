@@ -35,7 +35,7 @@ def write_synthetic_hf(folder: Path, preset: str, shard_bytes: int = 1 << 30) ->
 
     from llamax.config import get_preset
     from llamax.convert import expected_hf_shapes
-    from llamax.weights_io import save_safetensors
+    from llamax.convert.weight_files import save_safetensors
 
     config = get_preset(preset, param_dtype="bfloat16")
     rng = np.random.default_rng(0)
@@ -74,7 +74,7 @@ def child(task: str, src: str, dst: str) -> None:
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     import torch  # noqa: F401  (imported by every step, so the import baseline is comparable)
 
-    from llamax.convert_hub import convert
+    from llamax.convert.hub import convert
 
     if task == "load_whole":
         import safetensors.torch

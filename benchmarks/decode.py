@@ -21,7 +21,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from llamax.config import get_preset
 from llamax.convert import hf_to_params
-from llamax.sample import generate
+from llamax.infer.generate import generate
 
 
 def _timed(fn, repeats: int) -> tuple[float, list]:

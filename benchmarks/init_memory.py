@@ -2,7 +2,7 @@
 
     python -m benchmarks.init_memory [--json PATH] [--config bench] [--big llama3.2_1b]
 
-Part 1 compiles `llamax.train.make_init` (jit with out_shardings) for FSDP over 1, 2, 4, 8
+Part 1 compiles `llamax.train.step.make_init` (jit with out_shardings) for FSDP over 1, 2, 4, 8
 devices and prints XLA's per-device memory plan: output (this device's shard of the state) and
 temp (scratch). Part 2 runs the init for real with fsdp=8 and compares the process's RSS growth
 with the state's total bytes: a host-side copy of the full params would show up as growth above
@@ -22,7 +22,7 @@ import jax  # noqa: E402
 import psutil  # noqa: E402
 
 from llamax.config import get_preset  # noqa: E402
-from llamax.optim import OptimConfig  # noqa: E402
+from llamax.train.optim import OptimConfig  # noqa: E402
 from llamax.sharding import MeshConfig, make_mesh  # noqa: E402
 from llamax.train import init_train_state, make_init  # noqa: E402
 

@@ -5,12 +5,12 @@
 
 Measures, interleaving llamax and its peer so that a background load slows both alike:
   peak    fp32 matmul GFLOP/s of this machine, in jax and in torch (the max is the MFU peak);
-  train   tokens/s of one optimizer step: `llamax.train.make_train_step` on a 1-device mesh vs
+  train   tokens/s of one optimizer step: `llamax.train.step.make_train_step` on a 1-device mesh vs
           `transformers.LlamaForCausalLM` + `torch.optim.AdamW` on the same weights and batch;
-  decode  greedy tokens/s of `llamax.sample.generate` vs `transformers` `generate`, batch 1 and 8.
+  decode  greedy tokens/s of `llamax.infer.generate.generate` vs `transformers` `generate`, batch 1 and 8.
 
 Every number is the median over repeats; compile time is reported apart from step time. `--gpu`
-skips the torch CPU peer and uses the device's tabulated bf16 peak (`llamax.train`) for MFU.
+skips the torch CPU peer and uses the device's tabulated bf16 peak (`llamax.train.step`) for MFU.
 """
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ import numpy as np
 
 from llamax.config import get_preset
 from llamax.convert import hf_to_params
-from llamax.optim import OptimConfig
+from llamax.train.optim import OptimConfig
 from llamax.sharding import MeshConfig, make_mesh
 from llamax.train import flops_per_token, init_train_state, make_train_step, peak_flops_per_device
 
@@ -202,7 +202,7 @@ def bench_decode(config, batch_size: int, prompt_len: int, new_tokens: int, repe
     interleaving; `same_tokens` says whether both produced the same continuation.
     """
     import torch
-    from llamax.sample import generate
+    from llamax.infer.generate import generate
     hf_model = _hf_model(config).eval()
     hf_model.generation_config.eos_token_id = None  # every row decodes the full length
     hf_model.generation_config.pad_token_id = 0
@@ -317,7 +317,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.gpu:
         device_peak = peak_flops_per_device()
         results["peak"] = dict(peak_gflops=device_peak / 1e9 if device_peak else None,
-                               source="llamax.train.PEAK_FLOPS_PER_DEVICE (dense bf16)")
+                               source="llamax.train.step.PEAK_FLOPS_PER_DEVICE (dense bf16)")
     else:
         results["peak"] = matmul_peak(512 if quick else 2048, 2 if quick else 7)
     print(f"peak: {results['peak']}", flush=True)

@@ -4,7 +4,7 @@
         --dst PATH --dst_format {hf,meta,orbax} [--dtype bf16|fp32|fp16] [--num_shards N] \
         [--step STEP] [--overwrite] [--no_progress]
 
-orbax output is a params checkpoint a fine-tuning run starts from (`llamax.params_checkpoint`);
+orbax output is a params checkpoint a fine-tuning run starts from (`llamax.convert.orbax`);
 orbax input is such a checkpoint or a training run folder (newest step unless --step).
 Errors print one line on stderr and exit with status 1; nothing is left at --dst on failure.
 Installed as the `llamax-convert` console script.
@@ -15,7 +15,7 @@ import argparse
 import os
 import sys
 
-from llamax.convert_hub import FORMATS, convert
+from llamax.convert.hub import FORMATS, convert
 from llamax.errors import LlamaxError
 
 

@@ -22,7 +22,7 @@ def plot_loss(run_dir: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from llamax.metrics_log import read_metrics
+    from llamax.train.metrics import read_metrics
 
     records = read_metrics(run_dir)
     train = [(r["step"], r["loss"]) for r in records if "loss" in r]
@@ -46,11 +46,11 @@ def plot_loss(run_dir: Path) -> Path:
 def print_samples(run_dir: Path, tokenizer_path: str, max_new_tokens: int = 60) -> None:
     import logging
 
-    from llamax.checkpoint import restore_params
+    from llamax.train.checkpoint import restore_params
 
     logging.getLogger("absl").setLevel(logging.ERROR)  # orbax's notes on opening read-only
-    from llamax.fit import read_model_config
-    from llamax.sample import generate
+    from llamax.train.fit import read_model_config
+    from llamax.infer.generate import generate
     from llamax.tokenizer import Tokenizer
 
     config = read_model_config(run_dir)

@@ -49,9 +49,9 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict[str, Any]:
     """Loads the checkpoint and data that `args` name and returns the perplexity record."""
     from experiments.export_lora import is_run_dir, load_run_params
     from llamax.data.loader import LoaderConfig, make_loader
-    from llamax.evaluate import evaluate_perplexity
-    from llamax.fit import DataConfig, open_split
-    from llamax.metrics_log import METRICS_FILE
+    from llamax.infer.evaluate import evaluate_perplexity
+    from llamax.train.fit import DataConfig, open_split
+    from llamax.train.metrics import METRICS_FILE
     from llamax.sharding import get_mesh_preset, make_mesh
     from llamax.tokenizer import Tokenizer, check_vocab
 

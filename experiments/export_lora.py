@@ -25,7 +25,7 @@ FORMATS = ("hf", "meta", "orbax")
 
 
 def is_run_dir(path: str | os.PathLike) -> bool:
-    """A training run folder (model_config.json + checkpoints/), as `llamax.fit` writes."""
+    """A training run folder (model_config.json + checkpoints/), as `llamax.train.fit` writes."""
     return (Path(path) / "model_config.json").exists() and (Path(path) / "checkpoints").is_dir()
 
 
@@ -42,10 +42,10 @@ def load_run_params(path: str | os.PathLike, *, step: int | None = None, base: s
     `path`: a training run (LoRA or not), or an HF/Meta/orbax params folder (step None then).
     `base`: base weights of a LoRA run (default: the run's recorded INIT_FROM).
     """
-    from llamax.checkpoint import Checkpointer
-    from llamax.convert_hub import load_any
-    from llamax.fit import read_lora_config, read_model_config
-    from llamax.lora import merge_lora
+    from llamax.train.checkpoint import Checkpointer
+    from llamax.convert.hub import load_any
+    from llamax.train.fit import read_lora_config, read_model_config
+    from llamax.model.lora import merge_lora
 
     if not is_run_dir(path):
         config, params = load_any(path)
@@ -79,9 +79,9 @@ def write_params(config: ModelConfig, params: Any, out: str | os.PathLike, fmt: 
     import numpy as np
 
     from llamax.convert import save_hf
-    from llamax.convert_io import parse_dtype
-    from llamax.convert_meta import save_meta
-    from llamax.params_checkpoint import save_params
+    from llamax.convert.files import parse_dtype
+    from llamax.convert.meta import save_meta
+    from llamax.convert.orbax import save_params
 
     out_dtype = parse_dtype(dtype)
     if fmt == "hf":

@@ -18,7 +18,7 @@ from typing import Any, Iterable, Sequence, TextIO
 
 from llamax.config import ModelConfig
 from llamax.errors import CheckpointError, LlamaxError
-from llamax.sample import generate, generate_stream
+from llamax.infer.generate import generate, generate_stream
 
 
 def load_model(path: str | Path) -> tuple[ModelConfig, Any]:
@@ -31,24 +31,24 @@ def load_model(path: str | Path) -> tuple[ModelConfig, Any]:
         from llamax.convert import load_hf
         return load_hf(path)
     try:
-        from llamax.params_checkpoint import load_params
+        from llamax.convert.orbax import load_params
     except ImportError:
         return _load_training_run(path)
     return load_params(path)
 
 
 def _load_training_run(path: Path) -> tuple[ModelConfig, Any]:
-    """Fallback when llamax.params_checkpoint is missing: a run dir with model_config.json."""
+    """Fallback when llamax.convert.orbax is missing: a run dir with model_config.json."""
     config_file = path / "model_config.json"
     if not config_file.is_file() or not (path / "checkpoints").is_dir():
         raise CheckpointError(
             f"{path} has no config.json (HF folder) and no model_config.json + checkpoints/ "
             "(training run); reading it as an orbax params checkpoint needs "
-            "llamax.params_checkpoint, which this install lacks")
+            "llamax.convert.orbax, which this install lacks")
     try:
-        from llamax.checkpoint import restore_params
+        from llamax.train.checkpoint import restore_params
     except ImportError as exc:
-        raise CheckpointError(f"reading the training run {path} needs llamax.checkpoint "
+        raise CheckpointError(f"reading the training run {path} needs llamax.train.checkpoint "
                               f"(orbax), which could not be imported: {exc}") from exc
     config = ModelConfig(**json.loads(config_file.read_text()))
     return config, restore_params(path / "checkpoints")

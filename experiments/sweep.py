@@ -436,7 +436,7 @@ def _last(records: list[dict], key: str) -> float | None:
 
 def point_result(root: str, point: Point) -> dict[str, Any]:
     """Status and final numbers of one point, from its run directory."""
-    from llamax.metrics_log import read_metrics
+    from llamax.train.metrics import read_metrics
 
     directory = Path(run_dir(root, point))
     records = read_metrics(directory) if directory.exists() else []
@@ -527,7 +527,7 @@ def plot_losses(curves: dict[str, list[dict]], path: Path, title: str) -> None:
 
 def write_results(sweep: Sweep, root: str, command: str = "") -> list[dict[str, Any]]:
     """Writes ROOT/results.md, results.csv and results.png; returns the rows."""
-    from llamax.metrics_log import read_metrics
+    from llamax.train.metrics import read_metrics
 
     rows = collect_results(sweep, root)
     columns = results_columns(sweep)

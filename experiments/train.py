@@ -23,9 +23,9 @@ from pathlib import Path
 
 from llamax.config import ModelConfig
 from llamax.errors import ConfigError
-from llamax.fit import DataConfig, FitResult, TrainConfig, fit
-from llamax.lora import LoraConfig
-from llamax.optim import OptimConfig
+from llamax.train.fit import DataConfig, FitResult, TrainConfig, fit
+from llamax.model.lora import LoraConfig
+from llamax.train.optim import OptimConfig
 from llamax.sharding import MeshConfig
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -56,7 +56,7 @@ def shakespeare_tokenizer(vocab_size: int = 2048, directory: str = "runs/tokeniz
 def load_init_params(init_from: str, model_config: ModelConfig) -> dict:
     """Params of the HF, Meta or orbax checkpoint `init_from`, laid out for `model_config`;
     ConfigError if that checkpoint holds a different architecture."""
-    from llamax.convert_hub import load_any
+    from llamax.convert.hub import load_any
 
     loaded_config, params = load_any(init_from, scan_layers=model_config.scan_layers,
                                      param_dtype=model_config.param_dtype)
@@ -73,7 +73,7 @@ def load_init_params(init_from: str, model_config: ModelConfig) -> dict:
 
 def _has_checkpoint(run_dir: Path) -> bool:
     """Whether the run in `run_dir` has a committed checkpoint to resume from."""
-    from llamax.checkpoint import Checkpointer
+    from llamax.train.checkpoint import Checkpointer
 
     directory = run_dir / "checkpoints"
     if not directory.is_dir():
@@ -163,7 +163,7 @@ def explain_gin_error(error: Exception) -> str:
     unknown_configurable = re.search(r"No configurable matching '([\w.]+)'", message)
     if unknown_configurable:
         name = unknown_configurable.group(1)
-        # The registry holds complete selectors ('llamax.fit.TrainConfig'); compare as many
+        # The registry holds complete selectors ('llamax.train.fit.TrainConfig'); compare as many
         # trailing components as the user wrote ('fit.TrainConfg' -> 'fit.TrainConfig').
         depth = name.count(".") + 1
         known = sorted({".".join(selector.split(".")[-depth:])

@@ -25,7 +25,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from llamax.config import ModelConfig
 from llamax.errors import ConfigError
-from llamax.model import init_params, param_logical_axes
+from llamax.model.llama import init_params, param_logical_axes
 
 logger = logging.getLogger(__name__)
 

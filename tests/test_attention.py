@@ -1,4 +1,4 @@
-"""`llamax.model.attend`: causal query blocks equal dense attention (values and gradients), the
+"""`llamax.model.llama.attend`: causal query blocks equal dense attention (values and gradients), the
 model with small blocks still matches transformers, and the mask semantics equal
 `jax.nn.dot_product_attention` (the call the cuDNN path makes) for GQA + causal + segments."""
 import jax

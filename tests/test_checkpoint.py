@@ -1,4 +1,4 @@
-"""Tests for llamax.checkpoint and llamax.preemption on 8 fake CPU devices."""
+"""Tests for llamax.train.checkpoint and llamax.train.preemption on 8 fake CPU devices."""
 import logging
 import os
 import signal
@@ -15,9 +15,9 @@ import optax
 import pytest
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
-from llamax.checkpoint import Checkpointer, restore_params
+from llamax.train.checkpoint import Checkpointer, restore_params
 from llamax.errors import CheckpointError
-from llamax.preemption import PreemptionGuard
+from llamax.train.preemption import PreemptionGuard
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -28,7 +28,7 @@ pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptio
 
 @flax.struct.dataclass
 class TinyTrainState:
-    """Same fields as llamax.train.TrainState, kept local so this test owns no other module."""
+    """Same fields as llamax.train.step.TrainState, kept local so this test owns no other module."""
 
     step: jax.Array
     params: dict
@@ -192,7 +192,7 @@ def test_corrupt_latest_falls_back_to_previous(tmp_path, caplog, damage):
     else:
         _corrupt_data_files(tmp_path / "2", damage.split("_")[0])
     mesh = fsdp_mesh()
-    with caplog.at_level(logging.WARNING, logger="llamax.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="llamax.train.checkpoint"):
         restored, extras = Checkpointer(tmp_path, read_only=True).restore(
             abstract_state=abstract_of(make_state(1), mesh)
         )
@@ -279,8 +279,8 @@ SIGTERM_SCRIPT = textwrap.dedent(
     """
     import sys, time
     import jax.numpy as jnp
-    from llamax.checkpoint import Checkpointer
-    from llamax.preemption import PreemptionGuard
+    from llamax.train.checkpoint import Checkpointer
+    from llamax.train.preemption import PreemptionGuard
 
     checkpointer = Checkpointer(sys.argv[1], save_interval_steps=1000)
     state = {"w": jnp.zeros((4,))}

@@ -13,7 +13,7 @@ from hf_models import hf_logits, make_hf_model
 from llamax.convert import load_hf, save_hf
 from llamax.errors import CheckpointError, ConfigError
 from llamax.model import Llama
-from llamax.weights_io import SafetensorsFile, WeightFolder
+from llamax.convert.weight_files import SafetensorsFile, WeightFolder
 
 
 def _tensors(folder):
@@ -186,7 +186,7 @@ def test_save_refuses_existing_folder_and_leaves_nothing_on_failure(tmp_path, gq
 
 
 def test_save_cleans_its_staging_folder_when_writing_fails(tmp_path, gqa_folder, monkeypatch):
-    import llamax.convert as convert
+    import llamax.convert.hf as convert
 
     config, params = load_hf(gqa_folder)
 

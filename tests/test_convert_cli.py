@@ -10,12 +10,12 @@ import pytest
 from transformers import LlamaForCausalLM
 
 from hf_models import hf_logits, make_hf_model
-from llamax.checkpoint import Checkpointer
+from llamax.train.checkpoint import Checkpointer
 from llamax.convert import load_hf
-from llamax.convert_hub import convert
+from llamax.convert.hub import convert
 from llamax.errors import CheckpointError, ConfigError
-from llamax.params_checkpoint import load_params, write_model_config
-from llamax.weights_io import WeightFolder
+from llamax.convert.orbax import load_params, write_model_config
+from llamax.convert.weight_files import WeightFolder
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -128,7 +128,7 @@ def test_cli_wrong_source_format_is_one_clear_line(tmp_path, hf_folder, given, a
 
 
 def test_failure_mid_conversion_leaves_nothing(tmp_path, hf_folder, monkeypatch):
-    from llamax import convert_hub
+    from llamax.convert import hub as convert_hub
 
     calls = []
 

@@ -5,10 +5,10 @@ import pytest
 import jax
 from hf_models import make_hf_model
 from llamax.convert import load_hf
-from llamax.convert_hub import load_any
-from llamax.convert_meta import save_meta
+from llamax.convert.hub import load_any
+from llamax.convert.meta import save_meta
 from llamax.errors import CheckpointError
-from llamax.params_checkpoint import save_params
+from llamax.convert.orbax import save_params
 
 
 def test_load_any_reads_all_three_formats_identically(tmp_path):

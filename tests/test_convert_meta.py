@@ -16,9 +16,9 @@ import jax.numpy as jnp
 from hf_models import hf_logits, make_hf_model
 from llamax.config import RopeScaling, get_preset
 from llamax.convert import load_hf
-from llamax.convert_meta import MetaReader, load_meta, save_meta
+from llamax.convert.meta import MetaReader, load_meta, save_meta
 from llamax.errors import CheckpointError, ConfigError
-from llamax.meta_config import ffn_params_for, meta_intermediate_size
+from llamax.convert.meta_config import ffn_params_for, meta_intermediate_size
 from llamax.model import Llama
 
 META_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,

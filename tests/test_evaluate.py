@@ -13,15 +13,15 @@ from transformers import LlamaForCausalLM
 from data_fixtures import small_tokenizer  # noqa: F401 (fixture)
 from experiments import eval as eval_cli
 from finetune_fixtures import TINY, compilation_cache_dir, save_hf_model, tiny_hf_dir  # noqa: F401
-from llamax.checkpoint import Checkpointer
-from llamax.convert_hub import load_any
+from llamax.train.checkpoint import Checkpointer
+from llamax.convert.hub import load_any
 from llamax.data.corpus import shakespeare_passages
 from llamax.data.loader import LoaderConfig, make_loader
 from llamax.data.packing import as_document, pack_documents, stack_rows
 from llamax.errors import DataError
-from llamax.evaluate import evaluate_perplexity
-from llamax.fit import write_model_config
-from llamax.metrics_log import read_metrics
+from llamax.infer.evaluate import evaluate_perplexity
+from llamax.train.fit import write_model_config
+from llamax.train.metrics import read_metrics
 
 SEQ, BATCH = 64, 8
 
@@ -75,7 +75,7 @@ def test_packed_documents_give_the_same_nll_as_evaluated_alone(tiny_hf_dir):  # 
 
 
 def make_run_dir(path, config, params, step: int):
-    """A run directory as `llamax.fit` leaves it, holding `params` at checkpoint `step`."""
+    """A run directory as `llamax.train.fit` leaves it, holding `params` at checkpoint `step`."""
     path.mkdir()
     write_model_config(path, config)
     state = {"step": np.asarray(step, np.int32), "params": params}

@@ -25,7 +25,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from llamax.checkpoint import Checkpointer
+from llamax.train.checkpoint import Checkpointer
 from llamax.errors import CheckpointError
 
 # tensorstore abandons coroutines on a failed write, which orbax's loop later reports as

@@ -1,4 +1,4 @@
-"""End-to-end tests of llamax.fit on 8 fake CPU devices: learning, non-finite losses, resume onto
+"""End-to-end tests of llamax.train.fit on 8 fake CPU devices: learning, non-finite losses, resume onto
 another mesh, corrupt-checkpoint fallback, and the errors a bad run directory or bad data give.
 
 One uninterrupted reference run (fsdp=8, 30 steps, a checkpoint every 10) is shared by the module;
@@ -16,13 +16,13 @@ import numpy as np
 import pytest
 from jax.experimental.compilation_cache import compilation_cache
 
-from llamax.checkpoint import Checkpointer
+from llamax.train.checkpoint import Checkpointer
 from llamax.config import get_preset
 from llamax.data.corpus import read_play, shakespeare_files
 from llamax.errors import ConfigError, DataError
-from llamax.fit import DataConfig, NonFiniteLossError, TrainConfig, fit, read_model_config
-from llamax.metrics_log import read_metrics
-from llamax.optim import OptimConfig
+from llamax.train.fit import DataConfig, NonFiniteLossError, TrainConfig, fit, read_model_config
+from llamax.train.metrics import read_metrics
+from llamax.train.optim import OptimConfig
 from llamax.sharding import MeshConfig, get_mesh_preset
 from llamax.tokenizer import train_tokenizer
 
@@ -150,7 +150,7 @@ def test_corrupt_latest_checkpoint_falls_back_and_replays_exactly(reference_run,
     for path in data_files:  # a half-written copy, as after a disk-full or a torn sync
         with open(path, "r+b") as handle:
             handle.truncate(path.stat().st_size // 2)
-    with caplog.at_level(logging.WARNING, logger="llamax.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="llamax.train.checkpoint"):
         result = fit(MODEL, OPTIM, FSDP8, data_config(tokenizer_path), train_config(run_dir))
     warnings = " ".join(r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
     assert f"step {STEPS}" in warnings and "falling back" in warnings

@@ -22,14 +22,14 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from llamax import weights_io
+from llamax.convert import weight_files as weights_io
 from llamax.config import ModelConfig
 from llamax.convert import expected_hf_shapes, hf_to_params, load_hf, save_hf
-from llamax.convert_hub import convert
-from llamax.convert_meta import save_meta
+from llamax.convert.hub import convert
+from llamax.convert.meta import save_meta
 from llamax.data.documents import read_documents
 from llamax.errors import LlamaxError
-from llamax.meta_config import config_from_meta, read_params_json
+from llamax.convert.meta_config import config_from_meta, read_params_json
 from llamax.tokenizer import Tokenizer, train_tokenizer
 
 FUZZ = settings(max_examples=60, derandomize=True, deadline=None, database=None,
@@ -341,7 +341,7 @@ def test_gin_bindings_fail_cleanly(gin_setup, monkeypatch):
     import random
 
     from experiments import train as train_cli
-    from llamax.fit import FitResult
+    from llamax.train.fit import FitResult
 
     monkeypatch.setattr(train_cli, "fit", lambda *a, **k: FitResult("completed", 0, None, None))
     # A fuzzed MODEL_DIR (e.g. 'float32' 'x', which gin concatenates) is a relative path.

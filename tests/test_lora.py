@@ -10,13 +10,13 @@ from transformers import LlamaForCausalLM
 from finetune_fixtures import TINY, compilation_cache_dir, tiny_hf_dir  # noqa: F401 (fixtures)
 from hf_models import hf_logits
 from llamax.convert import save_hf
-from llamax.convert_hub import load_any
-from llamax.convert_meta import save_meta
+from llamax.convert.hub import load_any
+from llamax.convert.meta import save_meta
 from llamax.errors import CheckpointError, ConfigError
-from llamax.lora import (LORA_TARGETS, LoraConfig, adapter_logical_axes, count_params, init_adapters,
+from llamax.model.lora import (LORA_TARGETS, LoraConfig, adapter_logical_axes, count_params, init_adapters,
                          merge_lora, model_variables)
 from llamax.model import Llama, init_params
-from llamax.optim import OptimConfig
+from llamax.train.optim import OptimConfig
 from llamax.sharding import MESH_PRESETS, MeshConfig, make_mesh, param_shardings
 from llamax.train import init_train_state, make_loss_and_grads, make_train_step, state_shardings
 

@@ -17,8 +17,8 @@ import numpy as np
 import portpicker
 import pytest
 
-from llamax.checkpoint import Checkpointer
-from llamax.metrics_log import read_metrics
+from llamax.train.checkpoint import Checkpointer
+from llamax.train.metrics import read_metrics
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = REPO_ROOT / "tests" / "scripts" / "multihost_train_steps.py"

@@ -8,7 +8,7 @@ import pytest
 from llamax.config import get_preset
 from llamax.errors import ConfigError
 from llamax.model import init_params
-from llamax.optim import OptimConfig, learning_rate_schedule, make_optimizer, weight_decay_mask
+from llamax.train.optim import OptimConfig, learning_rate_schedule, make_optimizer, weight_decay_mask
 
 TINY = get_preset("tiny")
 

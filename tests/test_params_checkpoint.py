@@ -8,11 +8,11 @@ import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from hf_models import make_hf_model
-from llamax.checkpoint import Checkpointer
+from llamax.train.checkpoint import Checkpointer
 from llamax.config import ModelConfig, RopeScaling, get_preset
 from llamax.convert import load_hf
 from llamax.errors import CheckpointError, ConfigError
-from llamax.params_checkpoint import (LeafReader, load_params,
+from llamax.convert.orbax import (LeafReader, load_params,
                                       save_params, write_model_config)
 
 

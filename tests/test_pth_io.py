@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from llamax.errors import CheckpointError
-from llamax.pth_io import PthFile, PthWriter
+from llamax.convert.pth import PthFile, PthWriter
 
 
 def test_pth_file_reads_what_torch_saved(tmp_path):

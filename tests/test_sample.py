@@ -14,7 +14,7 @@ from llamax.config import ModelConfig
 from llamax.convert import hf_to_params, save_hf
 from llamax.errors import ConfigError, DataError, LlamaxError
 from llamax.model import Llama
-from llamax.sample import (Sampler, _compiled_generate, bucket_length, decode_step, decoding_config,
+from llamax.infer.generate import (Sampler, _compiled_generate, bucket_length, decode_step, decoding_config,
                            filter_logits, generate, generate_stream, left_pad, prefill, sample_tokens,
                            unstack_layers)
 
@@ -202,7 +202,7 @@ def test_bad_input_raises_clear_errors(gqa, change, error, match):
 
 def test_cli_streams_one_prompt_and_batches_several(tmp_path, capsys):
     from experiments import sample as cli
-    from llamax.params_checkpoint import save_params
+    from llamax.convert.orbax import save_params
     from llamax.tokenizer import train_tokenizer
 
     text = tmp_path / "text.txt"

@@ -19,17 +19,17 @@ from experiments import train as train_cli
 from finetune_fixtures import (TINY, VOCAB, compilation_cache_dir, save_hf_model,  # noqa: F401
                                tiny_hf_dir)
 from hf_models import hf_logits
-from llamax.checkpoint import Checkpointer
-from llamax.convert_hub import load_any
+from llamax.train.checkpoint import Checkpointer
+from llamax.convert.hub import load_any
 from llamax.data import sft
 from llamax.data.loader import LoaderConfig, make_loader
 from llamax.data.shakespeare_sft import shakespeare_sft_records
 from llamax.errors import ConfigError, DataError
-from llamax.fit import DataConfig, TrainConfig, fit, read_lora_config
-from llamax.lora import LoraConfig
-from llamax.metrics_log import read_metrics
+from llamax.train.fit import DataConfig, TrainConfig, fit, read_lora_config
+from llamax.model.lora import LoraConfig
+from llamax.train.metrics import read_metrics
 from llamax.model import Llama
-from llamax.optim import OptimConfig
+from llamax.train.optim import OptimConfig
 from llamax.sharding import get_mesh_preset, make_mesh
 from llamax.train import make_eval_step
 

@@ -8,7 +8,7 @@ import tensorflow_datasets as tfds
 from data_fixtures import small_tokenizer  # noqa: F401  (session fixture)
 from llamax.data.loader import make_loader
 from llamax.data.sources import TfdsDocuments, open_documents
-from llamax.datasets.text_files import build_text_dataset
+from llamax.data.text_files import build_text_dataset
 from llamax.errors import DataError
 
 TEXTS = ["To be, or not to be", "héllo wörld 😀", "line one\nline two", "last"]
@@ -82,7 +82,7 @@ def test_empty_input_fails_preparation(tmp_path):
 
 
 def test_command_line(tmp_path, capsys):
-    from llamax.datasets.text_files.__main__ import main
+    from llamax.data.text_files.__main__ import main
     (tmp_path / "a.txt").write_text("one\n\ntwo\n")
     main(["--name", "cli", "--train", str(tmp_path / "a.txt"), "--split", "paragraph",
           "--data_dir", str(tmp_path / "data")])

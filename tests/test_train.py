@@ -9,7 +9,7 @@ import pytest
 from llamax.config import get_preset
 from llamax.errors import ConfigError
 from llamax.model import Llama, init_params
-from llamax.optim import OptimConfig
+from llamax.train.optim import OptimConfig
 from llamax.sharding import MESH_PRESETS, make_mesh, param_partition_specs
 from llamax.train import (TrainState, flops_per_token, init_train_state, make_eval_step,
                           make_loss_and_grads, make_train_step, peak_flops_per_device,
@@ -41,7 +41,7 @@ def make_batch(seed: int = 0, batch: int = BATCH, seq: int = SEQ) -> dict[str, n
 
 @jax.jit
 def reference_loss_and_grads(params, batch, z_loss_weight=0.0):
-    """Single-device reference, written independently of llamax.train."""
+    """Single-device reference, written independently of llamax.train.step."""
 
     def objective(params):
         logits = Llama(TINY).apply({"params": params}, batch["tokens"], batch["positions"],

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from llamax.checkpoint import Checkpointer
-from llamax.metrics_log import read_metrics
+from llamax.train.checkpoint import Checkpointer
+from llamax.train.metrics import read_metrics
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 VOCAB = 512

@@ -13,13 +13,13 @@ import numpy as np
 import pytest
 import torch
 
-from llamax import weights_io
+from llamax.convert import weight_files as weights_io
 from llamax.config import ModelConfig
 from llamax.convert import expected_hf_shapes, hf_to_params, load_hf, save_hf
-from llamax.convert_meta import load_meta, save_meta
+from llamax.convert.meta import load_meta, save_meta
 from llamax.errors import CheckpointError
-from llamax.pth_io import PthFile
-from llamax.weights_io import WeightFolder
+from llamax.convert.pth import PthFile
+from llamax.convert.weight_files import WeightFolder
 
 CONFIG = ModelConfig(vocab_size=32, hidden_size=16, intermediate_size=48, num_layers=1,
                      num_heads=2, num_kv_heads=1)

@@ -13,8 +13,8 @@ import csv
 
 from experiments import sweep as sweeps
 from experiments.ablations.common import RESULTS_DIR, run_spec, sweep_timing, write_report
-from llamax.fit import read_model_config
-from llamax.metrics_log import read_metrics
+from llamax.train.fit import read_model_config
+from llamax.train.metrics import read_metrics
 
 NAME = "lr_warmup"
 SPEC = "configs/sweeps/ablation_lr_warmup.py"

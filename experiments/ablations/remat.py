@@ -2,7 +2,7 @@
 
     python -m experiments.ablations.remat
 
-Compiles the real train step (`llamax.train.make_train_step`) of a small LLaMA (4 layers, hidden
+Compiles the real train step (`llamax.train.step.make_train_step`) of a small LLaMA (4 layers, hidden
 128, batch 8 x 256 tokens) once per `ModelConfig.remat_policy`, reads XLA's buffer plan
 (`compiled.memory_analysis()`: the temporary bytes are the activations kept for the backward
 pass plus scratch) and times 20 steps of each, round-robin, on one device. No sweep: nothing is
@@ -23,7 +23,7 @@ import numpy as np
 from experiments import sweep as sweeps
 from experiments.ablations.common import RESULTS_DIR, write_report
 from llamax.config import REMAT_POLICIES, ModelConfig
-from llamax.optim import OptimConfig
+from llamax.train.optim import OptimConfig
 from llamax.sharding import MeshConfig, batch_sharding, make_mesh
 from llamax.train import init_train_state, make_train_step
 

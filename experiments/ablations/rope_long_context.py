@@ -4,7 +4,7 @@
 
 Trains the three runs of configs/sweeps/ablation_rope.py (rope_theta 1e4, 5e5, and 1e4 with
 Llama-3.1 scaling x4 from the start), then evaluates each, in this process, on the first
-16k validation tokens cut into rows of 64, 128, 256 and 512 tokens (`llamax.train.make_eval_step`
+16k validation tokens cut into rows of 64, 128, 256 and 512 tokens (`llamax.train.step.make_eval_step`
 on a longer-sequence loader). Two variants change the rope only at evaluation time (no training):
 the theta=1e4 run with llama3 scaling x4 / x8 (original context 64). Perplexity is reported over
 all tokens and per position bucket, which isolates positions the training never saw (>= 64).
@@ -22,11 +22,11 @@ import numpy as np
 
 from experiments import sweep as sweeps
 from experiments.ablations.common import RESULTS_DIR, run_spec, sweep_timing, write_report
-from llamax.checkpoint import restore_params
+from llamax.train.checkpoint import restore_params
 from llamax.config import ModelConfig, RopeScaling
 from llamax.data.corpus import shakespeare_passages
 from llamax.data.loader import LoaderConfig, make_loader, to_global_batch
-from llamax.fit import read_model_config
+from llamax.train.fit import read_model_config
 from llamax.sharding import MeshConfig, batch_sharding, make_mesh, param_shardings
 from llamax.tokenizer import Tokenizer
 from llamax.train import make_eval_step

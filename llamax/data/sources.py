@@ -97,7 +97,7 @@ def open_tfds(name: str, split: str, *, data_dir=None, sft_format: bool = False,
     """Split `split` of the prepared tfds dataset `name` as lazy documents."""
     import tensorflow_datasets as tfds
 
-    import llamax.datasets.text_files  # noqa: F401  (registers the `text_files` builder)
+    import llamax.data.text_files  # noqa: F401  (registers the `text_files` builder)
 
     try:
         builder = tfds.builder(
@@ -110,7 +110,7 @@ def open_tfds(name: str, split: str, *, data_dir=None, sft_format: bool = False,
         raise DataError(
             f"tfds dataset {name!r} is not prepared under {builder.data_dir}; prepare it with "
             "file_format='array_record' (e.g. `tfds build NAME --file_format=array_record`, or "
-            "`python -m llamax.datasets.text_files` for local files)")
+            "`python -m llamax.data.text_files` for local files)")
     file_format = builder.info.file_format
     if file_format is not None and file_format.value != "array_record":
         has_tf = importlib.util.find_spec("tensorflow") is not None

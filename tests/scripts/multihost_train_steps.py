@@ -39,10 +39,10 @@ def main() -> None:
     initialize(args.coordinator_address, args.num_processes, args.process_id)
     import jax
 
-    from llamax.checkpoint import Checkpointer
+    from llamax.train.checkpoint import Checkpointer
     from llamax.config import get_preset
     from llamax.data.loader import to_global_batch
-    from llamax.optim import OptimConfig
+    from llamax.train.optim import OptimConfig
     from llamax.sharding import MeshConfig, batch_sharding, make_mesh
     from llamax.train import init_train_state, make_train_step
 

@@ -2,7 +2,7 @@
 
     result = evaluate_perplexity(config, params, batches)  # {'loss', 'perplexity', 'tokens'}
 
-Batches follow the train-step contract (`llamax.train`): only targets with `loss_mask` > 0 count,
+Batches follow the train-step contract (`llamax.train.step`): only targets with `loss_mask` > 0 count,
 so padding rows, document ends, the cut between the pieces of a document split across rows and
 SFT prompt tokens are never scored, and packed documents never attend to each other
 (`segment_ids`). `loss` is the mean NLL in nats per scored token; perplexity = exp(loss).
@@ -19,7 +19,7 @@ from llamax.data.loader import to_global_batch
 from llamax.errors import DataError
 from llamax.sharding import (LOGICAL_AXIS_RULES, MeshConfig, Rules, batch_sharding, make_mesh,
                              param_shardings)
-from llamax.train import make_eval_step
+from llamax.train.step import make_eval_step
 
 Batch = dict[str, Any]
 MAX_LOG_PERPLEXITY = 80.0  # exp(80) ~ 5e34: keeps an untrained model's perplexity finite
@@ -27,7 +27,7 @@ MAX_LOG_PERPLEXITY = 80.0  # exp(80) ~ 5e34: keeps an untrained model's perplexi
 
 def sum_nll(eval_step: Callable[..., dict], params: Any, batches: Iterable[Batch],
             sharding: jax.sharding.NamedSharding, frozen: Any = None) -> tuple[float, float]:
-    """(total NLL, total scored tokens) of `eval_step` (`llamax.train.make_eval_step`) over
+    """(total NLL, total scored tokens) of `eval_step` (`llamax.train.step.make_eval_step`) over
     host batches; sums in float64 on the host so long evaluations do not lose precision."""
     loss_sum = tokens = 0.0
     for batch in batches:

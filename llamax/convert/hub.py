@@ -25,13 +25,13 @@ import numpy as np
 from tqdm import tqdm
 
 from llamax.config import ModelConfig
-from llamax.convert import (LAYER_TABLE, TOP_TABLE, expected_hf_shapes, hf_to_params, match_hf_tensors,
+from llamax.convert.hf import (LAYER_TABLE, TOP_TABLE, expected_hf_shapes, hf_to_params, match_hf_tensors,
                             read_hf_config)
-from llamax.convert_io import atomic_output_dir, check_destination, contiguous_bytes, dtype_name, parse_dtype
-from llamax.convert_meta import MetaReader, MetaWriter
+from llamax.convert.files import atomic_output_dir, check_destination, contiguous_bytes, dtype_name, parse_dtype
+from llamax.convert.meta import MetaReader, MetaWriter
 from llamax.errors import CheckpointError, ConfigError
-from llamax.params_checkpoint import LeafPath, LeafReader, LeafWriter
-from llamax.weights_io import SAFETENSORS_DTYPES, WeightFolder
+from llamax.convert.orbax import LeafPath, LeafReader, LeafWriter
+from llamax.convert.weight_files import SAFETENSORS_DTYPES, WeightFolder
 
 FORMATS = ("hf", "meta", "orbax")
 
@@ -209,7 +209,7 @@ class HFSink:
 
 
 class OrbaxSink:
-    """Writes a scanned params checkpoint (see `llamax.params_checkpoint`) from HF tensors."""
+    """Writes a scanned params checkpoint (see `llamax.convert.orbax`) from HF tensors."""
 
     def __init__(self, config: ModelConfig, folder: Path, dtype: np.dtype):
         self.config = config

@@ -10,7 +10,7 @@ Adapters are a pytree shaped like the params but holding, for each targeted proj
 A keeps the kernel's input axes and B its output axes, with the same logical names, so adapters
 shard like their kernel (the rank axis is never sharded). B starts at zero, so an untrained
 adapter leaves the model unchanged. The model reads adapters from the `lora` variable collection
-(`model_variables`); the train step differentiates only the adapters (`llamax.train`), and
+(`model_variables`); the train step differentiates only the adapters (`llamax.train.step`), and
 `merge_lora` folds them into the kernels for export.
 """
 from __future__ import annotations
@@ -27,7 +27,7 @@ from jax.sharding import Mesh, PartitionSpec
 
 from llamax.config import ModelConfig
 from llamax.errors import CheckpointError, ConfigError
-from llamax.model import LORA_COLLECTION, init_params, param_logical_axes
+from llamax.model.llama import LORA_COLLECTION, init_params, param_logical_axes
 from llamax.sharding import LOGICAL_AXIS_RULES, Rules, check_heads_divisible, logical_to_sharding
 from llamax.tree_paths import nest
 
@@ -236,7 +236,7 @@ def merge_lora(config: ModelConfig, params: Mapping, adapters: Mapping, lora: Lo
     """Params with every adapter folded in: kernel + (alpha / rank) A B, in the kernel's dtype.
 
     The result is a plain params pytree (same structure as `params`): save it with
-    `llamax.convert.save_hf`, `llamax.convert_meta.save_meta` or `params_checkpoint.save_params`.
+    `llamax.convert.hf.save_hf`, `llamax.convert.meta.save_meta` or `params_checkpoint.save_params`.
     """
     check_adapters(config, lora, adapters)
     merged = dict(params)  # containers on the adapters' paths are copied below; leaves shared

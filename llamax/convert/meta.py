@@ -29,13 +29,13 @@ from typing import Any, Iterator, Mapping
 import numpy as np
 
 from llamax.config import ModelConfig
-from llamax.convert import check_params, expected_hf_shapes, hf_to_params, params_to_hf
-from llamax.convert_io import atomic_output_dir, parse_dtype
+from llamax.convert.hf import check_params, expected_hf_shapes, hf_to_params, params_to_hf
+from llamax.convert.files import atomic_output_dir, parse_dtype
 from llamax.errors import CheckpointError, ConfigError
-from llamax.meta_config import (LLAMA3_VOCAB_SIZE, PARAMS_FILE, config_from_meta, config_to_meta,
+from llamax.convert.meta_config import (LLAMA3_VOCAB_SIZE, PARAMS_FILE, config_from_meta, config_to_meta,
                                  meta_intermediate_size, read_params_json)
-from llamax.pth_io import PthFile, PthWriter
-from llamax.weights_io import safe_member
+from llamax.convert.pth import PthFile, PthWriter
+from llamax.convert.weight_files import safe_member
 
 SHARD_PATTERN = re.compile(r"^consolidated\.(\d+)\.pth$")
 REPLICATED = None  # split dim of tensors every shard holds whole (norms)

@@ -7,7 +7,7 @@ Layout of a params checkpoint folder (written all-or-nothing):
       params/               # orbax PyTree checkpoint of {'params': <llamax params>} (OCDBT)
 
 `load_params` also reads a training run: `<run>/model_config.json` plus `<run>/checkpoints/<step>/`
-written by `llamax.checkpoint.Checkpointer` (params taken from its `state` item; the optimizer
+written by `llamax.train.checkpoint.Checkpointer` (params taken from its `state` item; the optimizer
 state is never read). It accepts the run folder, its `checkpoints/` folder or one step folder.
 
 Streaming (used by the converters, bounded memory):
@@ -32,7 +32,7 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint._src.serialization import type_handlers
 
 from llamax.config import ModelConfig
-from llamax.convert_io import atomic_output_dir, contiguous_bytes, dtype_name
+from llamax.convert.files import atomic_output_dir, contiguous_bytes, dtype_name
 from llamax.errors import CheckpointError, ConfigError
 from llamax.tree_paths import flatten, nest
 
@@ -79,7 +79,7 @@ class ParamsLocation:
 
 def locate_params(path: str | os.PathLike, step: int | None = None) -> ParamsLocation:
     """Finds the params in a params checkpoint, a run folder, its `checkpoints/`, or a step folder."""
-    from llamax.checkpoint import STATE_ITEM, Checkpointer  # the training checkpoint format
+    from llamax.train.checkpoint import STATE_ITEM, Checkpointer  # the training checkpoint format
 
     path = Path(path).absolute()
     if (path / PARAMS_ITEM).is_dir() and (path / CONFIG_FILE).exists():
@@ -185,7 +185,7 @@ def load_params(path: str | os.PathLike, abstract_params: PyTree = None, *,
                     raise CheckpointError(f"params leaf {'/'.join(leaf)}: checkpoint shape {tuple(saved[leaf].shape)}"
                                           f", requested {tuple(struct.shape)}; the model config differs")
         return config, _restore(location.tree_dir, {PARAMS_ITEM: nest(wanted)})[PARAMS_ITEM]
-    from llamax.checkpoint import restore_params
+    from llamax.train.checkpoint import restore_params
 
     return config, restore_params(location.tree_dir.parent.parent, location.step, abstract_params)
 

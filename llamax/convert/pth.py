@@ -30,7 +30,7 @@ from typing import Mapping
 import ml_dtypes
 import numpy as np
 
-from llamax.convert_io import contiguous_bytes
+from llamax.convert.files import contiguous_bytes
 from llamax.errors import CheckpointError
 
 _LOCAL_HEADER = struct.Struct("<4s5H3I2H")  # zip local file header, 30 bytes

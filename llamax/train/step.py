@@ -15,7 +15,7 @@ state's params are the model params. With it, the state's params are the LoRA ad
 optimizer state, checkpoints and donation cover only them) and the steps take the frozen base
 params as one more, non-donated argument: `train_step(state, batch, base_params)`. One step
 function serves both: it differentiates `trainable` and builds the forward's variables with
-`llamax.lora.model_variables(trainable, frozen, lora_config)`.
+`llamax.model.lora.model_variables(trainable, frozen, lora_config)`.
 """
 from __future__ import annotations
 
@@ -29,9 +29,9 @@ import optax
 
 from llamax.config import ModelConfig
 from llamax.errors import ConfigError
-from llamax.lora import LoraConfig, adapter_shardings, init_adapters, model_variables
-from llamax.model import Llama
-from llamax.optim import OptimConfig, learning_rate_schedule, make_optimizer
+from llamax.model.lora import LoraConfig, adapter_shardings, init_adapters, model_variables
+from llamax.model.llama import Llama
+from llamax.train.optim import OptimConfig, learning_rate_schedule, make_optimizer
 from llamax.sharding import (LOGICAL_AXIS_RULES, Rules, batch_sharding, check_batch_size,
                              data_parallel_size, param_shardings, replicated)
 
@@ -330,7 +330,7 @@ def make_eval_step(model_config: ModelConfig, mesh: jax.sharding.Mesh,
     `lora_config`: `eval_step(adapters, batch, base_params)`).
 
     Sum both over batches; perplexity = exp(total loss_sum / total scored_tokens)
-    (`llamax.evaluate` does this).
+    (`llamax.infer.evaluate` does this).
     """
     model = Llama(model_config)
 

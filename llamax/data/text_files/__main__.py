@@ -1,6 +1,6 @@
 """Prepare local text / JSONL files as an array_record tfds dataset.
 
-    python -m llamax.datasets.text_files --name mine --train a.txt b.jsonl \
+    python -m llamax.data.text_files --name mine --train a.txt b.jsonl \
         --validation c.txt --data_dir ~/tensorflow_datasets [--sft] [--split paragraph]
 
 Read it back with `tfds.data_source("text_files/mine", split="train", data_dir=...)` or
@@ -8,7 +8,7 @@ Read it back with `tfds.data_source("text_files/mine", split="train", data_dir=.
 """
 import argparse
 
-from llamax.datasets.text_files import build_text_dataset
+from llamax.data.text_files import build_text_dataset
 
 
 def main(argv=None) -> None:

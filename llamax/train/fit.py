@@ -28,7 +28,7 @@ from typing import Any, Sequence
 import jax
 import numpy as np
 
-from llamax.checkpoint import Checkpointer
+from llamax.train.checkpoint import Checkpointer
 from llamax.config import ModelConfig
 from llamax.data import sft
 from llamax.data.corpus import shakespeare_passages
@@ -36,17 +36,17 @@ from llamax.data.loader import LoaderConfig, make_loader, to_global_batch
 from llamax.data.shakespeare_sft import shakespeare_sft_records
 from llamax.data.sources import open_documents
 from llamax.errors import ConfigError, DataError, LlamaxError
-from llamax.evaluate import sum_nll, summarize
-from llamax.lora import LoraConfig
-from llamax.metrics_log import MetricsLogger, truncate_metrics
-from llamax.model import init_params as random_params
-from llamax.optim import OptimConfig
-from llamax.params_checkpoint import read_model_config  # noqa: F401  (a run dir is read like a params checkpoint)
-from llamax.preemption import PreemptionGuard
+from llamax.infer.evaluate import sum_nll, summarize
+from llamax.model.lora import LoraConfig
+from llamax.train.metrics import MetricsLogger, truncate_metrics
+from llamax.model.llama import init_params as random_params
+from llamax.train.optim import OptimConfig
+from llamax.convert.orbax import read_model_config  # noqa: F401  (a run dir is read like a params checkpoint)
+from llamax.train.preemption import PreemptionGuard
 from llamax.sharding import (LOGICAL_AXIS_RULES, MeshConfig, batch_sharding, check_batch_size,
                              check_heads_divisible, make_mesh, param_shardings)
 from llamax.tokenizer import Tokenizer, check_vocab
-from llamax.train import (TrainState, abstract_train_state, init_train_state, make_eval_step,
+from llamax.train.step import (TrainState, abstract_train_state, init_train_state, make_eval_step,
                           make_train_step, peak_flops_per_device, state_shardings, throughput)
 
 logger = logging.getLogger(__name__)

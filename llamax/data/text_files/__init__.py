@@ -1,5 +1,5 @@
 """tfds builder `text_files`: local text / JSONL files -> array_record dataset."""
-from llamax.datasets.text_files.text_files_dataset_builder import (
+from llamax.data.text_files.text_files_dataset_builder import (
     TextFiles,
     TextFilesConfig,
     build_text_dataset,

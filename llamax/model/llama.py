@@ -6,7 +6,7 @@ Projection kernels keep heads as their own axis ([embed, heads, head_dim]) so te
 splits whole heads and the rules table can name them.
 
 LoRA: pass adapters as a second variable collection, `apply({'params': p, 'lora': adapters}, ...)`
-(see `llamax.lora`); every Projection that finds `lora_a`/`lora_b` there adds their low-rank term.
+(see `llamax.model.lora`); every Projection that finds `lora_a`/`lora_b` there adds their low-rank term.
 
 Logical axis names. Params: vocab, embed, heads, kv_heads, head_dim, mlp, norm (+ layers when
 scanned). Activations use their own names (act_*) because a param axis that is sharded for FSDP
@@ -23,7 +23,7 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
 from llamax.config import ModelConfig
-from llamax.rope import apply_rotary, inverse_frequencies, rotary_cos_sin
+from llamax.model.rope import apply_rotary, inverse_frequencies, rotary_cos_sin
 
 Array = jax.Array
 

@@ -23,7 +23,7 @@ import numpy as np
 from llamax.config import ModelConfig
 from llamax.errors import CheckpointError, ConfigError
 from llamax.tree_paths import get_path, set_path
-from llamax.weights_io import WeightFolder, save_safetensors
+from llamax.convert.weight_files import WeightFolder, save_safetensors
 
 Tensor = np.ndarray
 # llamax path inside one decoder layer -> (HF name suffix, HF shape, to llamax, to HF)

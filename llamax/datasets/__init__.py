@@ -1,1 +1,0 @@
-"""tfds dataset builders owned by llamax. Importing a builder's package registers it with tfds."""
