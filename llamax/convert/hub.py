@@ -19,7 +19,7 @@ import collections.abc
 import json
 import os
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable
 
 import numpy as np
 from tqdm import tqdm

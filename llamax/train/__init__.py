@@ -1,6 +1,7 @@
 """Training: the state and its sharded init, the step functions, the optimizer and the loop.
 
-  step.py        TrainState, abstract state and shardings, sharded init, train/eval steps, FLOPs
+  step.py        TrainState, abstract state and shardings, sharded init, train/eval steps
+  flops.py       model FLOPs per token, device peaks, tokens/s and MFU
   optim.py       AdamW recipe: schedule, clipping, weight-decay mask (OptimConfig)
   fit.py         the host loop: data -> steps -> logs, evals, checkpoints, exact resume
                  (DataConfig, TrainConfig, fit)
@@ -10,11 +11,10 @@
 
 The loop (`llamax.train.fit`) is not imported here: importing the step functions stays cheap.
 """
-from llamax.train.step import (PEAK_FLOPS_PER_DEVICE, TrainState, abstract_train_state,
-                               cross_entropy_sums, flops_per_token, init_train_state,
+from llamax.train.flops import PEAK_FLOPS_PER_DEVICE, flops_per_token, peak_flops_per_device, throughput
+from llamax.train.step import (TrainState, abstract_train_state, cross_entropy_sums, init_train_state,
                                make_eval_step, make_init, make_loss_and_grads, make_train_step,
-                               peak_flops_per_device, state_shardings, throughput,
-                               trainable_shardings)
+                               state_shardings, trainable_shardings)
 
 __all__ = ["PEAK_FLOPS_PER_DEVICE", "TrainState", "abstract_train_state", "cross_entropy_sums",
            "flops_per_token", "init_train_state", "make_eval_step", "make_init",

@@ -46,8 +46,9 @@ from llamax.train.preemption import PreemptionGuard
 from llamax.sharding import (LOGICAL_AXIS_RULES, MeshConfig, batch_sharding, check_batch_size,
                              check_heads_divisible, make_mesh, param_shardings)
 from llamax.tokenizer import Tokenizer, check_vocab
-from llamax.train.step import (TrainState, abstract_train_state, init_train_state, make_eval_step,
-                          make_train_step, peak_flops_per_device, state_shardings, throughput)
+from llamax.train.flops import peak_flops_per_device, throughput
+from llamax.train.step import (abstract_train_state, init_train_state, make_eval_step,
+                               make_train_step, state_shardings)
 
 logger = logging.getLogger(__name__)
 MODEL_CONFIG_FILE = "model_config.json"

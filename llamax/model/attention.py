@@ -1,0 +1,54 @@
+"""Attention arithmetic: softmax(q k^T / sqrt(d)) v with GQA, masks and causal query blocks.
+
+The `Attention` module (`llamax.model.llama`) computes the projections, rotary embeddings and the
+KV cache; this file only combines q, k and v, and holds one function per implementation
+(`ModelConfig.attention_impl`).
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from llamax.config import ModelConfig
+
+Array = jax.Array
+
+
+def attend(q: Array, k: Array, v: Array, mask: Array, config: ModelConfig,
+           causal: bool = False) -> Array:
+    """softmax(q k^T / sqrt(d)) v where `mask` [batch, q_len, kv_len] is True; GQA without
+    repeating k/v: query heads are grouped under the kv head they share.
+
+    causal=True promises that `mask` already hides every key slot after the query's own slot
+    (no cache: query i is key i). The XLA path then splits the queries into blocks of
+    `config.attention_block_size` and lets block j read only keys [0, (j+1) * block): the
+    masked upper triangle is never computed (about half the attention work and memory at long
+    sequences). cuDNN gets `is_causal=True` and skips it itself.
+    """
+    if config.attention_impl == "cudnn":
+        # GQA is native; `mask` (causal & same segment) becomes an additive bias inside jax.
+        return jax.nn.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype),
+                                            mask=mask[:, None], is_causal=causal,
+                                            implementation="cudnn")
+    q_len, block = q.shape[1], config.attention_block_size
+    if not causal or not block or q_len <= block:
+        return _attend_dense(q, k, v, mask)
+    outputs = []
+    for start in range(0, q_len, block):  # static: a few blocks per layer
+        end = min(start + block, q_len)
+        outputs.append(_attend_dense(q[:, start:end], k[:, :end], v[:, :end], mask[:, start:end, :end]))
+    return jnp.concatenate(outputs, axis=1)  # [batch, q_len, heads, head_dim]
+
+
+def _attend_dense(q: Array, k: Array, v: Array, mask: Array) -> Array:
+    """The full [q_len, kv_len] attention of `attend`, scores and softmax in float32."""
+    batch, q_len, heads, head_dim = q.shape
+    kv_heads = k.shape[2]
+    groups = heads // kv_heads
+    q = q.reshape(batch, q_len, kv_heads, groups, head_dim)  # [batch, q_len, kv_heads, groups, head_dim]
+    scores = jnp.einsum("BTKGD,BSKD->BKGTS", q, k.astype(q.dtype),
+                        preferred_element_type=jnp.float32) * (head_dim ** -0.5)
+    scores = jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)  # [batch, kv_heads, groups, q_len, kv_len]
+    out = jnp.einsum("BKGTS,BSKD->BTKGD", probs, v.astype(q.dtype))
+    return out.reshape(batch, q_len, heads, head_dim)
