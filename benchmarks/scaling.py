@@ -56,7 +56,7 @@ def main(argv=None) -> list[dict]:
         rows.append(dict(model=name, **measure(config, batch_size, seq_len, args.steps)))
         print(rows[-1], flush=True)
     print(f"load {os.getloadavg()}")
-    print(f"| model | params | batch x seq | attention | step s | tokens/s | GFLOP/s | "
+    print("| model | params | batch x seq | attention | step s | tokens/s | GFLOP/s | "
           "XLA args MiB | XLA temp MiB |\n|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         attention = f"blocks of {r['attention_block_size']}" if r["attention_block_size"] else "dense"

@@ -79,7 +79,7 @@ def write_params(config: ModelConfig, params: Any, out: str | os.PathLike, fmt: 
     import numpy as np
 
     from llamax.convert import save_hf
-    from llamax.convert.files import parse_dtype
+    from llamax.dtypes import parse_dtype
     from llamax.convert.meta import save_meta
     from llamax.convert.orbax import save_params
 

@@ -200,14 +200,16 @@ def batch_sharding(mesh: Mesh, rules: Rules = LOGICAL_AXIS_RULES) -> NamedShardi
     return NamedSharding(mesh, nn.logical_to_mesh_axes(("batch", "length"), rules))
 
 
-def shard_batch(batch: dict[str, Any], mesh: Mesh, rules: Rules = LOGICAL_AXIS_RULES) -> dict[str, jax.Array]:
+def to_global_batch(local_batch: dict[str, Any], sharding: NamedSharding) -> dict[str, jax.Array]:
     """Places this process's rows of a [batch, seq] numpy batch on the mesh as global arrays.
 
-    With one process `batch` is the whole batch; with several, each process passes its own
-    contiguous slice of rows and the global batch is their concatenation in process order.
+    With one process `local_batch` is the whole batch; with several, each process passes its own
+    contiguous slice of rows and the global batch is their concatenation in process order, so the
+    leading axis of `sharding` must be split across processes in process order (as
+    `batch_sharding` is).
     """
-    sharding = batch_sharding(mesh, rules)
-    return {key: jax.make_array_from_process_local_data(sharding, value) for key, value in batch.items()}
+    return {key: jax.make_array_from_process_local_data(sharding, value)
+            for key, value in local_batch.items()}
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

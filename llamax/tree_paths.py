@@ -1,9 +1,27 @@
-"""Nested-dict pytrees addressed by key paths: ('layers', 'self_attn', 'q_proj', 'kernel')."""
+"""Pytrees addressed by key paths of plain strings: ('layers', 'self_attn', 'q_proj', 'kernel').
+
+jax names a leaf's path with key objects (DictKey, GetAttrKey for dataclass fields, SequenceKey,
+...); `path_names` turns one into the strings used everywhere else (checkpoint leaf names, the
+weight-decay mask, LoRA targets), the same strings orbax stores.
+"""
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 KeyPath = tuple[str, ...]
+
+
+def key_name(entry: Any) -> str:
+    """The plain name of one jax key-path entry: a dict key, field name or sequence index."""
+    for attribute in ("key", "name", "idx"):
+        if hasattr(entry, attribute):
+            return str(getattr(entry, attribute))
+    return str(entry)
+
+
+def path_names(path: Sequence[Any]) -> KeyPath:
+    """A jax key path (from `jax.tree_util.tree_flatten_with_path`) as plain strings."""
+    return tuple(key_name(entry) for entry in path)
 
 
 def set_path(tree: dict, path: KeyPath, value: Any) -> None:

@@ -186,14 +186,14 @@ def test_save_refuses_existing_folder_and_leaves_nothing_on_failure(tmp_path, gq
 
 
 def test_save_cleans_its_staging_folder_when_writing_fails(tmp_path, gqa_folder, monkeypatch):
-    import llamax.convert.hf as convert
+    from llamax.convert.hf import HFWriter
 
     config, params = load_hf(gqa_folder)
 
-    def disk_full(path, tensors):
+    def disk_full(self, name, tensor):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(convert, "save_safetensors", disk_full)
+    monkeypatch.setattr(HFWriter, "write", disk_full)
     with pytest.raises(OSError, match="No space"):
         save_hf(config, params, tmp_path / "out")
     assert list(tmp_path.iterdir()) == []

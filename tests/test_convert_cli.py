@@ -137,7 +137,7 @@ def test_failure_mid_conversion_leaves_nothing(tmp_path, hf_folder, monkeypatch)
         if len(calls) == 5:
             raise CheckpointError("disk full (simulated)")
 
-    monkeypatch.setattr(convert_hub.HFSink, "write", failing_write)
+    monkeypatch.setattr(convert_hub.HFWriter, "write", failing_write)
     with pytest.raises(CheckpointError, match="simulated"):
         convert(hf_folder, "hf", tmp_path / "out", "hf", progress=False)
     assert os.listdir(tmp_path) == []

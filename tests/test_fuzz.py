@@ -13,7 +13,6 @@ import collections
 import contextlib
 import io
 import json
-import math
 import struct
 import tempfile
 from pathlib import Path

@@ -9,7 +9,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from data_fixtures import small_tokenizer  # noqa: F401  (session fixture)
 from llamax.data import BATCH_DTYPES, BATCH_KEYS, corpus
-from llamax.data.loader import make_loader, to_global_batch
+from llamax.sharding import to_global_batch
+from llamax.data.loader import make_loader
 from llamax.errors import DataError
 
 SEQ_LEN, BATCH = 64, 4

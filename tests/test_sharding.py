@@ -11,7 +11,7 @@ from llamax.errors import ConfigError
 from llamax.model import param_logical_axes
 from llamax.sharding import (LOGICAL_AXIS_RULES, MESH_PRESETS, MeshConfig, batch_sharding,
                              check_batch_size, data_parallel_size, get_mesh_preset, make_mesh,
-                             param_partition_specs, param_shardings, shard_batch)
+                             param_partition_specs, param_shardings, to_global_batch)
 
 TINY = get_preset("tiny")
 
@@ -123,7 +123,7 @@ def test_batch_checks_and_sharding():
     assert data_parallel_size(mesh) == 4
     assert batch_sharding(mesh).spec == P(("data", "fsdp"), None)
     check_batch_size(8, mesh)
-    batch = shard_batch({"tokens": np.arange(32, dtype=np.int32).reshape(8, 4)}, mesh)
+    batch = to_global_batch({"tokens": np.arange(32, dtype=np.int32).reshape(8, 4)}, batch_sharding(mesh))
     assert batch["tokens"].sharding.spec == P(("data", "fsdp"), None)
     np.testing.assert_array_equal(batch["tokens"], np.arange(32).reshape(8, 4))
     with pytest.raises(ConfigError, match="batch size 6 is not divisible by the data-parallel size 4"):

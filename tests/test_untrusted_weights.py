@@ -106,7 +106,7 @@ def test_pickle_of_plain_non_tensor_values_is_refused(tmp_path):
     path = tmp_path / "odd.bin"
     torch.save({"w": torch.ones(2), "step": 3}, path)
     with pytest.raises(CheckpointError, match="not a flat dict of tensors"):
-        weights_io.load_torch_file(path)
+        PthFile(path)
 
 
 @pytest.mark.parametrize("layout", ["single", "bin_index"])

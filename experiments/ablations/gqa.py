@@ -43,7 +43,6 @@ def plot(sweep: sweeps.Sweep, root: str, summary: list[dict], path) -> None:
     left.set_title("eval loss (solid: seed 0, dotted: seed 1)")
     left.grid(alpha=0.3)
     left.legend(fontsize=7)
-    kv = [row["kv_heads"] for row in summary]
     for row in summary:
         right.errorbar([str(row["kv_heads"])], [row["eval_loss_mean"]],
                        yerr=[row["eval_loss_spread"] / 2], fmt="o", capsize=6,

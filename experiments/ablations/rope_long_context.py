@@ -25,9 +25,9 @@ from experiments.ablations.common import RESULTS_DIR, run_spec, sweep_timing, wr
 from llamax.train.checkpoint import restore_params
 from llamax.config import ModelConfig, RopeScaling
 from llamax.data.corpus import shakespeare_passages
-from llamax.data.loader import LoaderConfig, make_loader, to_global_batch
+from llamax.data.loader import LoaderConfig, make_loader
 from llamax.train.fit import read_model_config
-from llamax.sharding import MeshConfig, batch_sharding, make_mesh, param_shardings
+from llamax.sharding import MeshConfig, batch_sharding, make_mesh, param_shardings, to_global_batch
 from llamax.tokenizer import Tokenizer
 from llamax.train import make_eval_step
 

@@ -9,21 +9,19 @@ memory is the llamax params being built plus one tensor, never a second copy of 
 """
 from __future__ import annotations
 
-import collections
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping
 
-import ml_dtypes
 import numpy as np
 
 from llamax.config import ModelConfig
+from llamax.convert.weight_files import WeightFolder, safetensors_header
+from llamax.dtypes import dtype_name, numpy_dtype, parse_dtype
 from llamax.errors import CheckpointError, ConfigError
+from llamax.files import atomic_output_dir, contiguous_bytes
 from llamax.tree_paths import get_path, set_path
-from llamax.convert.weight_files import WeightFolder, save_safetensors
 
 Tensor = np.ndarray
 # llamax path inside one decoder layer -> (HF name suffix, HF shape, to llamax, to HF)
@@ -242,16 +240,65 @@ def load_hf(path: str | os.PathLike, **config_overrides: Any) -> tuple[ModelConf
     return config, hf_to_params(config, WeightFolder(path))
 
 
-def _shard_plan(sizes: list[tuple[str, int]], max_shard_bytes: int) -> list[list[str]]:
-    shards: list[list[str]] = [[]]
-    current = 0
-    for name, size in sizes:
-        if shards[-1] and current + size > max_shard_bytes:
-            shards.append([])
-            current = 0
-        shards[-1].append(name)
-        current += size
-    return shards
+class HFWriter:
+    """Writes an HF checkpoint folder from HF-named tensors arriving in any order: the one HF
+    writer (`save_hf` and the conversion hub both drive it).
+
+    The safetensors files are laid out up front (sharded above `max_shard_size` bytes, with a
+    `model.safetensors.index.json`), each tensor is written at its offset as it arrives, so at
+    most one tensor is held, and `config.json` records `dtype`. `close` checks every tensor came.
+    """
+
+    def __init__(self, config: ModelConfig, folder: str | os.PathLike, dtype: Any,
+                 max_shard_size: int = 5 * 2**30):
+        self.folder, self.dtype = Path(folder), numpy_dtype(dtype)
+        shapes = expected_hf_shapes(config)
+        files: list[list[str]] = [[]]  # tensor names per file, in table order
+        size = 0
+        for name, shape in shapes.items():
+            nbytes = int(np.prod(shape)) * self.dtype.itemsize
+            if files[-1] and size + nbytes > max_shard_size:
+                files.append([])
+                size = 0
+            files[-1].append(name)
+            size += nbytes
+        self._where: dict[str, tuple[Path, int, tuple]] = {}  # name -> (file, byte offset, shape)
+        weight_map = {}
+        for index, names in enumerate(files):
+            file_name = ("model.safetensors" if len(files) == 1
+                         else f"model-{index + 1:05d}-of-{len(files):05d}.safetensors")
+            header, offsets, data_size = safetensors_header({n: (self.dtype, shapes[n]) for n in names})
+            with open(self.folder / file_name, "wb") as f:
+                f.write(header)
+                f.truncate(len(header) + data_size)  # sparse until the tensors arrive
+            for name in names:
+                self._where[name] = (self.folder / file_name, len(header) + offsets[name], shapes[name])
+                weight_map[name] = file_name
+        if len(files) > 1:
+            total = sum(int(np.prod(s)) * self.dtype.itemsize for s in shapes.values())
+            (self.folder / "model.safetensors.index.json").write_text(
+                json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+        hf_config = config.to_hf()
+        hf_config["torch_dtype"] = hf_config["dtype"] = dtype_name(self.dtype)
+        (self.folder / "config.json").write_text(json.dumps(hf_config, indent=2))
+        self._pending = set(self._where)
+
+    def write(self, name: str, array: np.ndarray) -> None:
+        """Casts and writes one HF tensor at its place."""
+        if name not in self._where:
+            raise CheckpointError(f"tensor {name!r} is not part of this model's HF checkpoint")
+        path, offset, shape = self._where[name]
+        if tuple(array.shape) != tuple(shape):
+            raise CheckpointError(f"tensor {name!r} has shape {tuple(array.shape)}, expected {tuple(shape)}")
+        data = contiguous_bytes(np.asarray(array).astype(self.dtype, copy=False))
+        with open(path, "r+b") as f:
+            f.seek(offset)
+            f.write(data)
+        self._pending.discard(name)
+
+    def close(self) -> None:
+        if self._pending:
+            raise CheckpointError(f"{len(self._pending)} tensor(s) never written, e.g. {sorted(self._pending)[:3]}")
 
 
 def save_hf(config: ModelConfig, params: Mapping, path: str | os.PathLike, *, dtype: Any = None,
@@ -261,45 +308,14 @@ def save_hf(config: ModelConfig, params: Mapping, path: str | os.PathLike, *, dt
 
     Shards above `max_shard_size` bytes with a `model.safetensors.index.json`. Everything is written
     to a temporary sibling folder and renamed into place, so a failure leaves nothing half-written.
-    `dtype` ('float32', 'bfloat16', 'float16') casts on the way out; default keeps the params' dtype.
+    `dtype` ('bfloat16'/'bf16', 'float32', 'float16' or a dtype object) casts on the way out;
+    default keeps the params' dtype.
     """
-    path = Path(path)
-    if path.exists() and any(path.iterdir()) and not overwrite:
-        raise CheckpointError(f"{path} exists and is not empty; pass overwrite=True to replace it")
-    out_dtype = None if dtype is None else (ml_dtypes.bfloat16 if str(dtype) in ("bfloat16", "bf16")
-                                            else np.dtype(dtype))
     check_params(config, params)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    try:
-        shapes = expected_hf_shapes(config)
-        first_dtype = np.dtype(out_dtype or np.asarray(get_path(params, ("embed_tokens", "embedding"))).dtype)
-        sizes = [(n, int(np.prod(s)) * first_dtype.itemsize) for n, s in shapes.items()]
-        plan = _shard_plan(sizes, max_shard_size)
-        file_of = {}
-        for index, names in enumerate(plan):
-            file_name = ("model.safetensors" if len(plan) == 1
-                         else f"model-{index + 1:05d}-of-{len(plan):05d}.safetensors")
-            file_of.update({n: file_name for n in names})
-        # Tensors arrive in plan order, so at most one shard's tensors are held at a time.
-        tensors_per_file = collections.Counter(file_of.values())
-        pending: dict[str, dict[str, Tensor]] = {}
-        for name, tensor in params_to_hf(config, params, out_dtype):
-            file_name = file_of[name]
-            pending.setdefault(file_name, {})[name] = tensor
-            if len(pending[file_name]) == tensors_per_file[file_name]:
-                save_safetensors(staging / file_name, pending.pop(file_name))
-        if len(plan) > 1:
-            index = {"metadata": {"total_size": sum(size for _, size in sizes)}, "weight_map": file_of}
-            (staging / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-        hf_config = config.to_hf()
-        hf_config["torch_dtype"] = hf_config["dtype"] = {
-            np.dtype(ml_dtypes.bfloat16): "bfloat16", np.dtype(np.float16): "float16"}.get(first_dtype, "float32")
-        (staging / "config.json").write_text(json.dumps(hf_config, indent=2))
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(staging, path)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return path
+    out_dtype = parse_dtype(dtype) or np.asarray(get_path(params, ("embed_tokens", "embedding"))).dtype
+    with atomic_output_dir(path, overwrite=overwrite) as staging:
+        writer = HFWriter(config, staging, out_dtype, max_shard_size)
+        for name, tensor in params_to_hf(config, params):
+            writer.write(name, tensor)
+        writer.close()
+    return Path(path)

@@ -16,7 +16,6 @@ Output goes to a temporary sibling folder renamed into place at the end (`atomic
 from __future__ import annotations
 
 import collections.abc
-import json
 import os
 from pathlib import Path
 from typing import Any, Callable
@@ -25,13 +24,14 @@ import numpy as np
 from tqdm import tqdm
 
 from llamax.config import ModelConfig
-from llamax.convert.hf import (LAYER_TABLE, TOP_TABLE, expected_hf_shapes, hf_to_params, match_hf_tensors,
-                            read_hf_config)
-from llamax.convert.files import atomic_output_dir, check_destination, contiguous_bytes, dtype_name, parse_dtype
+from llamax.convert.hf import (LAYER_TABLE, TOP_TABLE, HFWriter, expected_hf_shapes, hf_to_params,
+                               match_hf_tensors, read_hf_config)
 from llamax.convert.meta import MetaReader, MetaWriter
-from llamax.errors import CheckpointError, ConfigError
 from llamax.convert.orbax import LeafPath, LeafReader, LeafWriter
-from llamax.convert.weight_files import SAFETENSORS_DTYPES, WeightFolder
+from llamax.convert.weight_files import WeightFolder
+from llamax.dtypes import parse_dtype
+from llamax.errors import CheckpointError, ConfigError
+from llamax.files import atomic_output_dir, check_destination
 
 FORMATS = ("hf", "meta", "orbax")
 
@@ -149,65 +149,6 @@ def open_source(path: str | os.PathLike, fmt: str, *, step: int | None = None):
 
 # ---- sinks --------------------------------------------------------------------------------
 
-class HFSink:
-    """Writes an HF folder: safetensors files laid out up front (sharded above `max_shard_size`
-    bytes, with an index), each tensor written at its offset as it arrives, plus config.json."""
-
-    def __init__(self, config: ModelConfig, folder: Path, dtype: np.dtype, max_shard_size: int = 5 * 2**30):
-        self.folder, self.dtype = folder, np.dtype(dtype)
-        codes = {np.dtype(v): k for k, v in SAFETENSORS_DTYPES.items()}
-        shapes = expected_hf_shapes(config)
-        files: list[list[str]] = [[]]
-        size = 0
-        for name, shape in shapes.items():
-            nbytes = int(np.prod(shape)) * self.dtype.itemsize
-            if files[-1] and size + nbytes > max_shard_size:
-                files.append([])
-                size = 0
-            files[-1].append(name)
-            size += nbytes
-        self._where: dict[str, tuple[Path, int, tuple]] = {}
-        weight_map = {}
-        for index, names in enumerate(files):
-            file_name = "model.safetensors" if len(files) == 1 else f"model-{index + 1:05d}-of-{len(files):05d}.safetensors"
-            header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
-            offset = 0
-            for name in names:
-                end = offset + int(np.prod(shapes[name])) * self.dtype.itemsize
-                header[name] = {"dtype": codes[self.dtype], "shape": list(shapes[name]), "data_offsets": [offset, end]}
-                offset = end
-            blob = json.dumps(header, separators=(",", ":")).encode()
-            blob += b" " * (-len(blob) % 8)
-            with open(folder / file_name, "wb") as f:
-                f.write(len(blob).to_bytes(8, "little") + blob)
-                f.truncate(8 + len(blob) + offset)
-            for name in names:
-                self._where[name] = (folder / file_name, 8 + len(blob) + header[name]["data_offsets"][0], shapes[name])
-                weight_map[name] = file_name
-        if len(files) > 1:
-            total = sum(int(np.prod(s)) * self.dtype.itemsize for s in shapes.values())
-            (folder / "model.safetensors.index.json").write_text(
-                json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
-        hf_config = config.to_hf()
-        hf_config["torch_dtype"] = hf_config["dtype"] = dtype_name(self.dtype)
-        (folder / "config.json").write_text(json.dumps(hf_config, indent=2))
-        self._pending = set(self._where)
-
-    def write(self, name: str, array: np.ndarray) -> None:
-        path, offset, shape = self._where[name]
-        if tuple(array.shape) != tuple(shape):
-            raise CheckpointError(f"tensor {name!r} has shape {tuple(array.shape)}, expected {tuple(shape)}")
-        data = contiguous_bytes(np.asarray(array).astype(self.dtype, copy=False))
-        with open(path, "r+b") as f:
-            f.seek(offset)
-            f.write(data)
-        self._pending.discard(name)
-
-    def close(self) -> None:
-        if self._pending:
-            raise CheckpointError(f"{len(self._pending)} tensor(s) never written, e.g. {sorted(self._pending)[:3]}")
-
-
 class OrbaxSink:
     """Writes a scanned params checkpoint (see `llamax.convert.orbax`) from HF tensors."""
 
@@ -232,7 +173,7 @@ class OrbaxSink:
 def open_sink(fmt: str, config: ModelConfig, folder: Path, dtype: np.dtype, *, num_shards: int = 1,
               max_shard_size: int = 5 * 2**30):
     if fmt == "hf":
-        return HFSink(config, folder, dtype, max_shard_size)
+        return HFWriter(config, folder, dtype, max_shard_size)
     if fmt == "meta":
         return MetaWriter(config, folder, dtype=dtype, num_shards=num_shards)
     if fmt == "orbax":

@@ -30,7 +30,8 @@ import numpy as np
 
 from llamax.config import ModelConfig
 from llamax.convert.hf import check_params, expected_hf_shapes, hf_to_params, params_to_hf
-from llamax.convert.files import atomic_output_dir, parse_dtype
+from llamax.dtypes import parse_dtype
+from llamax.files import atomic_output_dir
 from llamax.errors import CheckpointError, ConfigError
 from llamax.convert.meta_config import (LLAMA3_VOCAB_SIZE, PARAMS_FILE, config_from_meta, config_to_meta,
                                  meta_intermediate_size, read_params_json)

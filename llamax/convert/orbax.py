@@ -32,7 +32,8 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint._src.serialization import type_handlers
 
 from llamax.config import ModelConfig
-from llamax.convert.files import atomic_output_dir, contiguous_bytes, dtype_name
+from llamax.dtypes import dtype_name
+from llamax.files import atomic_output_dir, contiguous_bytes
 from llamax.errors import CheckpointError, ConfigError
 from llamax.tree_paths import flatten, nest
 
@@ -113,16 +114,10 @@ def _saved_tree(tree_dir: Path) -> PyTree:
 
 def _restore(tree_dir: Path, target: PyTree) -> PyTree:
     """orbax partial restore of `target` (ShapeDtypeStructs; with sharding -> jax.Array)."""
+    from llamax.train.checkpoint import tree_restore_args  # the one builder of restore args
 
-    def leaf_args(leaf: jax.ShapeDtypeStruct) -> ocp.RestoreArgs:
-        if getattr(leaf, "sharding", None) is None:
-            return ocp.RestoreArgs(restore_type=np.ndarray, dtype=leaf.dtype)
-        return ocp.ArrayRestoreArgs(sharding=leaf.sharding, global_shape=leaf.shape, dtype=leaf.dtype)
-
-    args = ocp.args.PyTreeRestore(item=target, restore_args=jax.tree.map(leaf_args, target),
-                                  partial_restore=True)
     with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as checkpointer:
-        return checkpointer.restore(tree_dir, args=args)
+        return checkpointer.restore(tree_dir, args=tree_restore_args(target, partial=True))
 
 
 # ---- whole-tree save / load ---------------------------------------------------------------

@@ -30,7 +30,7 @@ from typing import Mapping
 import ml_dtypes
 import numpy as np
 
-from llamax.convert.files import contiguous_bytes
+from llamax.files import contiguous_bytes
 from llamax.errors import CheckpointError
 
 _LOCAL_HEADER = struct.Struct("<4s5H3I2H")  # zip local file header, 30 bytes
@@ -91,8 +91,11 @@ class PthFile:
         torch = _torch()
         self.path = Path(path)
         if not zipfile.is_zipfile(self.path):
-            raise CheckpointError(f"{self.path} is not a torch zip archive (torch.save since 1.6); "
-                                  "re-save it with a current torch")
+            # Legacy pickles cannot be memory-mapped (and are never executed): refused like any
+            # file torch's weights_only loader rejects.
+            raise CheckpointError(f"refusing or unable to load {self.path} as plain tensors (torch.load "
+                                  "weights_only=True): it is not a torch zip archive (the legacy format "
+                                  "of torch < 1.6); re-save it with a current torch")
         try:
             state = torch.load(self.path, map_location="cpu", weights_only=True, mmap=True)
         except Exception as exc:  # torch raises UnpicklingError, RuntimeError, EOFError...
@@ -101,7 +104,8 @@ class PthFile:
                 f"weights_only=True): {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
             ) from exc
         if not isinstance(state, Mapping) or not all(isinstance(t, torch.Tensor) for t in state.values()):
-            raise CheckpointError(f"{self.path} does not hold a flat dict of tensors")
+            raise CheckpointError(f"{self.path} holds a {type(state).__name__} that is not a flat dict of "
+                                  "tensors; expected a state_dict saved with torch.save")
         self.file_size = os.path.getsize(self.path)
         self.entries: dict[str, tuple[int, tuple[int, ...], np.dtype]] = {}
         pointers = [t.untyped_storage().data_ptr() for t in state.values() if t.numel()]

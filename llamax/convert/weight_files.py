@@ -1,7 +1,9 @@
-"""Reading and writing weight files tensor by tensor: safetensors (memory-mapped) and torch `.bin`.
+"""HF weight files read tensor by tensor: safetensors and torch `.bin`, both memory-mapped.
 
-Reading is lazy: `open_weight_folder` returns a mapping whose values are read only when asked
-for, so converters can hold one tensor (or one layer) at a time, whatever the model size.
+Reading is lazy: `WeightFolder(path)` is a mapping whose values are read only when asked for,
+so converters hold one tensor (or one layer) at a time, whatever the model size. Paths named by
+index files are confined to the checkpoint folder (`safe_member`). Writing is `HFWriter`'s job
+(`llamax.convert.hf`); `safetensors_header` is the one header layout both use.
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ from typing import Iterator, Mapping
 import ml_dtypes
 import numpy as np
 
+from llamax.convert.pth import PthFile
 from llamax.errors import CheckpointError
 
 SAFETENSORS_DTYPES = {
@@ -111,42 +114,14 @@ def _check_entry(path: Path, name: str, entry: object) -> None:
                               "expected {\"dtype\", \"shape\": [ints], \"data_offsets\": [begin, end]}")
 
 
-def _torch_to_numpy(tensor) -> np.ndarray:
-    import torch
-
-    tensor = tensor.detach().cpu()
-    if tensor.dtype == torch.bfloat16:
-        return tensor.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
-    return tensor.numpy()
-
-
-def load_torch_file(path: Path) -> dict[str, np.ndarray]:
-    """A `pytorch_model*.bin` / `.pth` state dict as numpy. Uses `weights_only=True`: a pickle that
-    would run code is refused rather than executed."""
-    try:
-        import torch
-    except ImportError as exc:
-        raise CheckpointError(f"reading {path} needs torch: pip install -e '.[convert]'") from exc
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as exc:  # torch raises UnpicklingError, RuntimeError, EOFError...
-        raise CheckpointError(
-            f"refusing or unable to load {path} as plain tensors (torch.load weights_only=True): "
-            f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from exc
-    if not isinstance(state, Mapping) or not all(isinstance(t, torch.Tensor) for t in state.values()):
-        raise CheckpointError(f"{path} holds a {type(state).__name__} that is not a flat dict of "
-                              "tensors; expected a state_dict saved with torch.save")
-    return {name: _torch_to_numpy(t) for name, t in state.items()}
-
-
 class WeightFolder(Mapping):
     """Lazy name -> np.ndarray view over an HF checkpoint folder (single or sharded)."""
 
     def __init__(self, folder: Path):
         self.folder = Path(folder)
-        self._files: dict[str, SafetensorsFile] = {}
+        self._files: dict[Path, SafetensorsFile | PthFile] = {}
         self._where: dict[str, Path] = {}
-        self._torch_cache: dict[Path, dict[str, np.ndarray]] = {}
+        self.format = ""
         self.format = self._discover()
 
     def _discover(self) -> str:
@@ -172,42 +147,31 @@ class WeightFolder(Mapping):
                 return fmt
             if (self.folder / single_name).exists():
                 single = safe_member(self.folder, single_name)
-                names = self._file(single).keys() if fmt == "safetensors" else self._torch(single)
-                for name in names:
+                self.format = fmt
+                for name in self._file(single).keys():
                     self._where[name] = single
                 return fmt
         raise CheckpointError(
             f"no weights found in {self.folder}: expected model.safetensors, "
             "model.safetensors.index.json, pytorch_model.bin or pytorch_model.bin.index.json")
 
-    def _file(self, path: Path) -> SafetensorsFile:
+    def _file(self, path: Path) -> SafetensorsFile | PthFile:
+        # Both kinds map one tensor at a time: a `.bin` shard is read like Meta's `.pth` shards
+        # (`PthFile`: torch unpickles the table of contents with weights_only=True, then each
+        # tensor is memory-mapped), so memory stays at one tensor whatever the shard size.
         if path not in self._files:
-            self._files[path] = SafetensorsFile(path)
+            self._files[path] = SafetensorsFile(path) if self.format == "safetensors" else PthFile(path)
         return self._files[path]
-
-    def _torch(self, path: Path) -> dict[str, np.ndarray]:
-        # One .bin shard is held at a time: shards are ~10 GB at most by HF convention.
-        if path not in self._torch_cache:
-            self._torch_cache.clear()
-            self._torch_cache[path] = load_torch_file(path)
-        return self._torch_cache[path]
 
     def __getitem__(self, name: str) -> np.ndarray:
         path = self._where[name]
-        if self.format == "safetensors":
-            file = self._file(path)
-            if name not in file.entries:
-                raise CheckpointError(f"index says {name!r} is in {path.name}, but that file lacks it")
-            return file.get(name)
-        tensors = self._torch(path)
-        if name not in tensors:
+        file = self._file(path)
+        if name not in file.entries:
             raise CheckpointError(f"index says {name!r} is in {path.name}, but that file lacks it")
-        return tensors[name]
+        return file.get(name)
 
     def shape(self, name: str) -> tuple[int, ...]:
-        if self.format == "safetensors":
-            return self._file(self._where[name]).shape(name)
-        return tuple(self[name].shape)
+        return self._file(self._where[name]).shape(name)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._where)
@@ -216,22 +180,34 @@ class WeightFolder(Mapping):
         return len(self._where)
 
 
-def save_safetensors(path: Path, tensors: Mapping[str, np.ndarray]) -> None:
-    """Writes tensors (numpy, bf16 via ml_dtypes) as one safetensors file with format=pt metadata,
-    which transformers requires."""
+def safetensors_header(entries: Mapping[str, tuple[np.dtype, tuple[int, ...]]]
+                       ) -> tuple[bytes, dict[str, int], int]:
+    """The header of a safetensors file holding `entries` ({name: (dtype, shape)}, in file order).
+
+    Returns (the header bytes: 8-byte length + JSON, padded so tensor data is 8-byte aligned as
+    the reference writer does; each tensor's offset from the end of the header; the data size).
+    The `format: pt` metadata is what transformers requires.
+    """
     header: dict[str, dict] = {"__metadata__": {"format": "pt"}}
-    offset = 0
-    for name, array in tensors.items():
-        code = _DTYPE_CODES.get(np.dtype(array.dtype))
+    offsets, offset = {}, 0
+    for name, (dtype, shape) in entries.items():
+        code = _DTYPE_CODES.get(np.dtype(dtype))
         if code is None:
-            raise CheckpointError(f"cannot write tensor {name!r} of dtype {array.dtype} to safetensors")
-        size = array.size * array.dtype.itemsize
-        header[name] = {"dtype": code, "shape": list(array.shape), "data_offsets": [offset, offset + size]}
+            raise CheckpointError(f"cannot write tensor {name!r} of dtype {np.dtype(dtype)} to safetensors")
+        size = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+        header[name] = {"dtype": code, "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offsets[name] = offset
         offset += size
     blob = json.dumps(header, separators=(",", ":")).encode()
-    blob += b" " * (-len(blob) % 8)  # keep tensor data 8-byte aligned, as the reference writer does
+    blob += b" " * (-len(blob) % 8)
+    return struct.pack("<Q", len(blob)) + blob, offsets, offset
+
+
+def save_safetensors(path: Path, tensors: Mapping[str, np.ndarray]) -> None:
+    """Writes tensors (numpy, bf16 via ml_dtypes) as one safetensors file, whole (tests and
+    benchmarks build fixtures with it; checkpoints are written by `llamax.convert.hf.HFWriter`)."""
+    header, _, _ = safetensors_header({name: (a.dtype, a.shape) for name, a in tensors.items()})
     with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(blob)))
-        f.write(blob)
+        f.write(header)
         for array in tensors.values():
             f.write(np.ascontiguousarray(array).tobytes())

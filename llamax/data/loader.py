@@ -6,7 +6,7 @@
       -> pack into rows and batch (`PackedBatchIterator`, numpy, see `packing`)
 
 Each process reads a disjoint set of documents and yields its local batch of
-`global_batch_size // process_count` rows; `to_global_batch` assembles the local batches of all
+`global_batch_size // process_count` rows; `llamax.sharding.to_global_batch` assembles the local batches of all
 processes into one global `jax.Array` (the global batch is their concatenation, in process order).
 
 The iterator state is a small JSON-serialisable dict: the grain index of the document that starts
@@ -247,17 +247,6 @@ def make_loader(documents: Sequence[Any], tokenizer, config: LoaderConfig | None
     elif config_kwargs:
         config = dataclasses.replace(config, **config_kwargs)
     return Loader(documents, tokenizer, config)
-
-
-def to_global_batch(local_batch: dict[str, np.ndarray],
-                    sharding: jax.sharding.NamedSharding) -> dict[str, jax.Array]:
-    """Assembles every process's `[local_batch, seq_len]` arrays into global `jax.Array`s.
-
-    The leading (batch) axis of `sharding` must be split across processes in process order, e.g.
-    `NamedSharding(mesh, P('data', None))` or `P(('data', 'fsdp'), None)`.
-    """
-    return {key: jax.make_array_from_process_local_data(sharding, value)
-            for key, value in local_batch.items()}
 
 
 def _validate(config: LoaderConfig, process_index: int, process_count: int, num_docs: int) -> None:

@@ -15,7 +15,7 @@ from typing import Any, Callable, Iterable
 import jax
 
 from llamax.config import ModelConfig
-from llamax.data.loader import to_global_batch
+from llamax.sharding import to_global_batch
 from llamax.errors import DataError
 from llamax.sharding import (LOGICAL_AXIS_RULES, MeshConfig, Rules, batch_sharding, make_mesh,
                              param_shardings)

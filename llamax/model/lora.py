@@ -29,7 +29,7 @@ from llamax.config import ModelConfig
 from llamax.errors import CheckpointError, ConfigError
 from llamax.model.llama import LORA_COLLECTION, init_params, param_logical_axes
 from llamax.sharding import LOGICAL_AXIS_RULES, Rules, check_heads_divisible, logical_to_sharding
-from llamax.tree_paths import nest
+from llamax.tree_paths import key_name, nest, path_names
 
 Array = jax.Array
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -89,10 +89,6 @@ class LoraConfig:
 
 # ---- where the adapters go ----------------------------------------------------------------
 
-def _key(entry: Any) -> str:
-    return str(getattr(entry, "key", entry))
-
-
 def _target_kernels(config: ModelConfig, lora: LoraConfig) -> dict[LoraPath, tuple[tuple, tuple]]:
     """{projection path: (kernel shape, kernel logical axes)} of every targeted kernel, from
     abstract init (no arrays made). Scanned params keep a leading 'layers' axis."""
@@ -102,7 +98,7 @@ def _target_kernels(config: ModelConfig, lora: LoraConfig) -> dict[LoraPath, tup
     flat_axes, treedef = jax.tree_util.tree_flatten_with_path(axes, is_leaf=is_spec)
     kernels = {}
     for (path, spec), leaf in zip(flat_axes, treedef.flatten_up_to(abstract)):
-        keys = tuple(_key(entry) for entry in path)
+        keys = path_names(path)
         if keys[-1] == "kernel" and keys[-2] in lora.targets and keys[0].startswith("layers"):
             kernels[keys[:-1]] = (tuple(leaf.shape), tuple(spec))
     return kernels
@@ -217,7 +213,7 @@ def model_variables(trainable: Any, frozen: Any, lora: LoraConfig | None) -> dic
     if lora is None:
         return {"params": trainable}
     scaled = jax.tree_util.tree_map_with_path(
-        lambda path, x: x * jnp.asarray(lora.scale, x.dtype) if _key(path[-1]) == "lora_b" else x,
+        lambda path, x: x * jnp.asarray(lora.scale, x.dtype) if key_name(path[-1]) == "lora_b" else x,
         trainable)
     return {"params": frozen, LORA_COLLECTION: scaled}
 

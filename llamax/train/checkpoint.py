@@ -49,6 +49,7 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
 from llamax.errors import CheckpointError
+from llamax.tree_paths import path_names
 
 logger = logging.getLogger(__name__)
 
@@ -232,7 +233,7 @@ class Checkpointer:
             restored = self._manager.restore(
                 candidate,
                 args=ocp.args.Composite(
-                    **{STATE_ITEM: _tree_restore_args(target), EXTRAS_ITEM: ocp.args.JsonRestore()}
+                    **{STATE_ITEM: tree_restore_args(target), EXTRAS_ITEM: ocp.args.JsonRestore()}
                 ),
             )
             extras = restored[EXTRAS_ITEM]
@@ -272,7 +273,7 @@ class Checkpointer:
             restored = self._manager.restore(
                 candidate,
                 args=ocp.args.Composite(
-                    **{STATE_ITEM: _tree_restore_args({params_key: target}, partial=True)}
+                    **{STATE_ITEM: tree_restore_args({params_key: target}, partial=True)}
                 ),
             )
             return restored[STATE_ITEM][params_key]
@@ -397,14 +398,7 @@ def _leaves_by_path(tree: PyTree, prefix: str) -> dict[str, Any]:
     sequence indices all become plain strings, matching how orbax stores them (as nested dicts)."""
     flat, _ = jax.tree_util.tree_flatten_with_path(tree)
     head = [prefix] if prefix else []
-    return {"/".join(head + [_key_name(key) for key in path]): leaf for path, leaf in flat}
-
-
-def _key_name(key: Any) -> str:
-    for attribute in ("key", "name", "idx"):
-        if hasattr(key, attribute):
-            return str(getattr(key, attribute))
-    return str(key)
+    return {"/".join(head + list(path_names(path))): leaf for path, leaf in flat}
 
 
 def _as_abstract(tree: PyTree) -> PyTree:
@@ -426,7 +420,7 @@ def _host_abstract(saved: PyTree) -> PyTree:
     return jax.tree.map(lambda meta: jax.ShapeDtypeStruct(tuple(meta.shape), meta.dtype), saved)
 
 
-def _tree_restore_args(target: PyTree, partial: bool = False) -> ocp.args.PyTreeRestore:
+def tree_restore_args(target: PyTree, partial: bool = False) -> ocp.args.PyTreeRestore:
     """orbax args restoring `target`'s leaves: onto their sharding, or as numpy if they have none."""
 
     def leaf_args(leaf: jax.ShapeDtypeStruct) -> ocp.RestoreArgs:

@@ -32,7 +32,7 @@ from llamax.train.checkpoint import Checkpointer
 from llamax.config import ModelConfig
 from llamax.data import sft
 from llamax.data.corpus import shakespeare_passages
-from llamax.data.loader import LoaderConfig, make_loader, to_global_batch
+from llamax.data.loader import LoaderConfig, make_loader
 from llamax.data.shakespeare_sft import shakespeare_sft_records
 from llamax.data.sources import open_documents
 from llamax.errors import ConfigError, DataError, LlamaxError
@@ -44,7 +44,7 @@ from llamax.train.optim import OptimConfig
 from llamax.convert.orbax import read_model_config  # noqa: F401  (a run dir is read like a params checkpoint)
 from llamax.train.preemption import PreemptionGuard
 from llamax.sharding import (LOGICAL_AXIS_RULES, MeshConfig, batch_sharding, check_batch_size,
-                             check_heads_divisible, make_mesh, param_shardings)
+                             check_heads_divisible, make_mesh, param_shardings, to_global_batch)
 from llamax.tokenizer import Tokenizer, check_vocab
 from llamax.train.flops import peak_flops_per_device, throughput
 from llamax.train.step import (abstract_train_state, init_train_state, make_eval_step,

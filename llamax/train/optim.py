@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import optax
 
 from llamax.errors import ConfigError
+from llamax.tree_paths import path_names
 
 DECAYS = ("cosine", "linear", "constant")
 
@@ -116,7 +117,7 @@ def weight_decay_mask(params: Any, cfg: OptimConfig) -> Any:
     """Pytree of bools like `params`: True where weight decay applies (see OptimConfig)."""
 
     def decays(path, _) -> bool:
-        keys = tuple(str(getattr(entry, "key", entry)) for entry in path)
+        keys = path_names(path)
         if _is_norm(keys):
             return False
         return not (cfg.no_decay_on_norms_and_embeddings and _is_embedding(keys))

@@ -6,7 +6,7 @@ Data flow: config -> mesh -> `abstract_train_state` (jax.eval_shape) -> `state_s
 A batch is a dict of global [batch, seq] arrays: `tokens`, `targets` (int32), `loss_mask`
 (float32, 1 where the target is scored) and optionally `positions`, `segment_ids` (int32,
 0 = padding). Numpy arrays work on one host; with several processes build global arrays first
-with `llamax.sharding.shard_batch`.
+with `llamax.sharding.to_global_batch`.
 The loss is token cross-entropy weighted by `loss_mask`, divided by the number of scored tokens;
 `loss_mask` already covers padding, document ends and SFT prompt tokens.
 

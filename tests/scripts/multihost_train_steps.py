@@ -41,7 +41,7 @@ def main() -> None:
 
     from llamax.train.checkpoint import Checkpointer
     from llamax.config import get_preset
-    from llamax.data.loader import to_global_batch
+    from llamax.sharding import to_global_batch
     from llamax.train.optim import OptimConfig
     from llamax.sharding import MeshConfig, batch_sharding, make_mesh
     from llamax.train import init_train_state, make_train_step

@@ -1,4 +1,9 @@
-"""Small pieces every converter shares: all-or-nothing output folders and dtype names."""
+"""Writing files so that a crash or a bad input never leaves a half-written result.
+
+  atomic_write_text   a small file (JSON, config) written to a sibling and renamed into place
+  atomic_output_dir   a whole output folder staged beside its destination, renamed at the end
+  contiguous_bytes    the C-order bytes of an array (fast for transposed views)
+"""
 from __future__ import annotations
 
 import contextlib
@@ -9,32 +14,23 @@ import warnings
 from pathlib import Path
 from typing import Iterator
 
-import ml_dtypes
 import numpy as np
 
-from llamax.errors import CheckpointError, ConfigError
-
-DTYPE_NAMES = {
-    "bf16": ml_dtypes.bfloat16, "bfloat16": ml_dtypes.bfloat16,
-    "fp32": np.float32, "float32": np.float32, "f32": np.float32,
-    "fp16": np.float16, "float16": np.float16, "f16": np.float16,
-}
+from llamax.errors import CheckpointError
 
 
-def parse_dtype(dtype: str | np.dtype | type | None) -> np.dtype | None:
-    """'bf16' / 'bfloat16' / 'fp32' / np.float32 ... -> numpy dtype; None stays None (keep as is)."""
-    if dtype is None:
-        return None
-    if isinstance(dtype, str):
-        if dtype.lower() not in DTYPE_NAMES:
-            raise ConfigError(f"unknown dtype {dtype!r}; expected one of {sorted(DTYPE_NAMES)}")
-        return np.dtype(DTYPE_NAMES[dtype.lower()])
-    return np.dtype(dtype)
-
-
-def dtype_name(dtype: np.dtype) -> str:
-    """The canonical name of a weight dtype ('bfloat16', 'float32', 'float16')."""
-    return "bfloat16" if np.dtype(dtype) == np.dtype(ml_dtypes.bfloat16) else np.dtype(dtype).name
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """Writes `text` to `path` through a sibling temp file and a rename: readers (other processes
+    of a multi-host run, a resumed run) see the old content or the new, never a partial file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
 
 
 def check_destination(path: str | os.PathLike, overwrite: bool) -> Path:
