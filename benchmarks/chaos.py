@@ -30,6 +30,8 @@ from pathlib import Path
 
 import numpy as np
 
+from llamax.run_dir import RunDir
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 VOCAB = 512
 RUN_TIMEOUT_S = 300
@@ -74,7 +76,7 @@ def last_logged_step(run_dir: Path) -> int:
 
 
 def tmp_dirs(run_dir: Path) -> list[str]:
-    checkpoints = run_dir / "checkpoints"
+    checkpoints = RunDir(run_dir).checkpoints
     try:
         return sorted(name for name in os.listdir(checkpoints) if ".orbax-checkpoint-tmp" in name)
     except FileNotFoundError:
@@ -85,7 +87,7 @@ def finalized_steps(run_dir: Path) -> list[int]:
     """Step directories orbax committed (renamed from tmp, with their metadata written)."""
     import orbax.checkpoint as ocp
 
-    checkpoints = run_dir / "checkpoints"
+    checkpoints = RunDir(run_dir).checkpoints
     if not checkpoints.is_dir():
         return []
     return sorted(int(p.name) for p in checkpoints.iterdir()
@@ -96,13 +98,13 @@ def check_after_kill(run_dir: Path) -> list[int]:
     """Only committed steps are listed, and the newest restores. Returns the listed steps."""
     from llamax.train.checkpoint import Checkpointer
 
-    if not (run_dir / "checkpoints").is_dir():
+    if not (RunDir(run_dir).checkpoints).is_dir():
         return []
-    listed = Checkpointer(run_dir / "checkpoints", read_only=True).all_steps()
+    listed = Checkpointer(RunDir(run_dir).checkpoints, read_only=True).all_steps()
     finalized = finalized_steps(run_dir)
     assert listed == finalized, f"listed steps {listed} != finalized step dirs {finalized}"
     if listed:
-        with Checkpointer(run_dir / "checkpoints", read_only=True) as checkpointer:
+        with Checkpointer(RunDir(run_dir).checkpoints, read_only=True) as checkpointer:
             _, extras = checkpointer.restore(listed[-1])
         assert extras["step"] == listed[-1], extras
     return listed
@@ -182,8 +184,8 @@ def run_chaos(work: Path, *, trials: int = 6, steps: int = 40, checkpoint_every:
                              tmp_dirs(chaos), listed, listed[-1] if listed else None))
     run_to_completion(command, env, work / "chaos_final.log")
     chaos_s = time.perf_counter() - started
-    final_reference = restore_params(reference / "checkpoints", steps)
-    final_chaos = restore_params(chaos / "checkpoints", steps)
+    final_reference = restore_params(RunDir(reference).checkpoints, steps)
+    final_chaos = restore_params(RunDir(chaos).checkpoints, steps)
     import jax
 
     params_equal = all(np.asarray(a).tobytes() == np.asarray(b).tobytes()

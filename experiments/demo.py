@@ -46,15 +46,12 @@ def plot_loss(run_dir: Path) -> Path:
 def print_samples(run_dir: Path, tokenizer_path: str, max_new_tokens: int = 60) -> None:
     import logging
 
-    from llamax.train.checkpoint import restore_params
-
     logging.getLogger("absl").setLevel(logging.ERROR)  # orbax's notes on opening read-only
-    from llamax.train.fit import read_model_config
+    from llamax.convert.hub import load_any
     from llamax.infer.generate import generate
     from llamax.tokenizer import Tokenizer
 
-    config = read_model_config(run_dir)
-    params = restore_params(run_dir / "checkpoints")
+    config, params = load_any(run_dir)  # the newest checkpoint
     tokenizer = Tokenizer(tokenizer_path)
     prompts = [tokenizer.encode(p, bos=True) for p in PROMPTS]
     for label, kwargs in (("greedy", {}), ("top_p=0.9, temperature=0.8",
@@ -87,7 +84,10 @@ def main(argv: list[str] | None = None) -> int:
     tokenizer_path = gin.query_parameter("%TOKENIZER").scoped_configurable_fn()
     print_samples(run_dir, tokenizer_path)
     print(f"loss plot: {plot_loss(run_dir)}")
-    print(f"checkpoints: {sorted(p.name for p in (run_dir / 'checkpoints').iterdir())} in {run_dir / 'checkpoints'}")
+    from llamax.run_dir import RunDir
+
+    run = RunDir(run_dir)
+    print(f"checkpoints: {run.checkpoint_steps()} in {run.checkpoints}")
     return 0
 
 

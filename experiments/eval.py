@@ -9,9 +9,10 @@ base, see `experiments.export_lora`), an orbax params checkpoint, or an HF or Me
 --data: as `DataConfig.train` ('shakespeare', 'shakespeare_sft', files, a directory, a glob, or a
 prepared tfds dataset with --tfds_data_dir). Documents are packed into rows with no padding
 (--sft_template: one conversation per row, response tokens scored) and only `loss_mask` tokens
-count. Prints one JSON line {"loss", "perplexity", "tokens", ...}; for a run directory it also
-appends {"step": STEP, "eval": {...}} to the run's metrics.jsonl (nested under "eval" so the
-training curves' keys stay untouched). Errors print one line and exit with status 1.
+count. Prints one JSON line {"loss", "perplexity", "tokens", ...}; for a run directory it then
+appends the result to the run's metrics through the training loop's logger, in the record shape
+training uses ({"step", "eval_loss", "eval_perplexity", "eval_tokens", "eval_data", ...}).
+Errors print one line and exit with status 1 (the result, once computed, is printed first).
 Installed as the `llamax-eval` console script.
 """
 from __future__ import annotations
@@ -20,7 +21,6 @@ import argparse
 import itertools
 import json
 import sys
-from pathlib import Path
 from typing import Any
 
 from llamax.errors import LlamaxError
@@ -47,16 +47,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def evaluate_checkpoint(args: argparse.Namespace) -> dict[str, Any]:
     """Loads the checkpoint and data that `args` name and returns the perplexity record."""
-    from experiments.export_lora import is_run_dir, load_run_params
+    from llamax.convert.hub import load_any
+    from llamax.data.pipeline import DataConfig, open_split
     from llamax.data.loader import LoaderConfig, make_loader
     from llamax.infer.evaluate import evaluate_perplexity
-    from llamax.train.fit import DataConfig, open_split
-    from llamax.train.metrics import METRICS_FILE
+    from llamax.run_dir import checkpoint_step
     from llamax.sharding import get_mesh_preset, make_mesh
     from llamax.tokenizer import Tokenizer, check_vocab
 
     tokenizer = Tokenizer(args.tokenizer)
-    config, params, step = load_run_params(args.checkpoint, step=args.step, base=args.base)
+    step = checkpoint_step(args.checkpoint, args.step)
+    config, params = load_any(args.checkpoint, step=step, base=args.base)
     check_vocab(tokenizer, config.vocab_size)
     data = DataConfig(tokenizer=args.tokenizer, train=args.data, validation=args.data,
                       validation_split=args.split, tfds_data_dir=args.tfds_data_dir,
@@ -67,13 +68,22 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict[str, Any]:
         sft_template=args.sft_template, fill_rows=args.sft_template is None))
     batches = loader if args.max_batches is None else itertools.islice(loader, args.max_batches)
     result = evaluate_perplexity(config, params, batches, make_mesh(get_mesh_preset(args.mesh)))
-    record = {**result, "data": args.data, "split": args.split, "seq_len": args.seq_len,
-              "checkpoint": str(args.checkpoint), "step": step}
-    if is_run_dir(args.checkpoint):
-        eval_record = {k: v for k, v in record.items() if k not in ("checkpoint", "step")}
-        with open(Path(args.checkpoint) / METRICS_FILE, "a", encoding="utf-8") as metrics:
-            metrics.write(json.dumps({"step": step, "eval": eval_record}) + "\n")
-    return record
+    return {**result, "data": args.data, "split": args.split, "seq_len": args.seq_len,
+            "checkpoint": str(args.checkpoint), "step": step}
+
+
+def log_to_run(record: dict[str, Any]) -> None:
+    """Appends the result to the run's metrics through the training loop's logger, in its record
+    shape: {"step", "eval_loss", "eval_perplexity", "eval_tokens", "eval_data", ...}."""
+    from llamax.train.metrics import MetricsLogger
+
+    logger = MetricsLogger(record["checkpoint"], total_steps=record["step"], start_step=record["step"],
+                           progress_bar=False, tensorboard=False)
+    try:
+        logger.log(record["step"], {f"eval_{key}": value for key, value in record.items()
+                                    if key not in ("checkpoint", "step")})
+    finally:
+        logger.close()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -83,7 +93,14 @@ def main(argv: list[str] | None = None) -> int:
     except (LlamaxError, OSError) as error:
         print(f"llamax-eval: error: {type(error).__name__}: {error}".splitlines()[0], file=sys.stderr)
         return 1
-    print(json.dumps(record))
+    print(json.dumps(record), flush=True)  # the result is out before any write that could fail
+    if record["step"] is not None:  # a training run: the result joins its metrics
+        try:
+            log_to_run(record)
+        except OSError as error:
+            print(f"llamax-eval: error: could not append the result to the run's metrics: {error}",
+                  file=sys.stderr)
+            return 1
     return 0
 
 

@@ -4,14 +4,13 @@
         --prompt "To be, or not to be" [--prompt "..."] [--max_new_tokens 64] \\
         [--temperature 0.8 --top_k 50 --top_p 0.95 --seed 0]
 
-`--checkpoint` may be an HF folder (config.json + safetensors), a llamax params checkpoint
-(model_config.json + params/) or a training run directory (model_config.json + checkpoints/),
-whose newest checkpoint is read. Console script: `llamax-sample = experiments.sample:main`.
+`--checkpoint` may be an HF or Meta folder, a llamax params checkpoint or a training run
+directory (its newest checkpoint; a LoRA run is merged with its base), read by
+`llamax.convert.load_any` like every other CLI. Console script: `llamax-sample = experiments.sample:main`.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 from typing import Any, Iterable, Sequence, TextIO
@@ -22,43 +21,18 @@ from llamax.infer.generate import generate, generate_stream
 
 
 def load_model(path: str | Path) -> tuple[ModelConfig, Any]:
-    """(config, params) from an HF folder, a params checkpoint or a training run directory."""
-    path = Path(path)
-    if not path.exists():
-        raise CheckpointError(f"checkpoint {str(path)!r} does not exist; pass an HF folder, a llamax "
-                              "params checkpoint or a training run directory")
-    if (path / "config.json").is_file():
-        from llamax.convert import load_hf
-        return load_hf(path)
-    try:
-        from llamax.convert.orbax import load_params
-    except ImportError:
-        return _load_training_run(path)
-    return load_params(path)
+    """(config, params) of any checkpoint: HF, Meta, orbax params or a training run (LoRA merged)."""
+    if not Path(path).exists():
+        raise CheckpointError(f"checkpoint {str(path)!r} does not exist; pass an HF or Meta folder, a "
+                              "llamax params checkpoint or a training run directory")
+    from llamax.convert.hub import load_any
 
-
-def _load_training_run(path: Path) -> tuple[ModelConfig, Any]:
-    """Fallback when llamax.convert.orbax is missing: a run dir with model_config.json."""
-    config_file = path / "model_config.json"
-    if not config_file.is_file() or not (path / "checkpoints").is_dir():
-        raise CheckpointError(
-            f"{path} has no config.json (HF folder) and no model_config.json + checkpoints/ "
-            "(training run); reading it as an orbax params checkpoint needs "
-            "llamax.convert.orbax, which this install lacks")
-    try:
-        from llamax.train.checkpoint import restore_params
-    except ImportError as exc:
-        raise CheckpointError(f"reading the training run {path} needs llamax.train.checkpoint "
-                              f"(orbax), which could not be imported: {exc}") from exc
-    config = ModelConfig(**json.loads(config_file.read_text()))
-    return config, restore_params(path / "checkpoints")
+    return load_any(path)
 
 
 def _load_tokenizer(path: str, vocab_size: int):
-    try:
-        from llamax.tokenizer import Tokenizer, check_vocab
-    except ImportError as exc:
-        raise LlamaxError(f"--tokenizer needs llamax.tokenizer (sentencepiece): {exc}") from exc
+    from llamax.tokenizer import Tokenizer, check_vocab
+
     tokenizer = Tokenizer(path)
     check_vocab(tokenizer, vocab_size)
     return tokenizer

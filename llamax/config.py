@@ -137,7 +137,7 @@ class ModelConfig:
         return self.num_layers * per_layer + embeddings + self.hidden_size
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain JSON-able dict of every field (rope_scaling nested), for `model_config.json`."""
+        """Plain JSON-able dict of every field (rope_scaling nested), for a run's or params checkpoint's config file (`llamax.run_dir`)."""
         return dataclasses.asdict(self)
 
     @classmethod

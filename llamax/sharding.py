@@ -25,7 +25,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from llamax.config import ModelConfig
 from llamax.errors import ConfigError
-from llamax.model.llama import init_params, param_logical_axes
+from llamax.model.llama import abstract_params
 
 logger = logging.getLogger(__name__)
 
@@ -257,23 +257,25 @@ def check_heads_divisible(config: ModelConfig, mesh: Mesh, rules: Rules = LOGICA
                 f"num_kv_heads={config.num_kv_heads}: one of {divisors}")
 
 
+def tree_shardings(abstract: Any, logical_axes: Any, mesh: Mesh, rules: Rules = LOGICAL_AXIS_RULES) -> Any:
+    """NamedSharding of every leaf of `abstract` (ShapeDtypeStructs) from its logical axis names
+    (a pytree of PartitionSpecs of the same structure): params, LoRA adapters alike."""
+    is_spec = lambda x: isinstance(x, PartitionSpec)  # noqa: E731
+    flat_logical, treedef = jax.tree_util.tree_flatten_with_path(logical_axes, is_leaf=is_spec)
+    shardings = [
+        logical_to_sharding(leaf.shape, tuple(spec), mesh, rules, name=jax.tree_util.keystr(path))
+        for (path, spec), leaf in zip(flat_logical, treedef.flatten_up_to(abstract))
+    ]
+    return jax.tree_util.tree_unflatten(treedef, shardings)
+
+
 def param_shardings(config: ModelConfig, mesh: Mesh, rules: Rules = LOGICAL_AXIS_RULES) -> Any:
     """NamedSharding of every param (same pytree as `init_params`), from abstract init only.
 
     Raises ConfigError when tensor parallelism does not divide num_heads and num_kv_heads.
     """
     check_heads_divisible(config, mesh, rules)
-    # eval_shape only traces init: no param is materialized.
-    abstract = jax.eval_shape(lambda: init_params(config, jax.random.key(0)))
-    logical = param_logical_axes(config)
-    is_spec = lambda x: isinstance(x, PartitionSpec)  # noqa: E731
-    flat_logical, treedef = jax.tree_util.tree_flatten_with_path(logical, is_leaf=is_spec)
-    flat_abstract = treedef.flatten_up_to(abstract)
-    shardings = [
-        logical_to_sharding(leaf.shape, tuple(spec), mesh, rules, name=jax.tree_util.keystr(path))
-        for (path, spec), leaf in zip(flat_logical, flat_abstract)
-    ]
-    return jax.tree_util.tree_unflatten(treedef, shardings)
+    return tree_shardings(*abstract_params(config), mesh, rules)
 
 
 def param_partition_specs(config: ModelConfig, mesh: Mesh, rules: Rules = LOGICAL_AXIS_RULES) -> Any:

@@ -14,7 +14,8 @@ from llamax.train.checkpoint import Checkpointer
 from llamax.convert import load_hf
 from llamax.convert.hub import convert
 from llamax.errors import CheckpointError, ConfigError
-from llamax.convert.orbax import load_params, write_model_config
+from llamax.convert.orbax import load_params
+from llamax.run_dir import write_model_config
 from llamax.convert.weight_files import WeightFolder
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -20,7 +20,7 @@ from llamax.data.loader import LoaderConfig, make_loader
 from llamax.data.packing import as_document, pack_documents, stack_rows
 from llamax.errors import DataError
 from llamax.infer.evaluate import evaluate_perplexity
-from llamax.train.fit import write_model_config
+from llamax.run_dir import write_model_config
 from llamax.train.metrics import read_metrics
 
 SEQ, BATCH = 64, 8
@@ -96,8 +96,9 @@ def test_eval_cli_on_a_run_dir_prints_json_and_appends_to_its_metrics(  # noqa: 
     assert printed["loss"] == pytest.approx(expected["loss"], rel=1e-6)
     assert printed["tokens"] == expected["tokens"] and printed["step"] == 7
     (record,) = read_metrics(run_dir)
-    assert record["step"] == 7 and record["eval"]["perplexity"] == printed["perplexity"]
-    assert record["eval"]["data"] == "shakespeare" and record["eval"]["split"] == "validation"
+    # The training loop's record shape (one logger for both): flat eval_* keys.
+    assert record["step"] == 7 and record["eval_perplexity"] == printed["perplexity"]
+    assert record["eval_data"] == "shakespeare" and record["eval_split"] == "validation"
 
 
 def test_eval_with_a_tokenizer_larger_than_the_model_vocab_fails_clearly(  # noqa: F811

@@ -20,7 +20,9 @@ from llamax.train.checkpoint import Checkpointer
 from llamax.config import get_preset
 from llamax.data.corpus import read_play, shakespeare_files
 from llamax.errors import ConfigError, DataError
-from llamax.train.fit import DataConfig, NonFiniteLossError, TrainConfig, fit, read_model_config
+from llamax.data.pipeline import DataConfig
+from llamax.run_dir import read_model_config
+from llamax.train.fit import NonFiniteLossError, TrainConfig, fit
 from llamax.train.metrics import read_metrics
 from llamax.train.optim import OptimConfig
 from llamax.sharding import MeshConfig, get_mesh_preset

@@ -12,8 +12,8 @@ from llamax.train.checkpoint import Checkpointer
 from llamax.config import ModelConfig, RopeScaling, get_preset
 from llamax.convert import load_hf
 from llamax.errors import CheckpointError, ConfigError
-from llamax.convert.orbax import (LeafReader, load_params,
-                                      save_params, write_model_config)
+from llamax.convert.orbax import LeafReader, load_params, save_params
+from llamax.run_dir import write_model_config
 
 
 def _assert_trees_equal(a, b):

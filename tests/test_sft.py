@@ -25,7 +25,9 @@ from llamax.data import sft
 from llamax.data.loader import LoaderConfig, make_loader
 from llamax.data.shakespeare_sft import shakespeare_sft_records
 from llamax.errors import ConfigError, DataError
-from llamax.train.fit import DataConfig, TrainConfig, fit, read_lora_config
+from llamax.data.pipeline import DataConfig
+from llamax.run_dir import RunDir, checkpoint_step
+from llamax.train.fit import TrainConfig, fit, load_init_params
 from llamax.model.lora import LoraConfig
 from llamax.train.metrics import read_metrics
 from llamax.model import Llama
@@ -99,7 +101,7 @@ def test_sft_from_hf_weights_trains_and_resumes_exactly(sft_reference, tiny_hf_d
     assert sorted(curve) == list(range(1, STEPS + 1))
     assert np.mean([curve[s] for s in range(STEPS - 2, STEPS + 1)]) < curve[1] - 0.5, curve
     assert json.loads((reference / "init_from.json").read_text())["path"] == str(tiny_hf_dir.resolve())
-    assert read_lora_config(reference) is None
+    assert RunDir(reference).lora_config() is None
     # A run stopped after step 6 resumes from that checkpoint and replays steps 7..12 exactly.
     resumed = tmp_path / "resumed"
     shutil.copytree(reference, resumed)
@@ -119,15 +121,15 @@ def test_lora_run_trains_adapters_only_and_exports_to_transformers(sft_reference
     # B starts at zero: the first step sees exactly the INIT_FROM model, as full fine-tuning does.
     assert curve[1] == pytest.approx(losses(sft_reference)[1], rel=1e-6)
     assert all(np.isfinite(list(curve.values())))
-    lora = read_lora_config(run_dir)
+    lora = RunDir(run_dir).lora_config()
     assert lora == LoraConfig(rank=8, alpha=16.0, targets=("q_proj", "k_proj", "v_proj", "o_proj"))
     state, _ = Checkpointer(run_dir / "checkpoints", read_only=True).restore()
     assert set(state["params"]["layers"]["self_attn"]) == set(lora.targets)  # adapters, no base
 
     out = tmp_path / "merged_hf"
     assert export_lora.main(["--run", str(run_dir), "--out", str(out), "--format", "hf"]) == 0
-    config, merged, step = export_lora.load_run_params(run_dir)
-    assert step == CHECKPOINT_EVERY
+    assert checkpoint_step(run_dir) == CHECKPOINT_EVERY
+    config, merged = load_any(run_dir)  # a LoRA run comes back merged into its recorded base
     _, base = load_any(tiny_hf_dir)
     attention, mlp = merged["layers"]["self_attn"], merged["layers"]["mlp"]
     assert not np.allclose(attention["q_proj"]["kernel"], base["layers"]["self_attn"]["q_proj"]["kernel"])
@@ -155,4 +157,4 @@ def test_sft_data_without_response_tokens_is_a_data_error(small_tokenizer, tmp_p
 def test_init_from_another_architecture_is_a_config_error(tmp_path):
     other = save_hf_model(tmp_path / "wider", hidden_size=128, intermediate_size=352)
     with pytest.raises(ConfigError, match=r"different model.*'hidden_size': \(128, 64\)"):
-        train_cli.load_init_params(str(other), TINY)
+        load_init_params(str(other), TINY)

@@ -219,11 +219,15 @@ def test_slurm_launcher_writes_one_sbatch_script_per_unfinished_point(tmp_path):
 
 FAKE_TRAIN = """#!/bin/bash
 # Stands in for `python -m experiments.train ...`: behaviour picked by the LEARNING_RATE value.
+# Like the real run, it records its outcome in its run directory (llamax.run_dir).
 echo "$@" >> {calls}
+for arg in "$@"; do case "$arg" in --gin.MODEL_DIR=*) dir="${{arg#--gin.MODEL_DIR=}}"; dir="${{dir//\\'/}}";; esac; done
 case "$*" in
   *LEARNING_RATE=0.1*) echo "error: ConfigError: boom" >&2; exit 1 ;;
-  *LEARNING_RATE=0.2*) echo "preempted at step 3: loss 1.0, eval_loss None"; exit 0 ;;
-  *) echo "completed at step 5: loss 1.0, eval_loss 2.0"; exit 0 ;;
+  *LEARNING_RATE=0.2*) echo "preempted at step 3: loss 1.0, eval_loss None"
+                       echo '{{"status": "preempted", "step": 3}}' > "$dir/outcome.json"; exit 0 ;;
+  *) echo "completed at step 5: loss 1.0, eval_loss 2.0"
+     echo '{{"status": "completed", "step": 5}}' > "$dir/outcome.json"; exit 0 ;;
 esac
 """
 

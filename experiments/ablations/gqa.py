@@ -16,7 +16,7 @@ import statistics
 
 from experiments import sweep as sweeps
 from experiments.ablations.common import RESULTS_DIR, run_spec, sweep_timing, write_report
-from llamax.train.fit import read_model_config
+from llamax.run_dir import read_model_config
 from llamax.train.metrics import read_metrics
 
 NAME = "gqa"

@@ -26,7 +26,7 @@ from llamax.train.checkpoint import restore_params
 from llamax.config import ModelConfig, RopeScaling
 from llamax.data.corpus import shakespeare_passages
 from llamax.data.loader import LoaderConfig, make_loader
-from llamax.train.fit import read_model_config
+from llamax.run_dir import RunDir, read_model_config
 from llamax.sharding import MeshConfig, batch_sharding, make_mesh, param_shardings, to_global_batch
 from llamax.tokenizer import Tokenizer
 from llamax.train import make_eval_step
@@ -142,7 +142,7 @@ def main(argv: list[str] | None = None) -> None:
     evaluated = variants(sweep, args.root)
     num_params = evaluated[0][2].num_params()
     for label, directory, config in evaluated:
-        params = restore_params(Path(directory) / "checkpoints")
+        params = restore_params(RunDir(directory).checkpoints)
         row = {"variant": label, **perplexities(config, params, tokenizer)}
         row["growth"] = row[bucket_key(BUCKETS[-1])] / row[bucket_key(BUCKETS[0])]
         rows.append(row)

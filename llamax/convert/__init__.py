@@ -3,8 +3,8 @@
   hf.py            HF `LlamaForCausalLM` folders: the tensor table, load_hf, save_hf
   meta.py          Meta `params.json` + `consolidated.NN.pth`: MetaReader/MetaWriter,
                    load_meta, save_meta (meta_config.py: params.json <-> ModelConfig)
-  orbax.py         llamax params checkpoints (model_config.json + params/), streaming readers
-  hub.py           any format -> any other, one tensor at a time; load_any
+  orbax.py         llamax params checkpoints (a ModelConfig + orbax params), streaming readers
+  hub.py           any format -> any other, one tensor at a time; load_any/save_any (in memory)
   weight_files.py  safetensors files and HF weight folders, read lazily
   pth.py           torch `.pth`/`.bin` archives, memory-mapped reads and streaming writes
   files.py         all-or-nothing output folders, contiguous bytes
@@ -20,7 +20,7 @@ _EXPORTS = {
     "params_to_hf": "hf", "expected_hf_shapes": "hf",
     "load_meta": "meta", "save_meta": "meta",
     "load_params": "orbax", "save_params": "orbax",
-    "FORMATS": "hub", "convert": "hub", "detect_format": "hub", "load_any": "hub",
+    "FORMATS": "hub", "convert": "hub", "detect_format": "hub", "load_any": "hub", "save_any": "hub",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -20,12 +20,14 @@ import os
 from pathlib import Path
 from typing import Any, Callable
 
+import jax
 import numpy as np
 from tqdm import tqdm
 
+from llamax import run_dir
 from llamax.config import ModelConfig
 from llamax.convert.hf import (LAYER_TABLE, TOP_TABLE, HFWriter, expected_hf_shapes, hf_to_params,
-                               match_hf_tensors, read_hf_config)
+                               match_hf_tensors, params_to_hf, read_hf_config)
 from llamax.convert.meta import MetaReader, MetaWriter
 from llamax.convert.orbax import LeafPath, LeafReader, LeafWriter
 from llamax.convert.weight_files import WeightFolder
@@ -43,7 +45,7 @@ def detect_format(path: str | os.PathLike) -> str | None:
         return "meta"
     if (path / "config.json").exists():
         return "hf"
-    if (path / "model_config.json").exists() or (path / "state").is_dir():
+    if run_dir.has_model_config(path) or (path / "state").is_dir():  # a run's step folder has state/
         return "orbax"
     return None
 
@@ -233,13 +235,62 @@ class _SourceMapping(collections.abc.Mapping):
 
 
 def load_any(path: str | os.PathLike, fmt: str | None = None, *, step: int | None = None,
-             **config_overrides: Any) -> tuple[ModelConfig, dict]:
-    """(config, numpy params) from an HF, Meta or orbax checkpoint, detected from its files
-    unless `fmt` says. `config_overrides` (e.g. scan_layers, param_dtype) shape the params."""
+             base: str | os.PathLike | None = None, **config_overrides: Any) -> tuple[ModelConfig, dict]:
+    """(config, numpy params) of any checkpoint llamax reads: an HF, Meta or orbax params folder,
+    or a training run (its newest committed step unless `step`). The format is detected from the
+    files unless `fmt` says. A LoRA run comes back with its adapters merged into its base weights
+    (`base`, default: the INIT_FROM the run recorded). `config_overrides` (e.g. scan_layers,
+    param_dtype) shape the params."""
     fmt = fmt or detect_format(path)
     if fmt is None:
-        raise CheckpointError(f"{path} is not an HF (config.json), Meta (params.json) or orbax "
-                              "(model_config.json) checkpoint")
+        raise CheckpointError(f"{path} is not an HF (config.json), Meta (params.json) or llamax orbax "
+                              "(a params checkpoint or a training run) checkpoint")
+    if fmt == "orbax" and run_dir.is_run_dir(path) and run_dir.RunDir(path).lora_config() is not None:
+        config, params = _merged_lora_run(run_dir.RunDir(path), step, base)
+        if config_overrides:  # re-lay the merged params out (scanned or not, dtype) via HF names
+            wanted = config.replace(**config_overrides)
+            params = hf_to_params(wanted, dict(params_to_hf(config, params)))
+            config = wanted
+        return config, params
     source = open_source(path, fmt, step=step)
     config = source.config.replace(**config_overrides)
     return config, hf_to_params(config, _SourceMapping(source))
+
+
+def _merged_lora_run(run: run_dir.RunDir, step: int | None, base: str | os.PathLike | None
+                     ) -> tuple[ModelConfig, dict]:
+    """A LoRA run's adapters (of `step`, or the newest) folded into its base weights."""
+    from llamax.model.lora import merge_lora
+    from llamax.train.checkpoint import restore_params
+
+    config, lora_config = run.model_config(), run.lora_config()
+    adapters = restore_params(run.checkpoints, step)
+    base = base or run.init_from()
+    if base is None:
+        raise CheckpointError(f"{run.path} is a LoRA run that started from a random base (it recorded "
+                              "no INIT_FROM); pass the base weights (--base)")
+    base_config, base_params = load_any(base, scan_layers=config.scan_layers, param_dtype=config.param_dtype)
+    if base_config.architecture() != config.architecture():
+        raise CheckpointError(f"base weights {base} are not the model the LoRA run {run.path} trained "
+                              "on; pass the run's INIT_FROM (--base)")
+    return config, merge_lora(config, base_params, adapters, lora_config)
+
+
+def save_any(config: ModelConfig, params: Any, path: str | os.PathLike, fmt: str, *,
+             dtype: Any = None, num_shards: int = 1, overwrite: bool = False) -> Path:
+    """Writes in-memory params as an HF folder, a Meta folder or an orbax params checkpoint
+    (all-or-nothing, like every writer); `dtype` casts on the way out (None keeps it)."""
+    from llamax.convert.hf import save_hf
+    from llamax.convert.meta import save_meta
+    from llamax.convert.orbax import save_params
+
+    if fmt == "hf":
+        return save_hf(config, params, path, dtype=dtype, overwrite=overwrite)
+    if fmt == "meta":
+        return save_meta(config, params, path, num_shards=num_shards, dtype=dtype, overwrite=overwrite)
+    if fmt == "orbax":
+        out_dtype = parse_dtype(dtype)
+        if out_dtype is not None:
+            params = jax.tree.map(lambda x: np.asarray(x).astype(out_dtype), params)
+        return save_params(path, config, params, overwrite=overwrite)
+    raise ConfigError(f"unknown destination format {fmt!r}; expected one of {FORMATS}")

@@ -1,14 +1,11 @@
 """Params-only orbax checkpoints: what a fine-tuning run starts from, and what export reads.
 
-Layout of a params checkpoint folder (written all-or-nothing):
+A params checkpoint folder (layout: `llamax.run_dir`; written all-or-nothing) holds the
+ModelConfig and an orbax PyTree checkpoint of {'params': <llamax params>} (OCDBT).
 
-    <path>/
-      model_config.json     # ModelConfig fields as JSON (`ModelConfig.to_dict`), rope_scaling included
-      params/               # orbax PyTree checkpoint of {'params': <llamax params>} (OCDBT)
-
-`load_params` also reads a training run: `<run>/model_config.json` plus `<run>/checkpoints/<step>/`
-written by `llamax.train.checkpoint.Checkpointer` (params taken from its `state` item; the optimizer
-state is never read). It accepts the run folder, its `checkpoints/` folder or one step folder.
+`load_params` also reads a training run, taking the params of one step's checkpoint written by
+`llamax.train.checkpoint.Checkpointer` (from its `state` item; the optimizer state is never
+read). It accepts the run folder, its checkpoints folder or one step folder.
 
 Streaming (used by the converters, bounded memory):
   * `LeafReader` restores one params leaf at a time (orbax partial restore), so reading a
@@ -20,7 +17,6 @@ Streaming (used by the converters, bounded memory):
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import shutil
 from pathlib import Path
@@ -34,36 +30,13 @@ from orbax.checkpoint._src.serialization import type_handlers
 from llamax.config import ModelConfig
 from llamax.dtypes import dtype_name
 from llamax.files import atomic_output_dir, contiguous_bytes
-from llamax.errors import CheckpointError, ConfigError
+from llamax import run_dir
+from llamax.errors import CheckpointError
 from llamax.tree_paths import flatten, nest
 
-CONFIG_FILE = "model_config.json"
-PARAMS_ITEM = "params"
+PARAMS_ITEM = "params"  # the key of the params in a params checkpoint's tree
 PyTree = Any
 LeafPath = tuple[str, ...]
-
-
-# ---- model_config.json --------------------------------------------------------------------
-
-def write_model_config(folder: str | os.PathLike, config: ModelConfig) -> Path:
-    """Writes `<folder>/model_config.json`."""
-    path = Path(folder) / CONFIG_FILE
-    path.write_text(json.dumps(config.to_dict(), indent=2))
-    return path
-
-
-def read_model_config(folder: str | os.PathLike) -> ModelConfig:
-    """Reads `<folder>/model_config.json`."""
-    path = Path(folder) / CONFIG_FILE
-    if not path.exists():
-        raise CheckpointError(f"{path} not found: llamax params checkpoints and training runs keep "
-                              "their ModelConfig there")
-    try:
-        return ModelConfig.from_dict(json.loads(path.read_text()))
-    except ValueError as exc:
-        if isinstance(exc, ConfigError):
-            raise
-        raise ConfigError(f"{path} is not valid JSON: {exc}") from exc
 
 
 # ---- locating params in a folder ----------------------------------------------------------
@@ -72,7 +45,7 @@ def read_model_config(folder: str | os.PathLike) -> ModelConfig:
 class ParamsLocation:
     """Where a folder keeps its params: an orbax PyTree directory and the key of the params in it."""
 
-    config_folder: Path  # holds model_config.json
+    config_folder: Path  # holds the ModelConfig (`llamax.run_dir.read_model_config`)
     tree_dir: Path  # an orbax PyTree checkpoint directory
     params_key: str  # top-level key of the params in that tree
     step: int | None  # training step, for run checkpoints
@@ -83,21 +56,22 @@ def locate_params(path: str | os.PathLike, step: int | None = None) -> ParamsLoc
     from llamax.train.checkpoint import STATE_ITEM, Checkpointer  # the training checkpoint format
 
     path = Path(path).absolute()
-    if (path / PARAMS_ITEM).is_dir() and (path / CONFIG_FILE).exists():
-        return ParamsLocation(path, path / PARAMS_ITEM, PARAMS_ITEM, None)
-    if (path / STATE_ITEM).is_dir() and path.parent.name == "checkpoints":  # one step folder
+    if run_dir.is_params_checkpoint(path):
+        return ParamsLocation(path, path / run_dir.PARAMS_DIR, PARAMS_ITEM, None)
+    if (path / STATE_ITEM).is_dir() and run_dir.is_run_dir(path.parent.parent):  # one step folder
         if step is not None and str(step) != path.name:
             raise CheckpointError(f"{path} is step {path.name}, but step={step} was asked for")
         return ParamsLocation(path.parent.parent, path / STATE_ITEM, "params", int(path.name))
-    checkpoints = path / "checkpoints" if (path / "checkpoints").is_dir() else path
-    if not (checkpoints.parent / CONFIG_FILE).exists() or not checkpoints.is_dir():
+    run = run_dir.RunDir(path if run_dir.is_run_dir(path) else path.parent)
+    checkpoints = run.checkpoints
+    if not run.exists() or not (path == run.path or path == checkpoints):
         hint = ""
         if (path / "config.json").exists():
             hint = " (it looks like an HF checkpoint: use --src_format hf)"
         elif (path / "params.json").exists():
             hint = " (it looks like a Meta checkpoint: use --src_format meta)"
-        raise CheckpointError(f"{path} is neither a llamax params checkpoint (model_config.json + params/) "
-                              f"nor a training run (model_config.json + checkpoints/<step>/){hint}")
+        raise CheckpointError(f"{path} is neither a llamax params checkpoint (a model config + params) "
+                              f"nor a training run (a model config + checkpoints/<step>/){hint}")
     with Checkpointer(checkpoints, read_only=True) as checkpointer:
         steps = checkpointer.all_steps()
     if not steps or (step is not None and step not in steps):
@@ -141,13 +115,13 @@ def _save_tree(tree_dir: Path, params: PyTree) -> None:
 
 def save_params(path: str | os.PathLike, config: ModelConfig, params: PyTree, *,
                 overwrite: bool = False) -> Path:
-    """Writes a params checkpoint folder (model_config.json + orbax params/) all-or-nothing.
+    """Writes a params checkpoint folder (a ModelConfig + orbax params) all-or-nothing.
 
     `params` may hold numpy or jax arrays (sharded jax.Arrays are written shard by shard).
     """
     with atomic_output_dir(path, overwrite=overwrite) as staging:
-        write_model_config(staging, config)
-        _save_tree(staging / PARAMS_ITEM, params)
+        run_dir.write_model_config(staging, config)
+        _save_tree(staging / run_dir.PARAMS_DIR, params)
     return Path(path)
 
 
@@ -163,7 +137,7 @@ def load_params(path: str | os.PathLike, abstract_params: PyTree = None, *,
       step: for training runs, the step to read (None: the newest committed one).
     """
     location = locate_params(path, step)
-    config = read_model_config(location.config_folder)
+    config = run_dir.read_model_config(location.config_folder)
     if location.params_key == PARAMS_ITEM and location.step is None:
         saved = flatten(_saved_tree(location.tree_dir).get(PARAMS_ITEM, {}))
         if abstract_params is None:
@@ -196,7 +170,7 @@ class LeafReader:
 
     def __init__(self, path: str | os.PathLike, step: int | None = None):
         self.location = locate_params(path, step)
-        self.config = read_model_config(self.location.config_folder)
+        self.config = run_dir.read_model_config(self.location.config_folder)
         saved = _saved_tree(self.location.tree_dir)
         if not isinstance(saved, Mapping) or self.location.params_key not in saved:
             raise CheckpointError(f"{self.location.tree_dir} holds no '{self.location.params_key}' subtree")
@@ -251,13 +225,13 @@ class LeafWriter:
         self._pending[leaf].discard(layer)
 
     def close(self) -> None:
-        """Saves the orbax checkpoint and model_config.json; CheckpointError if a slice is missing."""
+        """Saves the orbax checkpoint and the ModelConfig; CheckpointError if a slice is missing."""
         missing = [f"{'/'.join(leaf)}[{sorted(layers, key=str)[:3]}]" for leaf, layers in self._pending.items() if layers]
         if missing:
             raise CheckpointError(f"params leaves never written: {missing[:5]}")
         leaves = {leaf: np.memmap(self._files[leaf], self.dtype, "r", shape=shape)
                   for leaf, shape in self.shapes.items()}
-        _save_tree(self.folder / PARAMS_ITEM, nest(leaves))
+        _save_tree(self.folder / run_dir.PARAMS_DIR, nest(leaves))
         del leaves
-        write_model_config(self.folder, self.config)
+        run_dir.write_model_config(self.folder, self.config)
         shutil.rmtree(self.scratch)

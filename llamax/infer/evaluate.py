@@ -19,7 +19,7 @@ from llamax.sharding import to_global_batch
 from llamax.errors import DataError
 from llamax.sharding import (LOGICAL_AXIS_RULES, MeshConfig, Rules, batch_sharding, make_mesh,
                              param_shardings)
-from llamax.train.step import make_eval_step
+from llamax.train.setup import make_eval_step
 
 Batch = dict[str, Any]
 MAX_LOG_PERPLEXITY = 80.0  # exp(80) ~ 5e34: keeps an untrained model's perplexity finite

@@ -1,12 +1,14 @@
 """The LLaMA decoder: the forward pass and what plugs into it.
 
   llama.py      the linen modules (Llama, DecoderLayer, Attention, MLP, RMSNorm, Projection,
-                EmbedTokens), the KV cache, `init_params` and `param_logical_axes`
+                EmbedTokens), the KV cache, `init_params`, `abstract_params`
   attention.py  softmax attention arithmetic: GQA, masks, causal query blocks, cuDNN
   rope.py       rotary embeddings in HF's half-split layout, with llama3 frequency scaling
   lora.py       LoRA adapters: LoraConfig, init, the forward's variables, merge for export
 """
 from llamax.model.attention import attend
-from llamax.model.llama import LORA_COLLECTION, KVCache, Llama, init_params, param_logical_axes
+from llamax.model.llama import (LORA_COLLECTION, KVCache, Llama, abstract_params, init_params,
+                                param_logical_axes)
 
-__all__ = ["LORA_COLLECTION", "KVCache", "Llama", "attend", "init_params", "param_logical_axes"]
+__all__ = ["LORA_COLLECTION", "KVCache", "Llama", "abstract_params", "attend", "init_params",
+           "param_logical_axes"]

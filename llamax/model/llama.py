@@ -299,7 +299,13 @@ def init_params(config: ModelConfig, rng: Array | int = 0) -> dict:
     return nn.meta.unbox(variables["params"])
 
 
+def abstract_params(config: ModelConfig) -> tuple[dict, dict]:
+    """(params as ShapeDtypeStructs, their logical axis names as PartitionSpecs), from one
+    abstract trace of `init` (no arrays made): what shardings are derived from."""
+    boxed = jax.eval_shape(lambda: Llama(config).init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32)))
+    return nn.meta.unbox(boxed["params"]), nn.get_partition_spec(boxed)["params"]
+
+
 def param_logical_axes(config: ModelConfig) -> dict:
     """The logical axis names of every param, as a pytree of PartitionSpecs (no arrays made)."""
-    abstract = jax.eval_shape(lambda: Llama(config).init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32)))
-    return nn.get_partition_spec(abstract)["params"]
+    return abstract_params(config)[1]

@@ -23,12 +23,11 @@ from typing import Any, Mapping
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, PartitionSpec
+from jax.sharding import PartitionSpec
 
 from llamax.config import ModelConfig
 from llamax.errors import CheckpointError, ConfigError
-from llamax.model.llama import LORA_COLLECTION, init_params, param_logical_axes
-from llamax.sharding import LOGICAL_AXIS_RULES, Rules, check_heads_divisible, logical_to_sharding
+from llamax.model.llama import LORA_COLLECTION, abstract_params
 from llamax.tree_paths import key_name, nest, path_names
 
 Array = jax.Array
@@ -92,8 +91,7 @@ class LoraConfig:
 def _target_kernels(config: ModelConfig, lora: LoraConfig) -> dict[LoraPath, tuple[tuple, tuple]]:
     """{projection path: (kernel shape, kernel logical axes)} of every targeted kernel, from
     abstract init (no arrays made). Scanned params keep a leading 'layers' axis."""
-    abstract = jax.eval_shape(lambda: init_params(config, jax.random.key(0)))
-    axes = param_logical_axes(config)
+    abstract, axes = abstract_params(config)
     is_spec = lambda x: isinstance(x, PartitionSpec)  # noqa: E731
     flat_axes, treedef = jax.tree_util.tree_flatten_with_path(axes, is_leaf=is_spec)
     kernels = {}
@@ -153,16 +151,6 @@ def adapter_logical_axes(config: ModelConfig, lora: LoraConfig) -> dict:
     return nest({path + (name,): PartitionSpec(*axes)
                   for path, pair in _adapter_layout(config, lora).items()
                   for name, (_, axes) in pair.items()})
-
-
-def adapter_shardings(config: ModelConfig, lora: LoraConfig, mesh: Mesh,
-                      rules: Rules = LOGICAL_AXIS_RULES) -> dict:
-    """NamedSharding of every adapter leaf: A and B split like their kernel's input/output axes."""
-    check_heads_divisible(config, mesh, rules)
-    return nest({path + (name,): logical_to_sharding(shape, axes, mesh, rules,
-                                                      name="/".join(path + (name,)))
-                  for path, pair in _adapter_layout(config, lora).items()
-                  for name, (shape, axes) in pair.items()})
 
 
 def init_adapters(config: ModelConfig, lora: LoraConfig, rng: Array | int = 0) -> dict:

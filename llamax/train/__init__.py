@@ -1,6 +1,8 @@
 """Training: the state and its sharded init, the step functions, the optimizer and the loop.
 
-  step.py        TrainState, abstract state and shardings, sharded init, train/eval steps
+  setup.py       TrainSetup: what a run derives from its configs (abstract state, shardings,
+                 jitted init and steps), built once by make_train_setup
+  step.py        TrainState and the step functions: loss, gradients, update, eval sums
   flops.py       model FLOPs per token, device peaks, tokens/s and MFU
   optim.py       AdamW recipe: schedule, clipping, weight-decay mask (OptimConfig)
   fit.py         the host loop: data -> steps -> logs, evals, checkpoints, exact resume
@@ -12,11 +14,12 @@
 The loop (`llamax.train.fit`) is not imported here: importing the step functions stays cheap.
 """
 from llamax.train.flops import PEAK_FLOPS_PER_DEVICE, flops_per_token, peak_flops_per_device, throughput
-from llamax.train.step import (TrainState, abstract_train_state, cross_entropy_sums, init_train_state,
-                               make_eval_step, make_init, make_loss_and_grads, make_train_step,
-                               state_shardings, trainable_shardings)
+from llamax.train.setup import (TrainSetup, abstract_train_state, init_train_state, make_eval_step,
+                                make_init, make_loss_and_grads, make_train_setup, make_train_step,
+                                state_shardings, trainable_shardings)
+from llamax.train.step import TrainState, cross_entropy_sums
 
-__all__ = ["PEAK_FLOPS_PER_DEVICE", "TrainState", "abstract_train_state", "cross_entropy_sums",
+__all__ = ["PEAK_FLOPS_PER_DEVICE", "TrainSetup", "TrainState", "make_train_setup", "abstract_train_state", "cross_entropy_sums",
            "flops_per_token", "init_train_state", "make_eval_step", "make_init",
            "make_loss_and_grads", "make_train_step", "peak_flops_per_device", "state_shardings",
            "throughput", "trainable_shardings"]

@@ -2,7 +2,7 @@
 
 One checkpoint per saved step, written by `orbax.checkpoint.CheckpointManager`:
 
-    <run_dir>/checkpoints/            # the `directory` given to `Checkpointer`
+    <directory>/                      # the `directory` given to `Checkpointer` (a run's: RunDir.checkpoints)
       <step>/                         # e.g. 1000/ -- appears only once the save has committed
         _CHECKPOINT_METADATA          # orbax step metadata (time, item handlers)
         state/                        # item "state": the pytree of jax.Arrays (TrainState)
@@ -25,7 +25,7 @@ process has finished (on GCS: ``commit_success.txt``); only committed steps are 
 
 Typical loop:
 
-    checkpointer = Checkpointer(run_dir / "checkpoints", keep=3, save_interval_steps=1000)
+    checkpointer = Checkpointer(RunDir(run).checkpoints, keep=3, save_interval_steps=1000)
     if checkpointer.latest_step() is not None:
         state, extras = checkpointer.restore(abstract_state=abstract_state)
         loader.set_state(extras["data"])
@@ -62,7 +62,7 @@ class Checkpointer:
     """Saves and restores (state pytree, JSON extras) per step under one directory.
 
     Args:
-      directory: the checkpoints directory, usually ``run_dir / "checkpoints"``; created if missing.
+      directory: the checkpoints directory, usually `RunDir(run).checkpoints`; created if missing.
       keep: how many most-recent checkpoints to keep (orbax ``max_to_keep``); None keeps all.
       save_interval_steps: `save` without ``force`` writes only steps divisible by this.
       async_save: if True, `save` returns once arrays are copied off device and the write
@@ -360,7 +360,7 @@ def restore_params(
     """Reads only the params of a saved TrainState-like pytree; see `Checkpointer.restore_params`.
 
     Args:
-      directory: the checkpoints directory (``run_dir / "checkpoints"``).
+      directory: the checkpoints directory (`RunDir(run).checkpoints`).
       step: step to read; None reads the newest readable one (falling back past corrupt ones).
       abstract_params: pytree of `jax.ShapeDtypeStruct` with shardings, or None for numpy arrays.
       params_key: the field/key of the saved state holding the parameters.

@@ -1,4 +1,4 @@
-"""Where a run's numbers go: `metrics.jsonl`, TensorBoard event files and a progress bar.
+"""Where a run's numbers go: its metrics file (JSON lines), TensorBoard events and a progress bar.
 
 Only process 0 writes; other processes get a logger that does nothing, so callers need no checks.
 """
@@ -12,46 +12,49 @@ from typing import Any
 
 import jax
 
-METRICS_FILE = "metrics.jsonl"
+from llamax.files import atomic_write_text
+from llamax.run_dir import RunDir
 
 
-def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
-    """All records of `<run_dir>/metrics.jsonl`, in order."""
-    path = Path(run_dir) / METRICS_FILE
+def read_metrics(run_dir: str | Path | RunDir) -> list[dict[str, Any]]:
+    """All records of a run's metrics file, in order."""
+    path = _run(run_dir).metrics_file
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def truncate_metrics(run_dir: str | Path, last_step: int) -> None:
-    """Drops records after `last_step`: a resumed run re-logs the steps it replays, and
-    metrics.jsonl must hold each step once."""
-    path = Path(run_dir) / METRICS_FILE
-    if not path.exists() or jax.process_index() != 0:
+def truncate_metrics(run_dir: str | Path | RunDir, last_step: int) -> None:
+    """Drops records after `last_step`: a resumed run re-logs the steps it replays, and the
+    metrics file must hold each step once."""
+    run = _run(run_dir)
+    if not run.metrics_file.exists() or jax.process_index() != 0:
         return
-    kept = [r for r in read_metrics(run_dir) if r.get("step", 0) <= last_step]
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
-    tmp.replace(path)
+    kept = [r for r in read_metrics(run) if r.get("step", 0) <= last_step]
+    atomic_write_text(run.metrics_file, "".join(json.dumps(r) + "\n" for r in kept))
+
+
+def _run(run_dir: str | Path | RunDir) -> RunDir:
+    return run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
 
 
 class MetricsLogger:
     """Appends one JSON object per logged step, mirrors scalars to TensorBoard, drives a bar."""
 
-    def __init__(self, run_dir: str | Path, total_steps: int, start_step: int,
+    def __init__(self, run_dir: str | Path | RunDir, total_steps: int, start_step: int,
                  progress_bar: bool = True, tensorboard: bool = True):
         self.enabled = jax.process_index() == 0
-        self.run_dir = Path(run_dir)
+        self.run = _run(run_dir)
         self._file = None
         self._writer = None
         self._bar = None
         if not self.enabled:
             return
-        self._file = open(self.run_dir / METRICS_FILE, "a", encoding="utf-8")
+        self._file = open(self.run.metrics_file, "a", encoding="utf-8")
         if tensorboard:
             from tensorboardX import SummaryWriter
 
-            self._writer = SummaryWriter(str(self.run_dir / "tensorboard"))
+            self._writer = SummaryWriter(str(self.run.tensorboard))
         if progress_bar:
             from tqdm.auto import tqdm
 
