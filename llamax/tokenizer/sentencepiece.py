@@ -125,7 +125,7 @@ class Tokenizer(ChatMixin):
             return [self.encode(text, bos, eos, allow_special=True) for text in texts]
         try:
             ids = self._sp.Encode(texts, add_bos=bos, add_eos=eos, num_threads=num_threads)
-        except (RuntimeError, TypeError) as e:
+        except (RuntimeError, TypeError):
             for index, text in enumerate(texts):
                 check_text(text, "Tokenizer", index)
             raise

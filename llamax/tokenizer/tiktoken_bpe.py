@@ -18,6 +18,7 @@ from __future__ import annotations
 import base64
 import binascii
 import os
+import re
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
@@ -98,10 +99,16 @@ def read_tiktoken_bpe(path: str | os.PathLike) -> dict[bytes, int]:
     return ranks
 
 
+_LONG_RUN = re.compile(rf"\s{{{MAX_RUN_CHARS + 1},}}|\S{{{MAX_RUN_CHARS + 1},}}")
+
+
 def _split_long_runs(text: str) -> Iterator[str]:
     """Meta's cut: pieces of <= 400k chars, each with runs of <= 25k (non-)whitespace chars."""
     for begin in range(0, len(text), MAX_ENCODE_CHARS):
         piece = text[begin:begin + MAX_ENCODE_CHARS]
+        if not _LONG_RUN.search(piece):  # the common case, without a Python loop per character
+            yield piece
+            continue
         run_length, run_is_space, start = 0, piece[:1].isspace(), 0
         for index, char in enumerate(piece):
             is_space = char.isspace()

@@ -24,6 +24,7 @@ import base64
 import json
 import logging
 import os
+import tempfile
 import time
 from pathlib import Path
 from typing import Sequence
@@ -37,6 +38,8 @@ from llamax.tokenizer.tiktoken_bpe import LLAMA3_1_SPECIAL_TOKENS, LLAMA3_PATTER
 log = logging.getLogger(__name__)
 
 BOS, END_OF_TEXT, END_OF_TURN = "<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>"
+FILES = ("original/tokenizer.model", "tokenizer.json", "tokenizer_config.json",
+         "special_tokens_map.json", "generation_config.json")
 
 
 def byte_to_unicode() -> dict[int, str]:
@@ -120,18 +123,29 @@ def train_llama3_tokenizer(files: Sequence[str | os.PathLike], out_dir: str | os
     model.pre_tokenizer = pre_tokenizers.Sequence([
         pre_tokenizers.Split(Regex(LLAMA3_PATTERN), behavior="isolated", invert=False),
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-    model.train([str(p) for p in paths], trainers.BpeTrainer(
-        vocab_size=base_vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False))
+    try:
+        model.train([str(p) for p in paths], trainers.BpeTrainer(
+            vocab_size=base_vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=False))
+    except Exception as error:  # tokenizers raises bare Exceptions (e.g. a file that is not UTF-8)
+        raise DataError(f"tokenizers could not train on {[str(p) for p in paths]}: {error}") from error
     from_unicode = {char: byte for byte, char in byte_to_unicode().items()}
     ranks = {bytes(from_unicode[c] for c in token): rank for token, rank in model.get_vocab().items()}
     ranks = dict(sorted(ranks.items(), key=lambda item: item[1]))
     out = Path(out_dir)
-    (out / "original").mkdir(parents=True, exist_ok=True)
-    lines = "".join(f"{base64.b64encode(token).decode()} {rank}\n" for token, rank in ranks.items())
-    (out / "original" / "tokenizer.model").write_text(lines)
-    llama3_hf_tokenizer(ranks, special_tokens).save(str(out / "tokenizer.json"))
-    write_llama3_hf_metadata(out, len(ranks), special_tokens)
+    out.mkdir(parents=True, exist_ok=True)
+    # Write everything next to `out` first and move it in at the end: a failure leaves no mix of
+    # old and new files.
+    with tempfile.TemporaryDirectory(dir=out, prefix=".partial-") as partial:
+        staged = Path(partial)
+        (staged / "original").mkdir()
+        lines = "".join(f"{base64.b64encode(token).decode()} {rank}\n" for token, rank in ranks.items())
+        (staged / "original" / "tokenizer.model").write_text(lines)
+        llama3_hf_tokenizer(ranks, special_tokens).save(str(staged / "tokenizer.json"))
+        write_llama3_hf_metadata(staged, len(ranks), special_tokens)
+        (out / "original").mkdir(exist_ok=True)
+        for name in FILES:
+            os.replace(staged / name, out / name)
     log.info("trained a %d+%d token Llama-3-format tokenizer in %.1fs -> %s", len(ranks),
              len(special_tokens), time.perf_counter() - start, out)
     return out
