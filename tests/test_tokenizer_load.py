@@ -88,6 +88,7 @@ def _tiktoken_lines(count=256):
 
 @pytest.mark.parametrize("lines, match", [
     (_tiktoken_lines()[:5] + ["!!notbase64!! 5"], r"tokenizer\.model:6: not a tiktoken BPE line"),
+    (["QUJD x"] + _tiktoken_lines(), r"tokenizer\.model:1: not a tiktoken BPE line"),
     (_tiktoken_lines()[:5] + ["QUJD"], r":6: not a tiktoken BPE line"),
     (_tiktoken_lines()[:5] + ["QUJD five"], r":6: not a tiktoken BPE line"),
     (_tiktoken_lines()[:5] + ["QUJD 3"], r":6: rank 3 appears twice"),
@@ -156,3 +157,29 @@ def test_missing_tokenizers(tmp_path, make, match):
 
 def _edit_json(path, **changes):
     path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+
+
+def test_llama2_style_hf_folder_matches_transformers(small_tokenizer, tmp_path):
+    # transformers converts a SentencePiece model to a Llama-2-style tokenizer.json (Metaspace,
+    # byte-fallback BPE, a <s> post-processor): the layout of meta-llama/Llama-2-7b-hf.
+    transformers = pytest.importorskip("transformers")
+    source = tmp_path / "slow"
+    source.mkdir()
+    shutil.copy(small_tokenizer.path, source / "tokenizer.model")
+    (source / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
+        "add_bos_token": True, "legacy": False}))
+    transformers.AutoTokenizer.from_pretrained(source).save_pretrained(tmp_path / "fast")
+    hub = transformers.AutoTokenizer.from_pretrained(tmp_path / "fast")
+    ours = load_tokenizer(tmp_path / "fast")
+    assert isinstance(ours, HFTokenizer) and ours.add_bos
+    assert (ours.bos_id, ours.eos_id, ours.stop_ids) == (1, 2, (2,))
+    for text in ["Hello world", "  two  spaces\n\nnew", "emoji 😀 東京", "", "<s> x </s>", " lead"]:
+        assert ours.encode(text) == hub(text, split_special_tokens=True)["input_ids"]
+        assert ours.encode(text, bos=False, allow_special=True) == hub(text, add_special_tokens=False)["input_ids"]
+        assert ours.decode(ours.encode(text)) == hub.decode(hub(text, split_special_tokens=True)["input_ids"])
+    conversation = [{"role": "user", "content": "Who art thou?"}, {"role": "assistant", "content": "Horatio."}]
+    text = ours.apply_chat_template(conversation)  # no template in the folder: the built-in Llama-2 one
+    assert text == "<s>[INST] Who art thou? [/INST] Horatio. </s>"
+    ids = ours.encode(text, bos=False, allow_special=True)
+    assert ids == hub(text, add_special_tokens=False)["input_ids"] and ids[0] == 1 and ids[-1] == 2

@@ -61,7 +61,7 @@ class HFTokenizer(ChatMixin):
                  path: str | os.PathLike | None = None):
         self.path = None if path is None else Path(path)
         where = f"tokenizer {self.path}" if self.path else "the tokenizer"
-        model_type = json.loads(tokenizer.to_str())["model"].get("type")
+        model_type = type(tokenizer.model).__name__
         if model_type != "BPE":
             raise DataError(f"{where} is a {model_type} model; llamax reads BPE tokenizers "
                             "(LLaMA-family tokenizer.json files are byte-level or byte-fallback BPE)")

@@ -58,7 +58,7 @@ def load_tokenizer(path: str | os.PathLike) -> AnyTokenizer:
 def _load_model_file(path: Path) -> AnyTokenizer:
     """A tiktoken or SentencePiece `tokenizer.model`, with the metadata of its folder."""
     with open(path, "rb") as f:
-        head = f.read(256)
+        head = f.read(512)
     meta = read_folder_metadata(path.parent)
     if meta.chat_template is not None:
         try:

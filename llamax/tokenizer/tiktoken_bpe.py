@@ -51,10 +51,18 @@ MAX_ENCODE_CHARS = 400_000
 MAX_RUN_CHARS = 25_000
 
 
+_TIKTOKEN_LINE = re.compile(rb"^[A-Za-z0-9+/]+=* \d+\r?$", re.M)
+
+
 def looks_like_tiktoken(data: bytes) -> bool:
-    """Whether a file starts like a tiktoken BPE table (`<base64> <rank>` lines)."""
-    first_line = data[:200].split(b"\n", 1)[0].split(b" ")
-    return len(first_line) == 2 and first_line[1].strip().isdigit() and data[:1] != b"\n"
+    """Whether a file starts like a tiktoken BPE table: ASCII text with `<base64> <rank>` lines.
+
+    A SentencePiece model is a binary protobuf. A table with a corrupt line still counts, so its
+    reader can say which line is wrong.
+    """
+    head = data[:512]
+    is_text = all(32 <= byte < 127 or byte in b"\t\r\n" for byte in head)
+    return bool(head) and is_text and _TIKTOKEN_LINE.search(head) is not None
 
 
 def read_tiktoken_bpe(path: str | os.PathLike) -> dict[bytes, int]:
