@@ -93,8 +93,8 @@ class Tokenizer(ChatMixin):
         return super().stop_ids
 
     def template_variables(self) -> dict[str, str]:
-        return {"bos_token": self._sp.IdToPiece(self.bos_id), "eos_token": self._sp.IdToPiece(self.eos_id),
-                "unk_token": self._sp.IdToPiece(self._sp.unk_id())}
+        ids = {"bos_token": self.bos_id, "eos_token": self.eos_id, "unk_token": self._sp.unk_id()}
+        return {name: self._sp.IdToPiece(i) for name, i in ids.items() if i >= 0}
 
     def encode(self, text: str, bos: bool = True, eos: bool = False, *,
                allow_special: bool = False) -> list[int]:
