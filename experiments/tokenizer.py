@@ -1,9 +1,15 @@
-"""Train a LLaMA-style SentencePiece tokenizer (BPE, byte fallback) on text files.
+"""Train a tokenizer on text files: LLaMA-1/2-style SentencePiece, or Llama-3's format.
 
     python -m experiments.tokenizer --input data/train.txt --output out/tok --vocab_size 2048
     python -m experiments.tokenizer --shakespeare --output out/tok --vocab_size 2048
+    python -m experiments.tokenizer --format llama3 --shakespeare --output out/llama3_tok --vocab_size 1024
 
-Writes DIR/tokenizer.model (load with `llamax.tokenizer.Tokenizer`) and DIR/tokenizer.vocab.
+sentencepiece (default): BPE with byte fallback; writes DIR/tokenizer.model and DIR/tokenizer.vocab.
+llama3: byte-level BPE with Llama-3's split pattern; `--vocab_size` is the base vocabulary and
+Llama-3's 256 special tokens follow it. Writes a Hugging Face folder (DIR/tokenizer.json,
+tokenizer_config.json with a Llama-3 chat template, special_tokens_map.json, generation_config.json)
+and Meta's tiktoken file DIR/original/tokenizer.model, the layout of a hub Llama-3.1 repository.
+Load either with `llamax.tokenizer.load_tokenizer(DIR)` / `load_tokenizer(DIR/original/tokenizer.model)`.
 """
 from __future__ import annotations
 
@@ -16,7 +22,8 @@ from pathlib import Path
 
 from llamax.data import corpus
 from llamax.errors import DataError
-from llamax.tokenizer import train_tokenizer
+from llamax.tokenizer import load_tokenizer, train_tokenizer
+from llamax.tokenizer.train_llama3 import train_llama3_tokenizer
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,7 +33,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shakespeare", action="store_true",
                         help="also train on the bundled Shakespeare train split")
     parser.add_argument("--output", required=True, help="output directory")
-    parser.add_argument("--vocab_size", type=int, default=2048)
+    parser.add_argument("--format", choices=["sentencepiece", "llama3"], default="sentencepiece",
+                        help="sentencepiece (LLaMA-1/2 style) or llama3 (tiktoken + HF folder)")
+    parser.add_argument("--vocab_size", type=int, default=None,
+                        help="pieces (sentencepiece, default 2048) or base tokens before the 256 "
+                             "special ones (llama3, default 1024)")
     parser.add_argument("--max_sentences", type=int, default=200_000,
                         help="lines sampled for training (keeps it fast)")
     parser.add_argument("--user_defined_symbols", nargs="*", default=[],
@@ -37,14 +48,21 @@ def main(argv: list[str] | None = None) -> int:
     if not args.input and not args.shakespeare:
         parser.error("give --input FILES... and/or --shakespeare")
     out = Path(args.output) / "tokenizer.model"
+    if args.format == "llama3" and args.user_defined_symbols:
+        parser.error("--user_defined_symbols is for --format sentencepiece; llama3 has its special tokens")
     try:
         with tempfile.TemporaryDirectory() as tmp:
             files = list(args.input)
             if args.shakespeare:
                 files.append(str(corpus.write_corpus(tmp, fmt="txt")["train"]))
             start = time.perf_counter()
-            tokenizer = train_tokenizer(files, out, args.vocab_size, max_sentences=args.max_sentences,
-                                        user_defined_symbols=args.user_defined_symbols, seed=args.seed)
+            if args.format == "llama3":
+                out = train_llama3_tokenizer(files, args.output, args.vocab_size or 1024)
+                tokenizer = load_tokenizer(out)
+            else:
+                tokenizer = train_tokenizer(files, out, args.vocab_size or 2048,
+                                            max_sentences=args.max_sentences,
+                                            user_defined_symbols=args.user_defined_symbols, seed=args.seed)
     except DataError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

@@ -17,6 +17,8 @@ from llamax.errors import ConfigError
 
 REMAT_POLICIES = ("none", "full", "dots", "dots_with_no_batch_dims", "save_projections")
 ATTENTION_IMPLS = ("xla", "cudnn")
+# transformers maps both names to SiLU (ACT2FN); anything else (gelu, relu, ...) is another MLP.
+SUPPORTED_HIDDEN_ACTS = ("silu", "swish")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -168,6 +170,9 @@ class ModelConfig:
 
         Reads both spellings: transformers v4 and hub checkpoints put `rope_theta` and
         `rope_scaling` at the top level; transformers v5 nests them in `rope_parameters`.
+        Refuses, with a ConfigError naming the field, what llamax's LLaMA does not compute:
+        `model_type` other than llama, `hidden_act` other than SiLU, `attention_bias`/`mlp_bias`,
+        and a `rope_type` other than default/llama3.
         """
         if not isinstance(hf, Mapping):
             raise ConfigError(f"config.json must hold a JSON object, got {type(hf).__name__}")
@@ -206,6 +211,10 @@ class ModelConfig:
         for flag in ("attention_bias", "mlp_bias"):
             if hf.get(flag):
                 raise ConfigError(f"config.json sets {flag}=true; llamax LLaMA layers have no biases")
+        hidden_act = hf.get("hidden_act", "silu")
+        if hidden_act not in SUPPORTED_HIDDEN_ACTS:
+            raise ConfigError(f"unsupported hidden_act={hidden_act!r} in config.json; llamax LLaMA MLPs "
+                              "use SiLU ('silu', also spelled 'swish')")
         fields.update(overrides)
         try:
             return cls(**fields)

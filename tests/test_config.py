@@ -1,4 +1,5 @@
 import json
+import re
 
 import pytest
 
@@ -100,3 +101,36 @@ def test_invalid_model_config_fields_are_named(change, message):
 def test_unknown_preset_lists_known_ones():
     with pytest.raises(ConfigError, match="llama2_7b"):
         get_preset("llama9_1t")
+
+
+def _transformers_config_json(tmp_path, config_class: str = "LlamaConfig", **fields) -> dict:
+    """config.json as transformers itself writes it for a tiny model with `fields`."""
+    transformers = pytest.importorskip("transformers")
+    config = getattr(transformers, config_class)(vocab_size=64, hidden_size=32, intermediate_size=64,
+                                                 num_hidden_layers=1, num_attention_heads=4, **fields)
+    config.save_pretrained(tmp_path)
+    return json.loads((tmp_path / "config.json").read_text())
+
+
+@pytest.mark.parametrize("config_class, fields, field", [
+    ("LlamaConfig", {"hidden_act": "gelu"}, "hidden_act='gelu'"),
+    ("LlamaConfig", {"hidden_act": "relu"}, "hidden_act='relu'"),
+    ("LlamaConfig", {"mlp_bias": True}, "mlp_bias"),
+    ("LlamaConfig", {"attention_bias": True}, "attention_bias"),
+    ("LlamaConfig", {"rope_parameters": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4}},
+     "rope_type='linear'"),
+    ("LlamaConfig", {"rope_parameters": {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e4}},
+     "rope_type='dynamic'"),
+    ("MistralConfig", {}, "model_type='mistral'"),
+])
+def test_from_hf_refuses_what_llamax_does_not_compute(tmp_path, config_class, fields, field):
+    # Each of these would otherwise load and silently compute another function (a gelu MLP run as
+    # SiLU differs from transformers' logits), so one ConfigError names the field.
+    hf = _transformers_config_json(tmp_path, config_class, **fields)
+    with pytest.raises(ConfigError, match=re.escape(field)):
+        ModelConfig.from_hf(hf)
+
+
+def test_from_hf_accepts_transformers_defaults_and_swish(tmp_path):
+    assert ModelConfig.from_hf(_transformers_config_json(tmp_path)).hidden_size == 32
+    assert ModelConfig.from_hf(_transformers_config_json(tmp_path, hidden_act="swish")).num_layers == 1

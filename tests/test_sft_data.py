@@ -5,11 +5,13 @@ import numpy as np
 import pytest
 
 from data_fixtures import chat_tokenizer, small_tokenizer  # noqa: F401  (session fixtures)
+from llama3_assets import EOT_ID, llama3_tokenizer_dir  # noqa: F401  (session fixture)
 from llamax.data import chat_templates, sft
 from llamax.data.documents import read_documents
 from llamax.data.loader import make_loader
 from llamax.data.packing import as_document, pack_documents
 from llamax.errors import DataError
+from llamax.tokenizer import HFTokenizer, load_tokenizer
 
 CONVERSATION = [
     {"role": "system", "content": "Answer in verse."},
@@ -121,3 +123,71 @@ def test_malformed_sft_line_names_file_and_line(tmp_path):
 def _write(path, text):
     path.write_text(text)
     return path
+
+
+# ---- sft_template='checkpoint': the tokenizer's own chat template -----------------------------
+
+GENERATION_TEMPLATE = (  # Llama-3's template with the assistant text marked for training
+    "{{ bos_token }}{% for message in messages %}"
+    "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' }}"
+    "{% if message['role'] == 'assistant' %}{% generation %}{{ message['content'] | trim + '<|eot_id|>' }}"
+    "{% endgeneration %}{% else %}{{ message['content'] | trim + '<|eot_id|>' }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}")
+
+
+def _answers_with(tok, marker_id):
+    return [i for m in CONVERSATION if m["role"] == "assistant"
+            for i in tok.encode(m["content"], bos=False) + [marker_id]]
+
+
+@pytest.mark.parametrize("kind", ["hf_folder", "meta_tiktoken"])
+def test_checkpoint_template_scores_exactly_the_assistant_turns(llama3_tokenizer_dir, kind):
+    path = llama3_tokenizer_dir if kind == "hf_folder" else llama3_tokenizer_dir / "original/tokenizer.model"
+    tok = load_tokenizer(path)  # the HF folder's template, or Meta's built-in Llama-3 one
+    tokens, weights = sft.encode_conversation(CONVERSATION, tok, "checkpoint")
+    assert tokens.tolist() == tok.encode(tok.apply_chat_template(CONVERSATION), bos=False,
+                                         allow_special=True)
+    assert scored_targets(tokens, weights) == _answers_with(tok, EOT_ID)
+
+
+def test_generation_blocks_give_transformers_assistant_mask(llama3_tokenizer_dir):
+    transformers = pytest.importorskip("transformers")
+    hub = transformers.AutoTokenizer.from_pretrained(llama3_tokenizer_dir)
+    expected = hub.apply_chat_template(CONVERSATION, chat_template=GENERATION_TEMPLATE, return_dict=True,
+                                       return_assistant_tokens_mask=True)
+    folder = load_tokenizer(llama3_tokenizer_dir)
+    tok = HFTokenizer(folder.backend, bos_id=folder.bos_id, eos_id=folder.eos_id,
+                      chat_template=GENERATION_TEMPLATE)
+    tokens, weights = sft.encode_conversation(CONVERSATION, tok, "checkpoint")
+    assert tokens.tolist() == expected["input_ids"]
+    assert weights.astype(int).tolist() == expected["assistant_masks"]
+    assert sum(expected["assistant_masks"]) == len(_answers_with(tok, EOT_ID))
+
+
+def test_turn_by_turn_needs_a_prefix_stable_template(llama3_tokenizer_dir):
+    folder = load_tokenizer(llama3_tokenizer_dir)
+    unstable = "{% for m in messages %}{% if loop.last %}LAST:{% endif %}{{ m['content'] }};{% endfor %}"
+    tok = HFTokenizer(folder.backend, bos_id=folder.bos_id, eos_id=folder.eos_id, chat_template=unstable)
+    with pytest.raises(DataError, match=r"not a prefix.*\{% generation %\}"):
+        sft.encode_conversation(CONVERSATION, tok, "checkpoint")
+
+
+def test_checkpoint_template_through_the_loader(tmp_path, llama3_tokenizer_dir):
+    tok = load_tokenizer(llama3_tokenizer_dir / "original" / "tokenizer.model")
+    path = tmp_path / "sft.jsonl"
+    records = [{"prompt": f"Question {i}? <|eot_id|>", "response": f"Answer number {i}."} for i in range(12)]
+    path.write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    loader = make_loader(read_documents([path], sft_format=True), tok, seq_len=64, global_batch_size=4,
+                         num_epochs=1, shuffle=False, sft_template="checkpoint")
+    scored = [t for batch in loader for t in batch["targets"][batch["loss_mask"] == 1].tolist()]
+    assert scored == [i for r in records for i in tok.encode(r["response"], bos=False) + [EOT_ID]]
+    with pytest.raises(DataError, match=r"unknown sft_template 'chatml'.*'checkpoint'"):
+        make_loader(["x"], tok, seq_len=8, global_batch_size=1, sft_template="chatml")
+
+
+def test_builtin_llama3_spans_make_special_tokens_for_llama3_tokenizers(llama3_tokenizer_dir):
+    tok = load_tokenizer(llama3_tokenizer_dir / "original" / "tokenizer.model")
+    tokens, weights = sft.encode_conversation(CONVERSATION[1:3], tok, "llama3")
+    assert tokens.tolist().count(EOT_ID) == 2 and tokens[0] == tok.bos_id
+    answer = tok.encode(CONVERSATION[2]["content"], bos=False)
+    assert scored_targets(tokens, weights) == answer + [EOT_ID, tok.eos_id]

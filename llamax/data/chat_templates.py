@@ -20,6 +20,10 @@ plain (for tiny tokenizers and demos): turns joined by "\\n\\n" without role mar
   Trained: each `{assistant}` and the final `</s>` if the last turn is the assistant's.
 
 Contents are stripped of surrounding whitespace in every template.
+
+`CHECKPOINT_TEMPLATE` ('checkpoint') is not rendered here: it selects the tokenizer's own Jinja
+chat template (`llamax.tokenizer.chat`; see `llamax.data.sft`). `SFT_TEMPLATES` lists every value
+`sft_template` accepts.
 """
 from __future__ import annotations
 
@@ -93,12 +97,14 @@ TEMPLATES: dict[str, Callable[[Sequence[dict]], list[Span]]] = {
     "llama3": render_llama3,
     "plain": render_plain,
 }
+CHECKPOINT_TEMPLATE = "checkpoint"
+SFT_TEMPLATES = (*sorted(TEMPLATES), CHECKPOINT_TEMPLATE)
 
 
 def render(messages: Sequence[dict], template: str) -> list[Span]:
     """Spans of a validated conversation (see `llamax.data.sft.parse_record`)."""
     if template not in TEMPLATES:
-        raise DataError(f"unknown chat template {template!r}; choose one of {sorted(TEMPLATES)}")
+        raise DataError(f"unknown chat template {template!r}; choose one of {list(SFT_TEMPLATES)}")
     if not messages:
         raise DataError("cannot render an empty conversation")
     return TEMPLATES[template](messages)

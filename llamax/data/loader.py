@@ -41,7 +41,8 @@ class LoaderConfig:
         seed: shuffle seed (epoch e uses seed + e).
         shuffle: shuffle documents (off for evaluation if order matters).
         num_epochs: None = repeat forever (training); N = stop after N passes (evaluation).
-        sft_template: None for pretraining text; 'llama2', 'llama3' or 'plain' for SFT data.
+        sft_template: None for pretraining text; for SFT data 'checkpoint' (the tokenizer's own
+            chat template, see `llamax.data.sft`) or a built-in 'llama2', 'llama3', 'plain'.
         fill_rows: split documents at row boundaries so rows have no padding (pretraining);
             off: a document that fits in a row is never split (see `packing`).
         process_index, process_count: this process's place; default jax.process_index/count().
@@ -75,7 +76,8 @@ class _Encode:
         if self.sft_template is None:
             if not isinstance(document, str):
                 raise DataError(f"pretraining documents must be str, got {type(document).__name__}"
-                                "; for SFT records pass sft_template='llama2'|'llama3'|'plain'")
+                                "; for SFT records pass sft_template='checkpoint'|'llama2'|'llama3'|"
+                                "'plain'")
             if not document.strip():
                 return None  # empty documents are skipped (grain drops None)
             ids = self.tokenizer.encode(document, bos=True, eos=True)
@@ -263,9 +265,9 @@ def _validate(config: LoaderConfig, process_index: int, process_count: int, num_
         raise DataError(f"seed must be in [0, 2**32), got {config.seed}")
     if num_docs == 0:
         raise DataError("no documents to load")
-    if config.sft_template is not None and config.sft_template not in chat_templates.TEMPLATES:
+    if config.sft_template is not None and config.sft_template not in chat_templates.SFT_TEMPLATES:
         raise DataError(f"unknown sft_template {config.sft_template!r}; choose one of "
-                        f"{sorted(chat_templates.TEMPLATES)} or None for pretraining text")
+                        f"{list(chat_templates.SFT_TEMPLATES)} or None for pretraining text")
 
 
 def _plain(value: Any) -> Any:

@@ -5,15 +5,15 @@ works with the other: BPE with byte fallback (any UTF-8 text round-trips; charac
 vocabulary become `<0xNN>` byte pieces), identity normalisation, digits split, whitespace kept,
 ids `<unk>`=0, `<s>`=1, `</s>`=2 and no pad piece.
 
-Llama-3's `tokenizer.model` is a tiktoken BPE table, not a SentencePiece model; loading one raises
-a DataError that says so.
+Llama-3's `tokenizer.model` is a tiktoken BPE table, not a SentencePiece model; `Tokenizer` raises
+a DataError that says so (`llamax.tokenizer.load_tokenizer` reads either).
 """
 from __future__ import annotations
 
 import io
 import logging
-import operator
 import os
+import re
 import time
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -21,18 +21,24 @@ from typing import Iterable, Sequence
 import sentencepiece as spm
 
 from llamax.errors import DataError
+from llamax.tokenizer.base import ChatMixin, check_stop_ids, check_text, checked_ids
+from llamax.tokenizer.tiktoken_bpe import looks_like_tiktoken
 
 log = logging.getLogger(__name__)
 
 
-class Tokenizer:
+class Tokenizer(ChatMixin):
     """Thin, typed wrapper over `sentencepiece.SentencePieceProcessor`.
 
     Args:
         model_path: path to a SentencePiece `tokenizer.model` file.
+        chat_template: a Jinja chat template (e.g. from an HF folder's tokenizer_config.json);
+            None: the built-in Llama-2 template, or Llama-3's if the model has its header pieces.
+        extra_stop_ids: ids besides EOS that end a generation (generation_config's eos ids).
     """
 
-    def __init__(self, model_path: str | os.PathLike):
+    def __init__(self, model_path: str | os.PathLike, *, chat_template: str | None = None,
+                 extra_stop_ids: Sequence[int] = ()):
         path = Path(model_path)
         if not path.is_file():
             raise DataError(
@@ -40,11 +46,10 @@ class Tokenizer:
                 "`tokenizer.model` (e.g. from a LLaMA-2 checkpoint) or train one with "
                 "`python -m experiments.tokenizer --input FILES... --output DIR --vocab_size 2048`")
         data = path.read_bytes()
-        if _looks_like_tiktoken(data):
+        if looks_like_tiktoken(data):
             raise DataError(
                 f"{str(path)!r} is a tiktoken BPE table (Llama-3 format), not a SentencePiece model; "
-                "llamax's Tokenizer reads SentencePiece models only (LLaMA-1/2 or "
-                "`experiments.tokenizer`)")
+                "load it with llamax.tokenizer.load_tokenizer (or TiktokenTokenizer)")
         self._sp = spm.SentencePieceProcessor()
         try:
             self._sp.LoadFromSerializedProto(data)
@@ -53,6 +58,14 @@ class Tokenizer:
                 f"could not load {str(path)!r} as a SentencePiece model ({e}); expected a "
                 "`tokenizer.model` written by sentencepiece") from e
         self.path = path
+        self._chat_template = chat_template
+        self._extra_stop_ids = check_stop_ids(extra_stop_ids, self.vocab_size, path)
+        header = self._sp.PieceToId("<|start_header_id|>")
+        self._builtin_template = "llama3" if header != self._sp.unk_id() else "llama2"
+        controls = [self._sp.IdToPiece(i) for i in range(self.vocab_size) if self._sp.IsControl(i)]
+        self._control_ids = {piece: self._sp.PieceToId(piece) for piece in controls}
+        self._control_pattern = (re.compile("(" + "|".join(map(re.escape, controls)) + ")")
+                                 if controls else None)
 
     @property
     def vocab_size(self) -> int:
@@ -74,51 +87,58 @@ class Tokenizer:
         pad = self._sp.pad_id()
         return pad if pad >= 0 else 0
 
-    def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
-        """Token ids of `text`, with `<s>` first if `bos` and `</s>` last if `eos`."""
-        if not isinstance(text, str):
-            raise DataError(f"Tokenizer.encode expects str, got {type(text).__name__}")
-        try:
+    @property
+    def stop_ids(self) -> tuple[int, ...]:
+        """EOS (`</s>`) and any `extra_stop_ids`."""
+        return super().stop_ids
+
+    def template_variables(self) -> dict[str, str]:
+        ids = {"bos_token": self.bos_id, "eos_token": self.eos_id, "unk_token": self._sp.unk_id()}
+        return {name: self._sp.IdToPiece(i) for name, i in ids.items() if i >= 0}
+
+    def encode(self, text: str, bos: bool = True, eos: bool = False, *,
+               allow_special: bool = False) -> list[int]:
+        """Token ids of `text`, with `<s>` first if `bos` and `</s>` last if `eos`.
+
+        sentencepiece never makes control pieces (`<s>`, `</s>`) from text; with `allow_special`
+        the control pieces spelled in `text` (e.g. by a chat template) become their ids, and the
+        text between them is encoded piece by piece, as transformers' LlamaTokenizer does.
+        (`user_defined_symbols` are ordinary pieces: they come from text either way.)
+        """
+        check_text(text, "Tokenizer")
+        if allow_special and self._control_pattern is not None:
+            ids = []
+            for part in self._control_pattern.split(text):
+                if part in self._control_ids:
+                    ids.append(self._control_ids[part])
+                elif part:
+                    ids += self._sp.EncodeAsIds(part)
+        else:
             ids = self._sp.EncodeAsIds(text)
-        except (RuntimeError, TypeError) as e:  # pybind11 cannot pass lone surrogates to C++
-            raise _not_utf8(text, 0) from e
         return ([self.bos_id] if bos else []) + ids + ([self.eos_id] if eos else [])
 
-    def encode_batch(self, texts: Sequence[str], bos: bool = True, eos: bool = False,
-                     num_threads: int = 0) -> list[list[int]]:
+    def encode_batch(self, texts: Sequence[str], bos: bool = True, eos: bool = False, *,
+                     allow_special: bool = False, num_threads: int = 0) -> list[list[int]]:
         """`encode` for many texts; sentencepiece spreads the work over `num_threads` (0 = all)."""
         texts = list(texts)
+        if allow_special:
+            return [self.encode(text, bos, eos, allow_special=True) for text in texts]
         try:
             ids = self._sp.Encode(texts, add_bos=bos, add_eos=eos, num_threads=num_threads)
-        except (RuntimeError, TypeError) as e:
+        except (RuntimeError, TypeError):
             for index, text in enumerate(texts):
-                if not isinstance(text, str):
-                    raise DataError(f"Tokenizer.encode_batch: text {index} is a "
-                                    f"{type(text).__name__}, expected str") from e
-                if _has_surrogates(text):
-                    raise _not_utf8(text, index) from e
+                check_text(text, "Tokenizer", index)
             raise
         return [list(x) for x in ids]
 
-    def decode(self, ids: Iterable[int]) -> str:
-        """Text of `ids`; `<s>`, `</s>` and other control pieces are dropped.
+    def decode(self, ids: Iterable[int], skip_special: bool = False) -> str:
+        """Text of `ids`; sentencepiece always drops `<s>`, `</s>` and other control pieces.
 
         Raises:
             DataError: an id is not an integer in `[0, vocab_size)` (sentencepiece would raise
                 an IndexError, or silently truncate a float).
         """
-        checked, vocab_size = [], self.vocab_size
-        for position, token_id in enumerate(ids):
-            try:
-                value = operator.index(token_id)  # ints, numpy/jax integer scalars; not floats
-            except TypeError:
-                value = None
-            if value is None or not 0 <= value < vocab_size:
-                raise DataError(f"Tokenizer.decode: id {token_id!r} at position {position} is not an "
-                                f"integer in [0, {vocab_size}); was it produced by another "
-                                "tokenizer or a model with a larger vocab_size?")
-            checked.append(value)
-        return self._sp.DecodeIds(checked)
+        return self._sp.DecodeIds(checked_ids(ids, self.vocab_size, "Tokenizer"))
 
     def id_to_piece(self, token_id: int) -> str:
         return self._sp.IdToPiece(int(token_id))
@@ -128,20 +148,6 @@ class Tokenizer:
 
     def __repr__(self) -> str:
         return f"Tokenizer({str(self.path)!r}, vocab_size={self.vocab_size})"
-
-
-def check_vocab(tokenizer: Tokenizer, model_vocab_size: int) -> None:
-    """Raises DataError if the tokenizer can emit ids the model's embedding table lacks.
-
-    A model vocabulary larger than the tokenizer's is fine (LLaMA pads tables to a multiple of 64
-    or 128 for speed); a smaller one would index out of range, which JAX does silently.
-    """
-    if tokenizer.vocab_size > model_vocab_size:
-        raise DataError(
-            f"tokenizer {tokenizer.path} has {tokenizer.vocab_size} pieces but the model's "
-            f"vocab_size is {model_vocab_size}; ids >= {model_vocab_size} would silently index out "
-            f"of range. Set ModelConfig.vocab_size >= {tokenizer.vocab_size} (e.g. "
-            f"{-(-tokenizer.vocab_size // 128) * 128}) or retrain the tokenizer with a smaller vocab")
 
 
 def train_tokenizer(
@@ -222,28 +228,3 @@ def train_tokenizer(
     log.info("trained %d-piece tokenizer on %d files in %.1fs -> %s", vocab_size, len(paths),
              time.perf_counter() - start, out)
     return tokenizer
-
-
-def _has_surrogates(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return True
-    return False
-
-
-def _not_utf8(text: str, index: int) -> DataError:
-    """The error for a str sentencepiece cannot take: one holding lone surrogates."""
-    try:
-        text.encode("utf-8")
-        detail = "sentencepiece could not encode it"
-    except UnicodeEncodeError as e:
-        detail = f"character {e.start} ({text[e.start]!r}) is a lone surrogate, not valid Unicode"
-    return DataError(f"text {index} cannot be tokenized: {detail}. Decode input files with "
-                     "errors='replace' (or re-encode them as UTF-8) before tokenizing")
-
-
-def _looks_like_tiktoken(data: bytes) -> bool:
-    """Llama-3's tokenizer.model is lines of `<base64 token> <rank>`."""
-    first_line = data[:200].split(b"\n", 1)[0].split(b" ")
-    return len(first_line) == 2 and first_line[1].isdigit() and data[:1] != b"\n"
