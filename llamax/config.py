@@ -13,7 +13,7 @@ from typing import Any, Mapping
 
 import jax.numpy as jnp
 
-from llamax.errors import ConfigError
+from llamax.errors import ConfigError, check_int, is_int
 
 REMAT_POLICIES = ("none", "full", "dots", "dots_with_no_batch_dims", "save_projections")
 ATTENTION_IMPLS = ("xla", "cudnn")
@@ -109,10 +109,7 @@ class ModelConfig:
         if not isinstance(self.attention_impl, str) or self.attention_impl not in ATTENTION_IMPLS:
             raise ConfigError(
                 f"attention_impl={self.attention_impl!r}; expected one of {ATTENTION_IMPLS}")
-        block = self.attention_block_size
-        if not isinstance(block, int) or isinstance(block, bool) or block < 0:
-            raise ConfigError(f"ModelConfig.attention_block_size must be an int >= 0 (0 = no "
-                              f"blocking), got {block!r}")
+        check_int(self.attention_block_size, "ModelConfig.attention_block_size", 0, "0 = no blocking")
 
     @property
     def compute_dtype(self) -> jnp.dtype:
@@ -289,9 +286,7 @@ def is_finite_number(value: Any) -> bool:
 
 def _check_positive_ints(config: Any, names: tuple[str, ...]) -> None:
     for name in names:
-        value = getattr(config, name)
-        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-            raise ConfigError(f"ModelConfig.{name} must be a positive integer, got {value!r}")
+        check_int(getattr(config, name), f"ModelConfig.{name}", 1)
 
 
 def _check_rope_scaling(scaling: Any) -> None:
@@ -299,8 +294,7 @@ def _check_rope_scaling(scaling: Any) -> None:
         raise ConfigError(f"rope_scaling must be a RopeScaling or None, got {scaling!r}")
     numbers = (scaling.factor, scaling.low_freq_factor, scaling.high_freq_factor)
     context = scaling.original_max_position_embeddings
-    if (not all(is_finite_number(v) and v > 0 for v in numbers) or isinstance(context, bool)
-            or not isinstance(context, int) or context <= 0):
+    if not all(is_finite_number(v) and v > 0 for v in numbers) or not is_int(context) or context <= 0:
         raise ConfigError(f"rope_scaling={scaling} needs factors > 0 and a positive integer "
                           "original_max_position_embeddings")
     if not scaling.high_freq_factor > scaling.low_freq_factor:

@@ -1,4 +1,8 @@
-"""Error types llamax raises for bad input. Each is a ValueError so callers can catch broadly."""
+"""Error types llamax raises for bad input (each a ValueError, so callers can catch broadly), and
+the one integer check every config uses."""
+from __future__ import annotations
+
+from typing import Any
 
 
 class LlamaxError(ValueError):
@@ -15,3 +19,15 @@ class CheckpointError(LlamaxError):
 
 class DataError(LlamaxError):
     """Input data (text, JSONL, tokenizer) is empty, malformed or inconsistent."""
+
+
+def is_int(value: Any) -> bool:
+    """An int that is not a bool (JSON and gin give `true` where a count was meant)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_int(value: Any, what: str, minimum: int, hint: str = "") -> None:
+    """ConfigError unless `value` is an integer >= `minimum`: '<what> must be an integer >= 1,
+    got True; <hint>'."""
+    if not is_int(value) or value < minimum:
+        raise ConfigError(f"{what} must be an integer >= {minimum}, got {value!r}" + (f"; {hint}" if hint else ""))

@@ -17,7 +17,7 @@ import ml_dtypes
 import numpy as np
 
 from llamax.convert.pth import PthFile
-from llamax.errors import CheckpointError
+from llamax.errors import CheckpointError, is_int
 
 SAFETENSORS_DTYPES = {
     "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
@@ -104,7 +104,7 @@ class SafetensorsFile:
 def _check_entry(path: Path, name: str, entry: object) -> None:
     """Raises CheckpointError unless `entry` is a well-formed safetensors header entry."""
     def is_count(value: object) -> bool:
-        return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+        return is_int(value) and value >= 0
 
     ok = (isinstance(entry, dict) and isinstance(entry.get("shape"), list)
           and all(is_count(d) for d in entry["shape"]) and isinstance(entry.get("data_offsets"), list)

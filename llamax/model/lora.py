@@ -26,7 +26,7 @@ import numpy as np
 from jax.sharding import PartitionSpec
 
 from llamax.config import ModelConfig
-from llamax.errors import CheckpointError, ConfigError
+from llamax.errors import CheckpointError, ConfigError, check_int
 from llamax.model.llama import LORA_COLLECTION, abstract_params
 from llamax.tree_paths import key_name, nest, path_names
 
@@ -54,9 +54,7 @@ class LoraConfig:
         if isinstance(self.targets, str):
             object.__setattr__(self, "targets", (self.targets,))
         object.__setattr__(self, "targets", tuple(self.targets))
-        if not isinstance(self.rank, int) or isinstance(self.rank, bool) or self.rank <= 0:
-            raise ConfigError(f"LoraConfig.rank must be a positive integer, got {self.rank!r}; "
-                              "typical values are 4 to 64")
+        check_int(self.rank, "LoraConfig.rank", 1, "typical values are 4 to 64")
         if not self.alpha > 0:
             raise ConfigError(f"LoraConfig.alpha must be > 0, got {self.alpha!r} (often 2 * rank)")
         if not self.targets:

@@ -31,7 +31,7 @@ import jax
 from llamax.config import ModelConfig
 from llamax.data.pipeline import (DataConfig, all_loader_states, eval_loader,  # noqa: F401 (gin: fit.DataConfig)
                                   this_process_loader_state, train_loader)
-from llamax.errors import ConfigError, LlamaxError
+from llamax.errors import ConfigError, LlamaxError, check_int
 from llamax.infer.evaluate import sum_nll, summarize
 from llamax.model.llama import init_params
 from llamax.model.lora import LoraConfig
@@ -77,10 +77,8 @@ class TrainConfig:
     def __post_init__(self):
         for name in ("train_steps", "batch_size", "seq_len", "log_every", "checkpoint_every",
                      "keep_checkpoints", "eval_every", "eval_batches", "seed"):
-            value = getattr(self, name)
             minimum = 0 if name in ("eval_every", "eval_batches", "seed") else 1
-            if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-                raise ConfigError(f"TrainConfig.{name} must be an integer >= {minimum}, got {value!r}")
+            check_int(getattr(self, name), f"TrainConfig.{name}", minimum)
         if self.on_nonfinite not in ("stop", "skip"):
             raise ConfigError(f"on_nonfinite must be 'stop' or 'skip', got {self.on_nonfinite!r}")
         if not isinstance(self.model_dir, str) or not self.model_dir:
