@@ -32,7 +32,6 @@ CORE = [
     "safetensors==0.8.0",
     "tqdm==4.70.1",
     "matplotlib==3.11.2",
-    "tensorboardX==2.6.5",
     "absl-py==2.5.1",
     "etils==1.15.0",
 ]
@@ -43,6 +42,8 @@ CONVERT = [
 ]
 
 TEST = [
+    # The reference reader of the TensorBoard files llamax writes itself (tests only).
+    "tensorboardX==2.6.5",
     "pytest==9.2.0",
     "hypothesis==6.170.15",
     "pytest-xdist==3.8.0",
@@ -56,7 +57,10 @@ setup(
     version="0.1.0",
     description="LLaMA-family pretraining, fine-tuning and conversion in JAX/Flax",
     python_requires=">=3.10",
-    packages=find_packages(include=["llamax", "llamax.*", "experiments", "experiments.*"]),
+    # configs/ is a package so gin finds `include 'configs/...'` from any working directory.
+    packages=find_packages(include=["llamax", "llamax.*", "experiments", "experiments.*",
+                                    "configs", "configs.*"]),
+    package_data={"configs": ["*/*.gin", "*/*.py"]},
     install_requires=CORE,
     extras_require={"convert": CONVERT, "test": TEST + CONVERT, "all": TEST + CONVERT},
     entry_points={"console_scripts": [

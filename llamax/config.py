@@ -8,12 +8,17 @@ GQA everywhere, rope_theta 5e5), Llama-3.1 (llama3 rope scaling, 128k context) a
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import logging
 import math
 from typing import Any, Mapping
 
 import jax.numpy as jnp
 
-from llamax.errors import ConfigError, check_int, is_int
+from llamax.dtypes import float_dtype_name
+from llamax.errors import ConfigError, check_field_types, check_int, is_int
+
+logger = logging.getLogger(__name__)
 
 REMAT_POLICIES = ("none", "full", "dots", "dots_with_no_batch_dims", "save_projections")
 ATTENTION_IMPLS = ("xla", "cudnn")
@@ -36,7 +41,9 @@ class ModelConfig:
     """Architecture and numerics of one LLaMA-family model.
 
     `dtype` is the compute dtype (activations, matmul inputs); `param_dtype` is the dtype of the
-    stored (master) weights. bf16 compute with fp32 params is the usual training setting.
+    stored (master) weights. bf16 compute with fp32 params is the usual training setting. Both
+    take a dtype object (`jnp.bfloat16`) or a name ('bfloat16', 'bf16', 'fp32', ...) and are
+    stored as the canonical name; non-float dtypes are refused.
     """
 
     vocab_size: int
@@ -62,11 +69,15 @@ class ModelConfig:
     attention_block_size: int = 128
 
     def __post_init__(self):
+        # One canonical name per dtype: jnp.bfloat16, 'bf16' and 'bfloat16' are the same config.
+        for name in ("dtype", "param_dtype"):
+            object.__setattr__(self, name, float_dtype_name(getattr(self, name), f"ModelConfig.{name}"))
         if isinstance(self.rope_scaling, Mapping):
             try:
                 object.__setattr__(self, "rope_scaling", RopeScaling(**self.rope_scaling))
             except TypeError as exc:
                 raise ConfigError(f"rope_scaling={dict(self.rope_scaling)!r} is not a RopeScaling: {exc}") from exc
+        check_field_types(self)
         if self.head_dim == 0:
             _check_positive_ints(self, ("hidden_size", "num_heads"))
             if self.num_heads <= 0 or self.hidden_size % self.num_heads:
@@ -96,14 +107,6 @@ class ModelConfig:
                 "(grouped-query attention shares each kv head among num_heads // num_kv_heads heads)")
         if self.head_dim % 2:
             raise ConfigError(f"head_dim={self.head_dim} must be even for rotary embeddings")
-        for name in ("dtype", "param_dtype"):
-            if not isinstance(getattr(self, name), str):
-                raise ConfigError(f"ModelConfig.{name} must be a dtype name such as 'bfloat16', "
-                                  f"got {getattr(self, name)!r}")
-            try:
-                jnp.dtype(getattr(self, name))
-            except TypeError as exc:
-                raise ConfigError(f"ModelConfig.{name}={getattr(self, name)!r} is not a dtype") from exc
         if not isinstance(self.remat_policy, str) or self.remat_policy not in REMAT_POLICIES:
             raise ConfigError(f"remat_policy={self.remat_policy!r}; expected one of {REMAT_POLICIES}")
         if not isinstance(self.attention_impl, str) or self.attention_impl not in ATTENTION_IMPLS:
@@ -205,6 +208,7 @@ class ModelConfig:
             tie_word_embeddings=hf.get("tie_word_embeddings", False),  # validated: must be a bool
             initializer_range=hf.get("initializer_range", 0.02),
         )
+        _warn_about_look_alike_keys(hf)
         for flag in ("attention_bias", "mlp_bias"):
             if hf.get(flag):
                 raise ConfigError(f"config.json sets {flag}=true; llamax LLaMA layers have no biases")
@@ -247,6 +251,25 @@ class ModelConfig:
             "mlp_bias": False,
             "torch_dtype": "float32" if self.param_dtype == "float32" else "bfloat16",
         }
+
+
+# The config.json keys `from_hf` reads: a key one typo away from one of these is probably meant
+# to be it, and silently falling back to the default would give a model of another shape.
+HF_KEYS_READ = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                "num_attention_heads", "num_key_value_heads", "head_dim", "rms_norm_eps", "rope_theta",
+                "rope_scaling", "rope_parameters", "max_position_embeddings", "tie_word_embeddings",
+                "initializer_range", "hidden_act", "attention_bias", "mlp_bias", "model_type")
+
+
+def _warn_about_look_alike_keys(hf: Mapping[str, Any]) -> None:
+    for key in hf:
+        if key in HF_KEYS_READ:
+            continue
+        close = [known for known in difflib.get_close_matches(key, HF_KEYS_READ, n=1, cutoff=0.85)
+                 if known not in hf]
+        if close:
+            logger.warning("config.json has %r, which llamax does not read; did you mean %r? (it is "
+                           "absent, so its default is used)", key, close[0])
 
 
 def _rope_scaling_from_hf(scaling: Mapping[str, Any] | None) -> RopeScaling | None:

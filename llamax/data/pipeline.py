@@ -21,7 +21,7 @@ from llamax.data.corpus import shakespeare_passages
 from llamax.data.loader import Loader, LoaderConfig, make_loader
 from llamax.data.shakespeare_sft import shakespeare_sft_records
 from llamax.data.sources import open_documents
-from llamax.errors import ConfigError, DataError
+from llamax.errors import ConfigError, DataError, check_field_types
 
 SHAKESPEARE = "shakespeare"
 SHAKESPEARE_SFT = "shakespeare_sft"
@@ -46,6 +46,9 @@ class DataConfig:
     sft_template: str | None = None
     fill_rows: bool = True
     on_error: str = "raise"
+
+    def __post_init__(self):
+        check_field_types(self)
 
 
 def open_split(data: DataConfig, source: str, split: str) -> Sequence[Any]:

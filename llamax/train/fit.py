@@ -31,7 +31,7 @@ import jax
 from llamax.config import ModelConfig
 from llamax.data.pipeline import (DataConfig, all_loader_states, eval_loader,  # noqa: F401 (gin: fit.DataConfig)
                                   this_process_loader_state, train_loader)
-from llamax.errors import ConfigError, LlamaxError, check_int
+from llamax.errors import ConfigError, LlamaxError, check_field_types, check_int
 from llamax.infer.evaluate import sum_nll, summarize
 from llamax.model.llama import init_params
 from llamax.model.lora import LoraConfig
@@ -75,6 +75,7 @@ class TrainConfig:
     progress_bar: bool = True
 
     def __post_init__(self):
+        check_field_types(self)
         for name in ("train_steps", "batch_size", "seq_len", "log_every", "checkpoint_every",
                      "keep_checkpoints", "eval_every", "eval_batches", "seed"):
             minimum = 0 if name in ("eval_every", "eval_batches", "seed") else 1
