@@ -3,6 +3,7 @@
   cache_dir           the user's cache folder for things built once (never the working directory)
   atomic_write_text   a small file (JSON, config) written to a sibling and renamed into place
   atomic_output_dir   a whole output folder staged beside its destination, renamed at the end
+  atomic_output_file  the same for a one-file output (a .gguf)
   contiguous_bytes    the C-order bytes of an array (fast for transposed views)
 """
 from __future__ import annotations
@@ -116,6 +117,28 @@ def atomic_output_dir(path: str | os.PathLike, *, overwrite: bool = False) -> It
         os.replace(staging, path)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+@contextlib.contextmanager
+def atomic_output_file(path: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
+    """Yields a temporary sibling path of the file `path`; on success it replaces `path`, on any
+    error it is deleted (single-file formats such as GGUF)."""
+    path = check_destination(path, overwrite).absolute()
+    if path.is_dir():
+        raise CheckpointError(f"{path} is a folder; give a file name for the output (e.g. model.gguf)")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, name = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    os.close(handle)
+    staging = Path(name)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(staging, 0o666 & ~umask)  # mkstemp's 0600 would make the result private
+    try:
+        yield staging
+        os.replace(staging, path)
+    except BaseException:
+        staging.unlink(missing_ok=True)
         raise
 
 

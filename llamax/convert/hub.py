@@ -1,4 +1,4 @@
-"""Any of HF, Meta and orbax folders -> any other, one tensor at a time, all-or-nothing.
+"""Any of HF, Meta, orbax folders and GGUF files -> any other, one tensor at a time, all-or-nothing.
 
 Every conversion goes through HF tensor names and layouts ([out, in] matrices, half-split
 rotary rows): a *source* is a lazy mapping from HF names to numpy arrays that lists its names in
@@ -10,6 +10,11 @@ one straight to its place in the output files. So the peak memory is a few tenso
   meta    | one tensor, assembled from its shards    meta   | one tensor (slices written in place)
   orbax   | one params leaf (a scanned stack)        orbax  | one layer slice; then orbax saves
                                                               memory-mapped leaves, <= 1 GB in flight
+  gguf    | one tensor, dequantized (memory-mapped)  gguf   | one tensor (encoded, written at its offset)
+
+A GGUF carries its tokenizer: converting one to a folder also writes tokenizer.json and
+tokenizer_config.json there, and exporting to GGUF needs the checkpoint's tokenizer (`--tokenizer`
+or found beside the source, see `gguf_vocab.find_tokenizer`).
 
 Output goes to a temporary sibling folder renamed into place at the end (`atomic_output_dir`).
 """
@@ -33,14 +38,16 @@ from llamax.convert.orbax import LeafPath, LeafReader, LeafWriter
 from llamax.convert.weight_files import WeightFolder
 from llamax.dtypes import parse_dtype
 from llamax.errors import CheckpointError, ConfigError
-from llamax.files import atomic_output_dir, check_destination
+from llamax.files import atomic_output_dir, atomic_output_file, check_destination
 
-FORMATS = ("hf", "meta", "orbax")
+FORMATS = ("hf", "meta", "orbax", "gguf")
 
 
 def detect_format(path: str | os.PathLike) -> str | None:
-    """'hf', 'meta' or 'orbax' from the files in `path`, or None if it is none of them."""
+    """'hf', 'meta', 'orbax' or 'gguf' from the files in `path`, or None if it is none of them."""
     path = Path(path)
+    if path.is_file() and path.suffix == ".gguf":
+        return "gguf"
     if (path / "params.json").exists():
         return "meta"
     if (path / "config.json").exists():
@@ -146,6 +153,9 @@ def open_source(path: str | os.PathLike, fmt: str, *, step: int | None = None):
         return HFSource(path)
     if fmt == "meta":
         return MetaSource(path)
+    if fmt == "gguf":
+        from llamax.convert.gguf import GGUFSource
+        return GGUFSource(path)
     return OrbaxSource(path, step)
 
 
@@ -185,36 +195,52 @@ def open_sink(fmt: str, config: ModelConfig, folder: Path, dtype: np.dtype, *, n
 
 def convert(src: str | os.PathLike, src_format: str, dst: str | os.PathLike, dst_format: str, *,
             dtype: Any = None, num_shards: int = 1, overwrite: bool = False, step: int | None = None,
-            max_shard_size: int = 5 * 2**30, progress: bool = True) -> Path:
-    """Converts the checkpoint folder `src` into `dst`, tensor by tensor.
+            max_shard_size: int = 5 * 2**30, progress: bool = True,
+            tokenizer: str | os.PathLike | None = None) -> Path:
+    """Converts the checkpoint folder (or GGUF file) `src` into `dst`, tensor by tensor.
 
     Args:
-      src_format, dst_format: 'hf', 'meta' or 'orbax' (a params checkpoint; as a source also a
-        training run, its checkpoints/ folder or one step folder).
-      dtype: 'bf16', 'fp32', 'fp16' or None to keep the source's dtype (that of the embeddings).
+      src_format, dst_format: 'hf', 'meta', 'orbax' (a params checkpoint; as a source also a
+        training run, its checkpoints/ folder or one step folder) or 'gguf' (one .gguf file).
+      dtype: 'bf16', 'fp32', 'fp16' (GGUF output also 'q8_0') or None to keep the source's dtype
+        (that of the embeddings; a quantized GGUF source reads as fp32).
       num_shards: model-parallel shards of a Meta output.
       overwrite: replace an existing `dst`; otherwise an existing, non-empty `dst` is refused.
       step: training step to read from an orbax run (None: the newest committed one).
       max_shard_size: bytes per safetensors file of an HF output.
       progress: show a tqdm bar of tensors converted.
+      tokenizer: the tokenizer written into a GGUF output (folder, tokenizer.json,
+        tokenizer.model or .gguf); default: found beside `src` (`gguf_vocab.find_tokenizer`).
     """
     for what, fmt in (("source", src_format), ("destination", dst_format)):
         if fmt not in FORMATS:
             raise ConfigError(f"unknown {what} format {fmt!r}; expected one of {FORMATS}")
     if num_shards != 1 and dst_format != "meta":
         raise ConfigError(f"num_shards={num_shards} only applies to Meta output (--dst_format meta)")
+    if dst_format != "gguf" and (tokenizer is not None or str(dtype).lower() == "q8_0"):
+        raise ConfigError("a tokenizer and dtype q8_0 only apply to GGUF output (--dst_format gguf)")
     if Path(src).absolute() == Path(dst).absolute():
         raise ConfigError(f"source and destination are the same folder {src}; write somewhere else")
     check_destination(dst, overwrite)
     source = open_source(src, src_format, step=step)
-    out_dtype = parse_dtype(dtype) or source.dtype
     names = source.names()
-    with atomic_output_dir(dst, overwrite=overwrite) as staging:
-        sink = open_sink(dst_format, source.config, staging, out_dtype, num_shards=num_shards,
-                         max_shard_size=max_shard_size)
+    if dst_format == "gguf":  # one file, holding the tokenizer too
+        from llamax.convert.gguf_write import open_gguf_sink
+        output = atomic_output_file(dst, overwrite=overwrite)
+        make_sink = lambda staging: open_gguf_sink(source, src, staging, dtype, tokenizer, name=Path(dst).stem)
+    else:
+        out_dtype = parse_dtype(dtype) or source.dtype
+        output = atomic_output_dir(dst, overwrite=overwrite)
+        make_sink = lambda staging: open_sink(dst_format, source.config, staging, out_dtype,
+                                              num_shards=num_shards, max_shard_size=max_shard_size)
+    with output as staging:
+        sink = make_sink(staging)
         for name in tqdm(names, desc=f"{src_format} -> {dst_format}", unit="tensor", disable=not progress):
             sink.write(name, source[name])
         sink.close()
+        if src_format == "gguf" and dst_format != "gguf":
+            from llamax.convert.gguf import write_tokenizer_files
+            write_tokenizer_files(source, staging)
     return Path(dst)
 
 
@@ -237,14 +263,14 @@ class _SourceMapping(collections.abc.Mapping):
 def load_any(path: str | os.PathLike, fmt: str | None = None, *, step: int | None = None,
              base: str | os.PathLike | None = None, **config_overrides: Any) -> tuple[ModelConfig, dict]:
     """(config, numpy params) of any checkpoint llamax reads: an HF, Meta or orbax params folder,
-    or a training run (its newest committed step unless `step`). The format is detected from the
+    a GGUF file, or a training run (its newest committed step unless `step`). The format is detected from the
     files unless `fmt` says. A LoRA run comes back with its adapters merged into its base weights
     (`base`, default: the INIT_FROM the run recorded). `config_overrides` (e.g. scan_layers,
     param_dtype) shape the params."""
     fmt = fmt or detect_format(path)
     if fmt is None:
-        raise CheckpointError(f"{path} is not an HF (config.json), Meta (params.json) or llamax orbax "
-                              "(a params checkpoint or a training run) checkpoint")
+        raise CheckpointError(f"{path} is not an HF (config.json), Meta (params.json), llamax orbax "
+                              "(a params checkpoint or a training run) or GGUF (.gguf file) checkpoint")
     if fmt == "orbax" and run_dir.is_run_dir(path) and run_dir.RunDir(path).lora_config() is not None:
         config, params = _merged_lora_run(run_dir.RunDir(path), step, base)
         if config_overrides:  # re-lay the merged params out (scanned or not, dtype) via HF names
