@@ -246,7 +246,9 @@ def write_hf_tokenizer(gguf_tokenizer: GGUFTokenizer, folder: str | os.PathLike)
     config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": token(gguf_tokenizer.bos_id),
               "eos_token": token(gguf_tokenizer.eos_id), "pad_token": token(gguf_tokenizer.pad_id),
               "unk_token": token(gguf_tokenizer.unk_id), "add_bos_token": gguf_tokenizer.add_bos,
-              "add_eos_token": gguf_tokenizer.add_eos, "clean_up_tokenization_spaces": False}
+              "clean_up_tokenization_spaces": False}
+    if gguf_tokenizer.add_eos:
+        config["add_eos_token"] = True
     if gguf_tokenizer.chat_template:
         config["chat_template"] = gguf_tokenizer.chat_template
     (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False))

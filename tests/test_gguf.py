@@ -16,6 +16,7 @@ from transformers import LlamaForCausalLM
 
 from gguf_fixtures import (SHAKESPEARE_LINES, byte_level_folder, llamax_logits, mean_nll, smollm2_path,  # noqa: F401
                            tiny_hf_folder, transformers_gguf_logits)
+from llamax.config import get_preset
 from llamax.convert import load_hf
 from llamax.convert.gguf import GGUFSource, load_gguf
 from llamax.convert.gguf_quant import QType
@@ -50,6 +51,7 @@ def test_smollm2_import_equals_transformers_gguf_loader(smollm2_path, smollm2): 
     config, params = smollm2
     assert (config.num_layers, config.hidden_size, config.num_heads, config.num_kv_heads, config.vocab_size,
             config.rope_theta, config.tie_word_embeddings) == (30, 576, 9, 3, 49152, 1e5, True)
+    assert config.architecture() == get_preset("smollm2_135m").architecture()  # configs/models/smollm2_135m.gin
     assert collections.Counter(t.name for t in source.types.values()) == {"Q4_1": 210, "F32": 61, "Q8_0": 1}
     model = AutoModelForCausalLM.from_pretrained(smollm2_path.parent, gguf_file=smollm2_path.name,
                                                  dtype=torch.float32).eval()
