@@ -340,3 +340,15 @@ def test_every_read_type_in_one_file_loads_like_transformers(tmp_path, byte_leve
         theirs = model(torch.as_tensor(tokens)).logits.numpy()
     reloaded_config, reloaded = load_gguf(tmp_path / "mixed.gguf")
     np.testing.assert_allclose(llamax_logits(reloaded_config, reloaded, tokens), theirs, rtol=1e-4, atol=1e-4)
+
+
+def test_row_chunked_encoding_and_decoding_change_nothing(tmp_path, byte_level_folder, monkeypatch):  # noqa: F811
+    """Large tensors are (de)quantized a slice of rows at a time; slices of one row give the same bytes."""
+    from llamax.convert import gguf_quant
+    config, params = load_hf(tiny_hf_folder(tmp_path / "hf", "llama3_gqa"))
+    whole = save_gguf(config, params, tmp_path / "whole.gguf", dtype="q8_0", tokenizer=byte_level_folder)
+    _, expected = load_gguf(whole)
+    monkeypatch.setattr(gguf_quant, "CHUNK_VALUES", 1)
+    sliced = save_gguf(config, params, tmp_path / "sliced.gguf", dtype="q8_0", tokenizer=byte_level_folder, name="whole")
+    assert sliced.read_bytes() == whole.read_bytes()
+    _assert_params_equal(load_gguf(sliced)[1], expected)

@@ -120,7 +120,7 @@ def metadata(reader: GGUFReader, key: str, default: Any = _MISSING) -> Any:
 
 def _float32_value(value: float) -> float:
     """A float32 metadata value as the decimal it was written from (9.99999974e-06 -> 1e-05)."""
-    return float(repr(np.float32(value)).removeprefix("np.float32(").removesuffix(")"))
+    return float(str(np.float32(value)))  # numpy prints the shortest decimal that round-trips
 
 
 # ---- Llama-3 rope scaling <-> rope_freqs.weight -------------------------------------------
@@ -179,14 +179,11 @@ def rope_scaling_from_factors(factors: np.ndarray, head_dim: int, theta: float) 
             else:
                 high = min(high, math.sqrt(long / short))
                 context = math.sqrt(short * high * long * low)
-    try:
+    scaling = None
+    if factor > 1 and np.isfinite(high) and high > low and np.isfinite(context) and context >= 1:
         scaling = RopeScaling(factor=_float32_value(factor), low_freq_factor=low,
                               high_freq_factor=round(float(high), 6),
                               original_max_position_embeddings=int(round(float(context))))
-        ModelConfig(vocab_size=1, hidden_size=head_dim, intermediate_size=1, num_layers=1, num_heads=1,
-                    num_kv_heads=1, rope_scaling=scaling)
-    except (ConfigError, ValueError, OverflowError):
-        scaling = None
     if scaling is None or not np.allclose(llama3_rope_factors(head_dim, theta, scaling), factors, rtol=1e-4):
         raise CheckpointError(f"{ROPE_FREQS} holds rotary frequency divisors {np.round(factors, 4).tolist()} "
                               "that are not Llama-3 rope scaling, the only kind llamax implements")

@@ -92,18 +92,35 @@ def stored_nbytes(shape: tuple[int, ...], qtype: QType) -> int:
     return elements // block_size * block_bytes
 
 
+# Block (de)quantization runs on slices of this many values, so its temporaries (several float32
+# copies) stay ~64 MB whatever the tensor's size; rows are independent, so slicing is exact.
+CHUNK_VALUES = 2**24
+
+
+def row_chunks(rows: int, cols: int) -> list[tuple[int, int]]:
+    """(start, stop) row ranges of about CHUNK_VALUES values each."""
+    step = max(1, CHUNK_VALUES // max(cols, 1))
+    return [(start, min(start + step, rows)) for start in range(0, rows, step)]
+
+
 def to_numpy(data: np.ndarray, qtype: QType) -> np.ndarray:
     """A tensor's stored data (as the gguf reader maps it) -> values [rows, cols].
 
     F32 and F16 come back as views of the memory map; BF16 as a bfloat16 view of the same bytes
-    (bit-exact, no copy); block types are dequantized to float32.
+    (bit-exact, no copy); block types are dequantized to float32, a slice of rows at a time.
     """
     if qtype in (QType.F32, QType.F16):
         return data
     if qtype == QType.BF16:
         raw = np.ascontiguousarray(data).view(np.uint16)  # [rows, 2 * cols] bytes -> [rows, cols]
         return raw.view(ml_dtypes.bfloat16)
-    return dequantize(data, qtype)
+    if data.ndim != 2:
+        return dequantize(data, qtype)
+    block_size, block_bytes = GGML_QUANT_SIZES[qtype]
+    values = np.empty((data.shape[0], data.shape[1] // block_bytes * block_size), np.float32)
+    for start, stop in row_chunks(*values.shape):
+        values[start:stop] = dequantize(data[start:stop], qtype)
+    return values
 
 
 def encode(array: np.ndarray, qtype: QType) -> np.ndarray:

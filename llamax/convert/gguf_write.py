@@ -23,7 +23,7 @@ from llamax.config import ModelConfig
 from llamax.files import atomic_output_file, contiguous_bytes
 from llamax.convert.gguf import ARCHITECTURE, ROPE_FREQS, gguf_tensor_name, llama3_rope_factors, rotary_heads
 from llamax.convert.gguf_quant import (FILE_TYPES, QUANTIZATION_VERSION, QType, can_encode, encode,
-                                       parse_write_type, stored_nbytes)
+                                       parse_write_type, row_chunks, stored_nbytes)
 from llamax.convert.gguf_vocab import TokenizerValues, find_tokenizer, tokenizer_metadata
 from llamax.convert.hf import check_params, expected_hf_shapes, params_to_hf
 from llamax.convert.meta import half_split_to_interleaved
@@ -104,8 +104,8 @@ class GGUFSink:
             self._put(gguf_name, encode(values, QType.F32))
         self._pending = set(self._plan)
 
-    def _put(self, gguf_name: str, data: np.ndarray) -> None:
-        self._file.seek(self._offset[gguf_name])
+    def _put(self, gguf_name: str, data: np.ndarray, at: int = 0) -> None:
+        self._file.seek(self._offset[gguf_name] + at)
         self._file.write(contiguous_bytes(data))
 
     def write(self, hf_name: str, array: np.ndarray) -> None:
@@ -119,9 +119,12 @@ class GGUFSink:
         heads = rotary_heads(self.config, hf_name)
         if heads is not None:
             array = half_split_to_interleaved(array, heads)
-        data = encode(array, tensor_type)
-        assert data.nbytes == stored_nbytes(shape, tensor_type), (hf_name, data.nbytes)
-        self._put(gguf_name, data)
+        if array.ndim == 1:
+            self._put(gguf_name, encode(array, tensor_type))
+        else:  # a slice of rows at a time: quantization temporaries stay small
+            row_bytes = stored_nbytes((1, shape[1]), tensor_type)
+            for start, stop in row_chunks(*shape):
+                self._put(gguf_name, encode(array[start:stop], tensor_type), at=start * row_bytes)
         self._pending.discard(hf_name)
 
     def discard(self) -> None:
