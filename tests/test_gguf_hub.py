@@ -5,6 +5,7 @@ import shutil
 
 import jax
 import numpy as np
+import pytest
 from gguf import GGUFReader
 from transformers import AutoTokenizer, LlamaForCausalLM
 
@@ -14,7 +15,8 @@ from hf_models import hf_logits
 from llamax.convert import load_hf
 from llamax.convert.gguf import load_gguf
 from llamax.convert.gguf_write import save_gguf
-from llamax.convert.hub import detect_format, load_any
+from llamax.convert.hub import detect_format, load_any, save_any
+from llamax.errors import ConfigError
 
 
 def _cli(src, src_format, dst, dst_format, *extra):
@@ -70,3 +72,14 @@ def test_gguf_to_hf_folder_runs_in_transformers_with_its_tokenizer(tmp_path, byt
     model = LlamaForCausalLM.from_pretrained(tmp_path / "out")  # llama3 rope scaling in config.json
     np.testing.assert_allclose(hf_logits(model, tokens), llamax_logits(reloaded_config, reloaded, tokens), atol=1e-4)
     shutil.rmtree(tmp_path / "out")
+
+
+def test_save_any_writes_gguf_with_the_tokenizer_it_is_given(tmp_path, byte_level_folder):  # noqa: F811
+    config, params = load_hf(tiny_hf_folder(tmp_path / "hf", "llama3_gqa"))
+    with pytest.raises(ConfigError, match="tokenizer="):
+        save_any(config, params, tmp_path / "m.gguf", "gguf")
+    path = save_any(config, params, tmp_path / "m.gguf", "gguf", dtype="bf16", tokenizer=byte_level_folder)
+    reloaded_config, reloaded = load_any(path, param_dtype="bfloat16")
+    assert reloaded_config.architecture() == config.architecture()
+    for a, b in zip(jax.tree.leaves(reloaded), jax.tree.leaves(params)):
+        np.testing.assert_array_equal(a, b.astype(a.dtype))

@@ -120,6 +120,9 @@ def test_find_tokenizer_follows_a_run_to_its_init_from(tmp_path, byte_level_fold
     assert find_tokenizer(byte_level_folder) == byte_level_folder
     (run / "init_from.json").write_text(json.dumps({"path": str(byte_level_folder)}))
     assert find_tokenizer(run) == byte_level_folder
+    (run / "model_config.json").write_text("{}")  # a run that kept its own copy of the tokenizer
+    (run / "tokenizer").mkdir()
+    assert find_tokenizer(run / "checkpoints") == run / "tokenizer"
     with pytest.raises(DataError, match="--tokenizer"):
         find_tokenizer(tmp_path)
 

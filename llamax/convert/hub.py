@@ -303,13 +303,22 @@ def _merged_lora_run(run: run_dir.RunDir, step: int | None, base: str | os.PathL
 
 
 def save_any(config: ModelConfig, params: Any, path: str | os.PathLike, fmt: str, *,
-             dtype: Any = None, num_shards: int = 1, overwrite: bool = False) -> Path:
-    """Writes in-memory params as an HF folder, a Meta folder or an orbax params checkpoint
-    (all-or-nothing, like every writer); `dtype` casts on the way out (None keeps it)."""
+             dtype: Any = None, num_shards: int = 1, overwrite: bool = False,
+             tokenizer: str | os.PathLike | None = None) -> Path:
+    """Writes in-memory params as an HF folder, a Meta folder, an orbax params checkpoint or a
+    GGUF file (all-or-nothing, like every writer); `dtype` casts on the way out (None keeps it;
+    GGUF also takes 'q8_0'). GGUF output embeds `tokenizer` (`gguf_vocab.find_tokenizer(run)`
+    finds a run's)."""
     from llamax.convert.hf import save_hf
     from llamax.convert.meta import save_meta
     from llamax.convert.orbax import save_params
 
+    if fmt == "gguf":
+        from llamax.convert.gguf_write import save_gguf
+        if tokenizer is None:
+            raise ConfigError("GGUF output embeds the checkpoint's tokenizer: pass tokenizer= (a folder, "
+                              "tokenizer.json, tokenizer.model or .gguf)")
+        return save_gguf(config, params, path, dtype=dtype, tokenizer=tokenizer, overwrite=overwrite)
     if fmt == "hf":
         return save_hf(config, params, path, dtype=dtype, overwrite=overwrite)
     if fmt == "meta":
