@@ -128,3 +128,20 @@ def test_rope_freqs_that_are_not_llama3_scaling_are_refused():
     assert rope_scaling_from_factors(np.ones(64), 128, 5e5) is None
     with pytest.raises(CheckpointError, match="not Llama-3 rope scaling"):
         rope_scaling_from_factors(np.linspace(1, 4, 64), 128, 5e5)
+
+
+def test_gguf_output_file_follows_the_umask_and_stale_staging_is_removed(tmp_path, exported):
+    """The .gguf is staged as a sibling file: it gets the umask's permissions, and a staging file
+    left by a writer that died (a pid that no longer exists) goes when the next export starts."""
+    import os
+    import socket
+    config, params = load_gguf(exported)
+    stale = tmp_path / f".m.gguf.tmp-{socket.gethostname()}-999999999-abc"  # no such process
+    stale.write_bytes(b"GGUF half written")
+    previous = os.umask(0o022)
+    try:
+        save_gguf(config, params, tmp_path / "m.gguf", dtype="bf16", tokenizer=exported)
+    finally:
+        os.umask(previous)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.gguf"]
+    assert (tmp_path / "m.gguf").stat().st_mode & 0o777 == 0o644
