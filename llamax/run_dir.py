@@ -245,6 +245,11 @@ class RunDir:
         staging = self.path / f".{TOKENIZER_DIR}.tmp-{os.getpid()}"
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir()
+        if source.suffix == ".gguf":  # the tokenizer only, as tokenizer.json: not the weights
+            from llamax.tokenizer.gguf import tokenizer_from_gguf, write_hf_tokenizer
+
+            write_hf_tokenizer(tokenizer_from_gguf(source), staging)
+            names = []
         for name in names:
             shutil.copyfile(folder / name, staging / name)
         if source.is_file() and source.name != "tokenizer.model" and source.suffix == ".model":

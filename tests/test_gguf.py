@@ -22,7 +22,7 @@ from llamax.convert.gguf import GGUFSource, load_gguf
 from llamax.convert.gguf_quant import QType
 from llamax.convert.gguf_write import save_gguf
 from llamax.sample import generate
-from llamax.tokenizer_gguf import tokenizer_from_gguf
+from llamax.tokenizer.gguf import tokenizer_from_gguf
 
 VARIANTS = ["llama2_mha", "llama3_gqa", "llama31_scaled", "llama32_tied"]
 HAS_LLAMA_CPP = importlib.util.find_spec("llama_cpp") is not None

@@ -13,7 +13,7 @@ from llamax.convert.gguf import load_gguf, rope_scaling_from_factors, llama3_rop
 from llamax.convert.gguf_write import save_gguf
 from llamax.config import RopeScaling
 from llamax.errors import CheckpointError, ConfigError, DataError
-from llamax.tokenizer_gguf import tokenizer_from_gguf
+from llamax.tokenizer.gguf import tokenizer_from_gguf
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ from llamax.convert.gguf_vocab import find_tokenizer, tokenizer_metadata
 from llamax.convert.gguf_write import save_gguf
 from llamax.data import corpus
 from llamax.errors import DataError
-from llamax.tokenizer_gguf import read_tokenizer_metadata, tokenizer_from_gguf, write_hf_tokenizer
+from llamax.tokenizer.gguf import read_tokenizer_metadata, tokenizer_from_gguf, write_hf_tokenizer
 
 TEXTS = SHAKESPEARE_LINES + [
     "In 1594, 12345 men   walked\n\n  home.\t", "naïve café — 東京 🙂", " leading space", "x" * 40,
@@ -142,3 +142,23 @@ def test_llama_cpp_tokenizes_exports_like_llamax(tmp_path, byte_level_folder, ch
         for text in TEXTS + _passages() + ["<|start_header_id|>user<|end_header_id|>\n\nHi there"]:
             theirs = llm.tokenize(text.encode(), add_bos=ours.add_bos, special=True)
             assert theirs == ours.tokenizer.encode(text).ids, (name, text)
+
+
+def test_load_tokenizer_reads_a_gguf_and_a_run_keeps_it_as_tokenizer_json(tmp_path, byte_level_folder):  # noqa: F811
+    """`load_tokenizer(model.gguf)` is the one loader every CLI uses; a run started on a .gguf
+    tokenizer records tokenizer.json files (not a copy of the whole weights file)."""
+    from llamax.run_dir import RunDir
+    from llamax.tokenizer import load_tokenizer
+
+    config, params = load_hf(tiny_hf_folder(tmp_path / "hf", "llama3_gqa", byte_level_folder))
+    path = save_gguf(config, params, tmp_path / "m.gguf", dtype="f32", tokenizer=tmp_path / "hf")
+    original = Tokenizer.from_file(str(byte_level_folder / "tokenizer.json"))
+    loaded = load_tokenizer(path)
+    for text in TEXTS + _passages()[:3]:
+        assert loaded.encode(text, bos=False, allow_special=True) == original.encode(text, add_special_tokens=False).ids, text
+    assert loaded.chat_template == CHATML and 2 in loaded.stop_ids
+    run = RunDir(tmp_path / "run")
+    run.commit(config, tokenizer=path)
+    copied = run.tokenizer()
+    assert sorted(p.name for p in copied.iterdir()) == ["tokenizer.json", "tokenizer_config.json"]
+    assert load_tokenizer(copied).encode(TEXTS[0], bos=False) == loaded.encode(TEXTS[0], bos=False)

@@ -14,7 +14,7 @@
   files.py         all-or-nothing output folders, contiguous bytes
 
 Names are imported lazily, so `from llamax.convert import load_hf` does not load orbax or torch.
-The tokenizer a GGUF carries is rebuilt by `llamax.tokenizer_gguf`.
+The tokenizer a GGUF carries is rebuilt by `llamax.tokenizer.gguf`.
 """
 from __future__ import annotations
 

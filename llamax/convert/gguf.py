@@ -299,7 +299,7 @@ def load_gguf(path: str | os.PathLike, **config_overrides: Any) -> tuple[ModelCo
     Quantized tensors are dequantized (F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K..Q6_K);
     params come out in `config.param_dtype` (float32 unless overridden), scanned unless
     `scan_layers=False`. One tensor is dequantized at a time from the memory-mapped file.
-    The tokenizer in the file's metadata: `llamax.tokenizer_gguf.tokenizer_from_gguf(path)`.
+    The tokenizer in the file's metadata: `llamax.tokenizer.gguf.tokenizer_from_gguf(path)`.
     """
     source = GGUFSource(path, **config_overrides)
     return source.config, hf_to_params(source.config, source)
@@ -310,7 +310,7 @@ def write_tokenizer_files(source: GGUFSource, folder: str | os.PathLike) -> bool
     HF or orbax conversion of it), so the tokenizer travels on to fine-tuning and back to GGUF.
     A tokenizer llamax cannot rebuild is skipped with a warning: the weights are still valid."""
     from llamax.errors import DataError
-    from llamax.tokenizer_gguf import read_tokenizer_metadata, tokenizer_from_gguf, write_hf_tokenizer
+    from llamax.tokenizer.gguf import read_tokenizer_metadata, tokenizer_from_gguf, write_hf_tokenizer
     try:
         tokenizer = tokenizer_from_gguf(read_tokenizer_metadata(source.reader))
     except DataError as error:

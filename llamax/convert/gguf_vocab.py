@@ -28,7 +28,7 @@ from typing import Any
 from gguf import GGUFValueType, SpecialVocab
 
 from llamax.errors import ConfigError, DataError
-from llamax.tokenizer_gguf import (BYTE, CONTROL, LLAMA3_SPLIT, NORMAL, QWEN2_SPLIT, UNKNOWN, UNUSED, USER_DEFINED,
+from llamax.tokenizer.gguf import (BYTE, CONTROL, LLAMA3_SPLIT, NORMAL, QWEN2_SPLIT, UNKNOWN, UNUSED, USER_DEFINED,
                                    read_tokenizer_metadata)
 
 V = GGUFValueType

@@ -7,6 +7,8 @@ Modules:
   hf            `HFTokenizer`: a `tokenizer.json` (+ tokenizer_config/generation_config) or an
                 in-memory `tokenizers.Tokenizer`
   files         the metadata files of a checkpoint folder (special tokens, chat template, stop ids)
+  gguf          the tokenizer a GGUF file carries (`tokenizer.ggml.*`) rebuilt as a
+                `tokenizers.Tokenizer` (GGUFTokenizer), and written back as tokenizer.json
   chat          Jinja chat templates rendered as transformers renders them; built-in Llama-2/3
   base          the shared interface (`ChatMixin`), `check_vocab`
   train_llama3  `train_llama3_tokenizer`: a small Llama-3-format tokenizer (tiktoken file and HF
