@@ -87,6 +87,30 @@ def test_kv_cache_logits_equal_full_forward_at_every_position(scan_layers):
     assert int(cache.index) == 12
 
 
+@pytest.mark.parametrize("scan_layers", [True, False])
+def test_kv_cache_with_a_write_index_per_row_equals_full_forward(scan_layers):
+    """Rows at different lengths (a serving batch): each writes and attends at its own index."""
+    config = get_preset("tiny", scan_layers=scan_layers)
+    params = init_params(config)
+    tokens = np.random.RandomState(1).randint(0, config.vocab_size, (2, 12))
+    model = Llama(config)
+    full = model.apply({"params": params}, jnp.asarray(tokens))  # [2, 12, vocab]
+    lengths = np.array([5, 8])
+    cache = KVCache.create(config, batch_size=2, max_length=16)
+    cache = cache.replace(index=jnp.zeros((2,), jnp.int32))
+    right_padded = (np.arange(8) < lengths[:, None]).astype(np.int32)  # row 0: 3 padding slots
+    prefill, cache = model.apply({"params": params}, jnp.asarray(tokens[:, :8]),
+                                 segment_ids=jnp.asarray(right_padded), cache=cache)
+    for row, length in enumerate(lengths):
+        np.testing.assert_allclose(prefill[row, :length], full[row, :length], atol=1e-5)
+    cache = cache.replace(index=jnp.asarray(lengths, jnp.int32))
+    for step in range(4):  # default positions continue from each row's own index
+        fed = tokens[np.arange(2), lengths + step][:, None]
+        logits, cache = model.apply({"params": params}, jnp.asarray(fed), cache=cache)
+        np.testing.assert_allclose(logits[:, 0], full[np.arange(2), lengths + step], atol=1e-5)
+    np.testing.assert_array_equal(cache.index, lengths + 4)
+
+
 def test_bfloat16_compute_with_float32_params_tracks_float32():
     config = get_preset("tiny")
     params = init_params(config)

@@ -42,12 +42,16 @@ class KVCache:
 
     Slot s of every row holds the token fed at step s. Rows may be left-padded: padding slots
     carry segment id 0 and real tokens segment id 1, so no real token attends to padding.
+
+    `index` is one write position for the whole batch ([], as `create` makes it) or one per row
+    ([batch]): rows of a serving batch hold unrelated requests that have reached different
+    lengths (`llamax.infer.engine`), and each writes its new keys at its own position.
     """
 
     key: Array  # [layers, batch, max_length, kv_heads, head_dim]
     value: Array  # [layers, batch, max_length, kv_heads, head_dim]
     segment_ids: Array  # [batch, max_length]; 0 = empty slot or padding
-    index: Array  # [] int32: the next slot to write
+    index: Array  # [] or [batch] int32: the next slot to write
 
     @classmethod
     def create(cls, config: ModelConfig, batch_size: int, max_length: int) -> "KVCache":
@@ -62,6 +66,16 @@ class KVCache:
     @property
     def max_length(self) -> int:
         return self.key.shape[2]
+
+
+def write_at(buffer: Array, update: Array, index: Array) -> Array:
+    """`update` [batch, seq, ...] written into `buffer` [batch, length, ...] from slot `index`:
+    one slot for every row ([]) or one per row ([batch], a scatter)."""
+    trailing = (0,) * (buffer.ndim - 2)
+    if index.ndim == 0:
+        return jax.lax.dynamic_update_slice(buffer, update, (0, index, *trailing))
+    return jax.vmap(lambda row, new, start: jax.lax.dynamic_update_slice(row, new, (start, *trailing)))(
+        buffer, update, index)
 
 
 def _init(config: ModelConfig):
@@ -146,8 +160,8 @@ class Attention(nn.Module):
         new_cache = None
         if layer_cache is not None:
             cached_key, cached_value = layer_cache  # [batch, max_length, kv_heads, head_dim]
-            k = jax.lax.dynamic_update_slice(cached_key, k.astype(cached_key.dtype), (0, cache_index, 0, 0))
-            v = jax.lax.dynamic_update_slice(cached_value, v.astype(cached_value.dtype), (0, cache_index, 0, 0))
+            k = write_at(cached_key, k.astype(cached_key.dtype), cache_index)
+            v = write_at(cached_value, v.astype(cached_value.dtype), cache_index)
             new_cache = (k, v)
 
         # Without a cache, query i sits at key slot i, so `mask` is causal in slot order.
@@ -217,9 +231,10 @@ class Llama(nn.Module):
                  segment_ids: Array | None = None, cache: KVCache | None = None) -> Any:
         c = self.config
         batch, seq = tokens.shape
-        start = 0 if cache is None else cache.index
+        start = jnp.zeros((), jnp.int32) if cache is None else cache.index  # [] or [batch]
+        query_slots = jnp.reshape(start, (-1, 1)) + jnp.arange(seq, dtype=jnp.int32)  # [1 or batch, seq]
         if positions is None:
-            positions = jnp.broadcast_to(start + jnp.arange(seq, dtype=jnp.int32), (batch, seq))
+            positions = jnp.broadcast_to(query_slots, (batch, seq))
         if segment_ids is None:
             segment_ids = jnp.ones((batch, seq), jnp.int32)
 
@@ -227,15 +242,14 @@ class Llama(nn.Module):
         x = nn.with_logical_constraint(embed_tokens(tokens), ACT_EMBED)  # [batch, seq, embed]
         cos, sin = rotary_cos_sin(positions, inverse_frequencies(c.head_dim, c.rope_theta, c.rope_scaling))
 
-        query_slots = start + jnp.arange(seq)
         if cache is None:
             key_segments, key_slots = segment_ids, jnp.arange(seq)
             layer_caches, new_segments = None, None
         else:
-            new_segments = jax.lax.dynamic_update_slice(cache.segment_ids, segment_ids, (0, cache.index))
+            new_segments = write_at(cache.segment_ids, segment_ids, cache.index)
             key_segments, key_slots = new_segments, jnp.arange(cache.max_length)
             layer_caches = (cache.key, cache.value)
-        mask = (key_slots[None, None, :] <= query_slots[None, :, None]) & (
+        mask = (key_slots[None, None, :] <= query_slots[:, :, None]) & (
             segment_ids[:, :, None] == key_segments[:, None, :])  # [batch, q_len, kv_len]
 
         block = DecoderLayer
