@@ -4,7 +4,8 @@
         [--system "You are ..."] [--temperature 0.7] [--top_p 0.95] [--max_tokens 256]
 
 Replies stream as they are generated. Commands: /reset (forget the conversation), /system TEXT
-(set the system prompt and start over; `/system` alone clears it), /help, /quit (or Ctrl-D).
+(set the system prompt and start over; `/system` alone clears it), /set NAME VALUE (change a
+sampling setting: temperature, top_p, top_k, max_tokens, seed), /help, /quit (or Ctrl-D).
 Ctrl-C stops the reply being written (what was written stays in the conversation) and returns
 to the prompt; at the prompt it clears the line. Input history is kept with readline in
 ~/.llamax_chat_history. When the conversation outgrows the context, the oldest turns are dropped.
@@ -20,7 +21,9 @@ from typing import Any, Sequence, TextIO
 
 from llamax.errors import LlamaxError
 
-HELP = "commands: /reset, /system TEXT, /help, /quit; Ctrl-C stops a reply, Ctrl-D quits"
+HELP = ("commands: /reset, /system TEXT, /set NAME VALUE (temperature, top_p, top_k, max_tokens, "
+        "seed), /help, /quit; Ctrl-C stops a reply, Ctrl-D quits")
+SETTABLE = {"temperature": float, "top_p": float, "top_k": int, "max_tokens": int, "seed": int}
 HISTORY_FILE = Path.home() / ".llamax_chat_history"
 
 
@@ -113,9 +116,29 @@ class ChatSession:
         elif name == "/system":
             self.system, self.turns = argument.strip() or None, []
             self.out.write(f"(system prompt {'set' if self.system else 'cleared'}; conversation cleared)\n")
+        elif name == "/set":
+            self._set(*argument.split())
         else:
             self.out.write(HELP + "\n")
         return True
+
+    def _set(self, *words: str) -> None:
+        import dataclasses
+
+        if len(words) != 2 or words[0] not in SETTABLE:
+            self.out.write(f"usage: /set NAME VALUE with NAME one of {', '.join(SETTABLE)}\n")
+            return
+        name, text = words
+        try:
+            changed = dataclasses.replace(self.sampling, **{name: SETTABLE[name](text)})
+            if changed.max_tokens < 1:
+                raise ValueError(f"max_tokens must be a positive integer, got {changed.max_tokens}")
+            self.engine.check([0], dataclasses.replace(changed, max_tokens=1))
+        except (ValueError, LlamaxError) as error:
+            self.out.write(f"error: {str(error).splitlines()[0]}\n")
+            return
+        self.sampling = changed
+        self.out.write(f"({name} = {getattr(changed, name)})\n")
 
 
 def run(session: ChatSession, prompt: str = "you> ") -> None:
