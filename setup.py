@@ -44,6 +44,11 @@ CONVERT = [
     "gguf==0.19.0",  # llama.cpp's GGUF reader/writer and block (de)quantizers
 ]
 
+SERVE = [
+    "fastapi==0.165.0",
+    "uvicorn==0.55.0",
+]
+
 TEST = [
     # The reference reader of the TensorBoard files llamax writes itself (tests only).
     "tensorboardX==2.6.5",
@@ -52,6 +57,10 @@ TEST = [
     "pytest-xdist==3.8.0",
     "psutil==7.2.2",
     "accelerate==1.16.0",  # transformers' GGUF loader, the reference of the GGUF tests
+    # The serving tests drive the server with the official client and the chat page with a real
+    # browser (Chromium from the system packages; the Makefile installs it).
+    "openai==3.63.0",
+    "playwright==1.65.3",
 ]
 
 setup(
@@ -62,9 +71,10 @@ setup(
     # configs/ is a package so gin finds `include 'configs/...'` from any working directory.
     packages=find_packages(include=["llamax", "llamax.*", "experiments", "experiments.*",
                                     "configs", "configs.*"]),
-    package_data={"configs": ["*/*.gin", "*/*.py"]},
+    package_data={"configs": ["*/*.gin", "*/*.py"], "llamax.infer": ["static/*.html"]},
     install_requires=CORE,
-    extras_require={"convert": CONVERT, "test": TEST + CONVERT, "all": TEST + CONVERT},
+    extras_require={"convert": CONVERT, "serve": SERVE, "test": TEST + CONVERT + SERVE,
+                    "all": TEST + CONVERT + SERVE},
     entry_points={"console_scripts": [
         "llamax-train = experiments.train:main",
         "llamax-convert = experiments.convert:main",
@@ -73,5 +83,7 @@ setup(
         "llamax-sweep = experiments.sweep:main",
         "llamax-eval = experiments.eval:main",
         "llamax-export-lora = experiments.export_lora:main",
+        "llamax-serve = experiments.serve:main",
+        "llamax-chat = experiments.chat:main",
     ]},
 )

@@ -1,14 +1,22 @@
 """Using a trained model: generation and evaluation.
 
-  generate.py  prefill + jitted decode loop over a KV cache (greedy, top-k/top-p, ragged prompts)
-  evaluate.py  perplexity over packed batches
+  generate.py     prefill + jitted decode loop over a KV cache (greedy, top-k/top-p, ragged prompts)
+  evaluate.py     perplexity over packed batches
+  slots.py        slot-based KV cache for serving: per-slot prefill and one decode step for all
+  engine.py       continuous batching: a thread owns the device, requests stream TokenEvents
+  chat_format.py  a served model's tokenizer and chat template -> prompt ids, stop ids/strings
+  text_stream.py  token ids -> text incrementally, with stop strings
+  openai_api.py   OpenAI request checks and response shapes
+  server.py       the FastAPI app (completions, chat completions, models, health, chat page)
+  static/         chat.html, the chat page
 """
 from __future__ import annotations
 
 import importlib
 
 _EXPORTS = {"generate": "generate", "generate_stream": "generate",
-            "evaluate_perplexity": "evaluate"}
+            "evaluate_perplexity": "evaluate", "Engine": "engine", "SamplingParams": "engine",
+            "create_app": "server"}
 __all__ = sorted(_EXPORTS)
 
 

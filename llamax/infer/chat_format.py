@@ -93,6 +93,8 @@ class ChatFormat:
         # the prompt that SFT trained the reply to follow (llamax.data.sft encodes the same spans).
         spans = chat_templates.render([*messages, {"role": "assistant", "content": ""}], self.template)
         reply = max(i for i, span in enumerate(spans) if span.trained)
+        while spans[reply - 1].trained:  # back to the start of the reply (content, end markers)
+            reply -= 1
         ids: list[int] = []
         for span in spans[:reply]:
             if span.special == "bos":
