@@ -152,13 +152,13 @@ def test_warmup_compiles_every_shape_once(model, prompts, reference):
     engine = Engine(config, params, max_batch=2, max_seq_len=100)
     engine.warmup()
     compiled = lambda: (engine.program._prefill._cache_size(), engine.program._decode._cache_size())  # noqa: E731
-    assert compiled() == (4, 1)  # prompt buckets 16, 32, 64 and 128 capped at max_seq_len 100
+    assert compiled() == (4, 2)  # prompt buckets 16, 32, 64, 128 capped at 100; row buckets 1, 2
     engine.start()
     try:
         outputs = [engine.generate(p, SamplingParams(max_tokens=NEW)) for p in prompts[:6]]
         assert outputs == reference[:6]
         assert len(engine.generate([1] * 80, SamplingParams(max_tokens=20))) == 20  # the 100 bucket
-        assert compiled() == (4, 1)  # no request compiled anything
+        assert compiled() == (4, 2)  # no request compiled anything
     finally:
         engine.stop()
 

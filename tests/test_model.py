@@ -89,15 +89,19 @@ def test_kv_cache_logits_equal_full_forward_at_every_position(scan_layers):
 
 @pytest.mark.parametrize("scan_layers", [True, False])
 def test_kv_cache_with_a_write_index_per_row_equals_full_forward(scan_layers):
-    """Rows at different lengths (a serving batch): each writes and attends at its own index."""
+    """Rows at different lengths (a serving batch): each writes and attends at its own index;
+    cache rows past the batch (idle serving slots) are neither read nor written."""
     config = get_preset("tiny", scan_layers=scan_layers)
     params = init_params(config)
     tokens = np.random.RandomState(1).randint(0, config.vocab_size, (2, 12))
     model = Llama(config)
     full = model.apply({"params": params}, jnp.asarray(tokens))  # [2, 12, vocab]
     lengths = np.array([5, 8])
-    cache = KVCache.create(config, batch_size=2, max_length=16)
-    cache = cache.replace(index=jnp.zeros((2,), jnp.int32))
+    cache = KVCache.create(config, batch_size=3, max_length=16, per_layer=not scan_layers)
+    idle = lambda layers: tuple(layer.at[2].set(7.0) for layer in layers)  # noqa: E731
+    cache = cache.replace(index=jnp.zeros((2,), jnp.int32), key=idle(cache.key), value=idle(cache.value))
+    if scan_layers:
+        cache = cache.replace(key=jnp.stack(cache.key), value=jnp.stack(cache.value))
     right_padded = (np.arange(8) < lengths[:, None]).astype(np.int32)  # row 0: 3 padding slots
     prefill, cache = model.apply({"params": params}, jnp.asarray(tokens[:, :8]),
                                  segment_ids=jnp.asarray(right_padded), cache=cache)
@@ -109,6 +113,9 @@ def test_kv_cache_with_a_write_index_per_row_equals_full_forward(scan_layers):
         logits, cache = model.apply({"params": params}, jnp.asarray(fed), cache=cache)
         np.testing.assert_allclose(logits[:, 0], full[np.arange(2), lengths + step], atol=1e-5)
     np.testing.assert_array_equal(cache.index, lengths + 4)
+    for layer in range(config.num_layers):
+        np.testing.assert_array_equal(cache.key[layer][2], 7.0)
+        np.testing.assert_array_equal(cache.value[layer][2], 7.0)
 
 
 def test_bfloat16_compute_with_float32_params_tracks_float32():

@@ -10,8 +10,9 @@
 Requests wait in a FIFO queue; whenever a slot is free the engine thread prefills the next one
 into it (`llamax.infer.slots`), then runs ONE decode step that advances every active slot. A
 request leaves its slot when it produces a stop id, reaches `max_tokens`, or is cancelled (a
-client that went away); the slot is refilled before the next step. Compiled shapes: one decode
-step, plus one prefill per prompt-length bucket.
+client that went away); the slot is refilled before the next step. Compiled shapes: one prefill
+per prompt-length bucket, and one decode step per row bucket (1, 2, 4, ... max_batch): a step
+runs only the slots up to the highest one in use.
 
 Greedy output is the same whether a request runs alone or among others, and equals
 `llamax.sample.generate` on the same prompt (tests/test_engine.py). Events reach the caller
@@ -153,6 +154,11 @@ class Engine:
             check_batch_size(max_batch, mesh, LOGICAL_AXIS_RULES if rules is None else rules)
         self.config, self.max_batch, self.max_seq_len = config, max_batch, max_seq_len
         self.program = SlotProgram(config, max_batch, max_seq_len, mesh, rules)
+        data_parallel = 1
+        if mesh is not None:
+            from llamax.sharding import data_parallel_size
+            data_parallel = data_parallel_size(mesh, self.program.rules)
+        self._row_buckets = self.program.row_buckets(data_parallel)
         self.params = self.program.place_params(params)
         self._batch = self.program.empty()
         self._slots: list[Request | None] = [None] * max_batch
@@ -240,9 +246,8 @@ class Engine:
         while length < self.max_seq_len:
             self._start_request(Request(-1, [0] * length, SamplingParams(max_tokens=1), lambda e: None), 0)
             length = min(self._bucket(length), self.max_seq_len - 1) + 1
-        self._batch, _ = self.program.decode(self.params, self._batch)
-        self._batch = self.program.release(self._batch, 0)
-        self._slots[0] = None
+        for rows in self._row_buckets:
+            self._batch, _ = self.program.decode(self.params, self._batch, rows)
 
     @property
     def num_active(self) -> int:
@@ -310,10 +315,14 @@ class Engine:
                 self._finish(slot, TokenEvent(None, finish_reason="cancelled"))
         if not self.num_active:
             return
-        self._batch, out = self.program.decode(self.params, self._batch)
+        # Decode the smallest row bucket that holds every active slot (requests take the lowest
+        # free slot, so at low load that is a small one).
+        last_active = max(i for i, request in enumerate(self._slots) if request is not None)
+        rows = next(size for size in self._row_buckets if size > last_active)
+        self._batch, out = self.program.decode(self.params, self._batch, rows)
         self.steps += 1
         out = jax.device_get(out)  # the one host sync per step
-        for slot, request in enumerate(self._slots):
+        for slot, request in enumerate(self._slots[:rows]):
             if request is not None:
                 self._deliver(out, row=slot, slot=slot)
 

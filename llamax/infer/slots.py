@@ -36,6 +36,7 @@ Array = jax.Array
 Rules = Sequence[tuple[str, Any]]
 
 TOP_LOGPROBS = 5  # alternatives returned per token (OpenAI's completions allow up to 5)
+LAYER_CACHE_AXES = CACHE_AXES[1:]  # one layer's buffer: [batch, length, kv_heads, head_dim]
 
 
 @flax.struct.dataclass
@@ -54,7 +55,7 @@ class SlotSampling:
 class SlotBatch:
     """Everything the device keeps between steps."""
 
-    cache: KVCache  # index [slots]: where `last` is written next = its RoPE position
+    cache: KVCache  # per-layer buffers (updated in place); index [slots]: where `last` goes next
     last: Array  # [slots] int32: the newest token of each slot, fed at the next step
     steps: Array  # [slots] int32: new tokens sampled so far (selects the RNG stream)
     active: Array  # [slots] bool: slot holds a running request
@@ -151,7 +152,7 @@ class SlotProgram:
             (name, None if name == "batch" else axes) for name, axes in rules)
         self._empty = jax.jit(self._empty_batch)
         self._prefill = jax.jit(self._prefill_slot, donate_argnums=(1,))
-        self._decode = jax.jit(self._decode_slots, donate_argnums=(1,))
+        self._decode = jax.jit(self._decode_slots, donate_argnums=(1,), static_argnums=(2,))
 
     @contextlib.contextmanager
     def _context(self, rules: Rules | None) -> Iterator[None]:
@@ -185,10 +186,20 @@ class SlotProgram:
         with self._context(self.prefill_rules):
             return self._prefill(params, batch, jnp.int32(slot), tokens, jnp.int32(length), sampling)
 
-    def decode(self, params: Any, batch: SlotBatch) -> tuple[SlotBatch, StepOutput]:
-        """One token for every slot. Donates `batch`; rows of idle slots are meaningless."""
+    def decode(self, params: Any, batch: SlotBatch, rows: int | None = None) -> tuple[SlotBatch, StepOutput]:
+        """One token for each of the first `rows` slots (default all; one executable per value:
+        use `row_buckets`). Donates `batch`; rows of idle slots are meaningless."""
         with self._context(self.rules):
-            return self._decode(params, batch)
+            return self._decode(params, batch, rows or self.max_batch)
+
+    def row_buckets(self, multiple_of: int = 1) -> list[int]:
+        """The `rows` values decode is compiled for: powers of two (multiples of the data-parallel
+        size) up to max_batch, which is always one."""
+        sizes, size = [], multiple_of
+        while size < self.max_batch:
+            sizes.append(size)
+            size *= 2
+        return sizes + [self.max_batch]
 
     def release(self, batch: SlotBatch, slot: int) -> SlotBatch:
         """Marks `slot` idle (host-side flag update; the cache row is overwritten on reuse)."""
@@ -197,12 +208,12 @@ class SlotProgram:
     # ---- traced bodies ----------------------------------------------------------------------
 
     def _constrain(self, cache: KVCache) -> KVCache:
-        return cache.replace(key=nn.with_logical_constraint(cache.key, CACHE_AXES),
-                             value=nn.with_logical_constraint(cache.value, CACHE_AXES))
+        constrain = lambda layers: tuple(nn.with_logical_constraint(x, LAYER_CACHE_AXES) for x in layers)  # noqa: E731
+        return cache.replace(key=constrain(cache.key), value=constrain(cache.value))
 
     def _empty_batch(self) -> SlotBatch:
         c, slots = self.config, self.max_batch
-        cache = KVCache.create(c, slots, self.max_seq_len)
+        cache = KVCache.create(c, slots, self.max_seq_len, per_layer=True)
         cache = self._constrain(cache.replace(index=jnp.zeros((slots,), jnp.int32)))
         key_shape = jax.random.key_data(jax.random.key(0)).shape
         sampling = SlotSampling(
@@ -218,18 +229,18 @@ class SlotProgram:
         bucket = tokens.shape[1]
         places = jnp.arange(bucket, dtype=jnp.int32)[None]  # [1, bucket]
         segment_ids = (places < length).astype(jnp.int32)  # right padding: segment 0
-        fresh = KVCache.create(self.decode_config, 1, bucket)
+        fresh = KVCache.create(self.decode_config, 1, bucket, per_layer=True)
         logits, prompt_cache = Llama(self.decode_config).apply(
             {"params": params}, tokens, positions=places, segment_ids=segment_ids, cache=fresh)
         last_logits = jax.lax.dynamic_index_in_dim(logits[0], length - 1, keepdims=True)  # [1, vocab]
         first = sample_rows(last_logits, sampling, jnp.zeros((1,), jnp.int32))
 
         cache = batch.cache
-        start = (0, slot, 0, 0, 0)
+        into_slot = lambda layers, rows: tuple(  # noqa: E731
+            jax.lax.dynamic_update_slice(layer, row, (slot, 0, 0, 0)) for layer, row in zip(layers, rows))
         row_segments = jnp.zeros((1, self.max_seq_len), jnp.int32).at[:, :bucket].set(segment_ids)
         cache = self._constrain(KVCache(
-            key=jax.lax.dynamic_update_slice(cache.key, prompt_cache.key, start),
-            value=jax.lax.dynamic_update_slice(cache.value, prompt_cache.value, start),
+            key=into_slot(cache.key, prompt_cache.key), value=into_slot(cache.value, prompt_cache.value),
             segment_ids=_set_row(cache.segment_ids, slot, row_segments),
             index=_set_row(cache.index, slot, length[None])))
         batch = SlotBatch(
@@ -240,15 +251,20 @@ class SlotProgram:
                                   batch.sampling, sampling))
         return batch, first
 
-    def _decode_slots(self, params, batch: SlotBatch):
+    def _decode_slots(self, params, batch: SlotBatch, rows: int):
+        # Only the first `rows` slots run: at low load a step costs what its requests need, not
+        # what max_batch would. The model writes their keys into the full cache in place and
+        # reads just those rows; the rest of the cache is not touched.
         cache = batch.cache
+        part = lambda x: x[:rows]  # noqa: E731
         logits, new_cache = Llama(self.decode_config).apply(
-            {"params": params}, batch.last[:, None], positions=cache.index[:, None],
-            segment_ids=jnp.ones_like(batch.last)[:, None], cache=cache)
-        out = sample_rows(logits[:, 0], batch.sampling, batch.steps)
+            {"params": params}, part(batch.last)[:, None], positions=part(cache.index)[:, None],
+            segment_ids=jnp.ones((rows, 1), jnp.int32), cache=cache.replace(index=part(cache.index)))
+        active = part(batch.active)
+        out = sample_rows(logits[:, 0], jax.tree.map(part, batch.sampling), part(batch.steps))
         # Idle rows keep their index: they never run past the cache however long they idle.
-        index = jnp.where(batch.active, new_cache.index, cache.index)
-        new_cache = self._constrain(new_cache.replace(index=index))
-        batch = batch.replace(cache=new_cache, last=out.tokens,
-                              steps=batch.steps + batch.active.astype(jnp.int32))
+        index = cache.index.at[:rows].set(jnp.where(active, new_cache.index, part(cache.index)))
+        steps = batch.steps.at[:rows].add(active.astype(jnp.int32))
+        batch = batch.replace(cache=self._constrain(new_cache.replace(index=index)),
+                              last=batch.last.at[:rows].set(out.tokens), steps=steps)
         return batch, out

@@ -45,37 +45,49 @@ class KVCache:
 
     `index` is one write position for the whole batch ([], as `create` makes it) or one per row
     ([batch]): rows of a serving batch hold unrelated requests that have reached different
-    lengths (`llamax.infer.engine`), and each writes its new keys at its own position.
+    lengths (`llamax.infer.engine`), and each writes its new keys at its own position. A per-row
+    index may cover only the first rows of the cache: a server at low load runs just the slots in
+    use, and the other rows are left untouched (not copied).
+
+    `key`/`value` are one stacked array, or (unscanned layers only, `per_layer=True`) a tuple of
+    per-layer arrays: a call that is not inside a loop then updates each layer's buffer in place,
+    where a stacked cache is sliced and re-stacked, i.e. copied whole, by every call.
     """
 
-    key: Array  # [layers, batch, max_length, kv_heads, head_dim]
-    value: Array  # [layers, batch, max_length, kv_heads, head_dim]
+    key: Array | tuple[Array, ...]  # [layers, batch, max_length, kv_heads, head_dim], or per layer
+    value: Array | tuple[Array, ...]  # same layout as key
     segment_ids: Array  # [batch, max_length]; 0 = empty slot or padding
     index: Array  # [] or [batch] int32: the next slot to write
 
     @classmethod
-    def create(cls, config: ModelConfig, batch_size: int, max_length: int) -> "KVCache":
-        shape = (config.num_layers, batch_size, max_length, config.num_kv_heads, config.head_dim)
-        return cls(
-            key=jnp.zeros(shape, config.compute_dtype),
-            value=jnp.zeros(shape, config.compute_dtype),
-            segment_ids=jnp.zeros((batch_size, max_length), jnp.int32),
-            index=jnp.zeros((), jnp.int32),
-        )
+    def create(cls, config: ModelConfig, batch_size: int, max_length: int,
+               per_layer: bool = False) -> "KVCache":
+        shape = (batch_size, max_length, config.num_kv_heads, config.head_dim)
+
+        def buffers():
+            if per_layer:
+                return tuple(jnp.zeros(shape, config.compute_dtype) for _ in range(config.num_layers))
+            return jnp.zeros((config.num_layers, *shape), config.compute_dtype)
+
+        return cls(key=buffers(), value=buffers(),
+                   segment_ids=jnp.zeros((batch_size, max_length), jnp.int32),
+                   index=jnp.zeros((), jnp.int32))
 
     @property
     def max_length(self) -> int:
-        return self.key.shape[2]
+        return self.key[0].shape[1]  # layer 0: [batch, max_length, kv_heads, head_dim]
 
 
 def write_at(buffer: Array, update: Array, index: Array) -> Array:
-    """`update` [batch, seq, ...] written into `buffer` [batch, length, ...] from slot `index`:
-    one slot for every row ([]) or one per row ([batch], a scatter)."""
-    trailing = (0,) * (buffer.ndim - 2)
+    """`update` [batch, seq, ...] written into `buffer` [rows, length, ...] from slot `index`:
+    one slot for every row ([], rows = batch), or one per row ([batch], a scatter into the first
+    `batch` rows; later rows are left as they are)."""
     if index.ndim == 0:
-        return jax.lax.dynamic_update_slice(buffer, update, (0, index, *trailing))
-    return jax.vmap(lambda row, new, start: jax.lax.dynamic_update_slice(row, new, (start, *trailing)))(
-        buffer, update, index)
+        return jax.lax.dynamic_update_slice(buffer, update, (0, index) + (0,) * (buffer.ndim - 2))
+    batch, seq = update.shape[:2]
+    rows = jnp.arange(batch)[:, None]  # [batch, 1]
+    slots = index[:, None] + jnp.arange(seq)  # [batch, seq]
+    return buffer.at[rows, slots].set(update)  # out-of-range slots are dropped
 
 
 def _init(config: ModelConfig):
@@ -163,6 +175,8 @@ class Attention(nn.Module):
             k = write_at(cached_key, k.astype(cached_key.dtype), cache_index)
             v = write_at(cached_value, v.astype(cached_value.dtype), cache_index)
             new_cache = (k, v)
+            if k.shape[0] > x.shape[0]:  # a serving cache: only its first rows are in this batch
+                k, v = k[:x.shape[0]], v[:x.shape[0]]
 
         # Without a cache, query i sits at key slot i, so `mask` is causal in slot order.
         out = attend(q, k, v, mask, c, causal=layer_cache is None)  # [batch, seq, heads, head_dim]
@@ -247,7 +261,7 @@ class Llama(nn.Module):
             layer_caches, new_segments = None, None
         else:
             new_segments = write_at(cache.segment_ids, segment_ids, cache.index)
-            key_segments, key_slots = new_segments, jnp.arange(cache.max_length)
+            key_segments, key_slots = new_segments[:batch], jnp.arange(cache.max_length)
             layer_caches = (cache.key, cache.value)
         mask = (key_slots[None, None, :] <= query_slots[:, :, None]) & (
             segment_ids[:, :, None] == key_segments[:, None, :])  # [batch, q_len, kv_len]
@@ -256,7 +270,10 @@ class Llama(nn.Module):
         if c.remat_policy != "none":
             block = nn.remat(DecoderLayer, policy=_remat_policy(c.remat_policy),
                              prevent_cse=not c.scan_layers)
+        per_layer = cache is not None and isinstance(cache.key, tuple)
         if c.scan_layers:
+            if per_layer:
+                raise ValueError("a per-layer KVCache needs unscanned layers (scan_layers=False)")
             stack = nn.scan(block, variable_axes={"params": 0, LORA_COLLECTION: 0},
                             split_rngs={"params": True},
                             in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0, nn.broadcast),
@@ -271,7 +288,8 @@ class Llama(nn.Module):
                                                             None if cache is None else cache.index)
                 outputs.append(layer_out)
             new_layer_caches = None if cache is None else tuple(
-                jnp.stack([out[j] for out in outputs]) for j in range(2))
+                tuple(out[j] for out in outputs) if per_layer else jnp.stack([out[j] for out in outputs])
+                for j in range(2))
 
         x = RMSNorm(c, name="norm")(x)
         if c.tie_word_embeddings:

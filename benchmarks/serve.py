@@ -1,0 +1,190 @@
+"""Serving throughput and latency: `experiments.serve` under 1, 4 and 16 concurrent clients.
+
+    python -m benchmarks.serve [--preset bench] [--concurrency 1 4 16] [--prompt_len 64]
+        [--max_tokens 128] [--max_batch 16] [--max_seq_len 512] [--json out.json]
+
+A random-weight model of `--preset` is written as an HF folder (with a small tokenizer) and served
+by `python -m experiments.serve --warmup` in its own process, so the clients (threads here, one
+HTTP connection each, closed loop: a client sends its next request when the previous one ends)
+do not share the server's interpreter. Every request is a streamed greedy completion of a random
+`--prompt_len`-token prompt (sent as token ids) for `--max_tokens` tokens, with `logprobs=0` so
+that every token arrives as its own chunk (time to first token is measurable).
+
+Reported per concurrency: generated tokens/s (all completion tokens / wall time), latency p50/p95
+(request sent -> last chunk) and time-to-first-token p50/p95. Concurrency 1 runs 16 requests one
+after another: the baseline that the 16-client throughput is divided by ("batch-16 speedup").
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def write_checkpoint(folder: Path, preset: str) -> Path:
+    """Random params of `preset` as an HF folder, plus a 512-piece tokenizer of the corpus."""
+    from llamax.config import get_preset
+    from llamax.convert import save_hf
+    from llamax.data import corpus
+    from llamax.model import init_params
+    from llamax.tokenizer import train_tokenizer
+
+    config = get_preset(preset)
+    save_hf(config, init_params(config, rng=0), folder)
+    text = folder / "corpus.txt"
+    text.write_text(corpus.read_play(corpus.shakespeare_files("train")[0]), encoding="utf-8")
+    train_tokenizer([text], folder / "tokenizer.model", vocab_size=512)
+    return folder
+
+
+def start_server(checkpoint: Path, port: int, max_batch: int, max_seq_len: int) -> subprocess.Popen:
+    import httpx2
+
+    command = [sys.executable, "-m", "experiments.serve", "--checkpoint", str(checkpoint),
+               "--port", str(port), "--max_batch", str(max_batch), "--max_seq_len", str(max_seq_len),
+               "--warmup", "--log_level", "warning", "--chat_template", "plain", "--model_name", "bench"]
+    server = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 900
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            raise RuntimeError(f"the server exited: {server.stdout.read()}")
+        try:
+            if httpx2.get(f"http://127.0.0.1:{port}/health", timeout=5).status_code == 200:
+                return server
+        except httpx2.TransportError:
+            time.sleep(1)
+    server.kill()
+    raise RuntimeError("the server did not come up in 15 minutes")
+
+
+def one_request(http, url: str, prompt: list[int], max_tokens: int) -> dict:
+    """One streamed completion: latency, time to first token, tokens generated."""
+    body = {"model": "bench", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
+            "stream": True, "logprobs": 0}
+    start = time.perf_counter()
+    first = None
+    tokens = 0
+    with http.stream("POST", f"{url}/v1/completions", json=body) as response:
+        response.raise_for_status()
+        for line in response.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if chunk.get("choices") and chunk["choices"][0].get("logprobs") and first is None:
+                first = time.perf_counter()
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
+    end = time.perf_counter()
+    return {"latency": end - start, "ttft": (first or end) - start, "tokens": tokens}
+
+
+def run_clients(url: str, clients: int, requests_each: int, prompt_len: int, max_tokens: int,
+                vocab: int, seed: int) -> dict:
+    """`clients` threads, each sending `requests_each` requests back to back."""
+    import httpx2
+
+    rng = np.random.RandomState(seed)
+    prompts = rng.randint(3, vocab, (clients, requests_each, prompt_len)).tolist()
+    results: list[dict] = []
+    lock = threading.Lock()
+
+    def client(index: int) -> None:
+        with httpx2.Client(timeout=900) as http:
+            for prompt in prompts[index]:
+                record = one_request(http, url, prompt, max_tokens)
+                with lock:
+                    results.append(record)
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+    start = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    wall = time.perf_counter() - start
+    latencies = sorted(r["latency"] for r in results)
+    ttfts = sorted(r["ttft"] for r in results)
+    tokens = sum(r["tokens"] for r in results)
+    pick = lambda values, q: values[min(len(values) - 1, int(round(q * (len(values) - 1))))]  # noqa: E731
+    return {"clients": clients, "requests": len(results), "tokens": tokens, "wall_s": round(wall, 2),
+            "tokens_per_s": round(tokens / wall, 1),
+            "latency_p50_s": round(statistics.median(latencies), 3),
+            "latency_p95_s": round(pick(latencies, 0.95), 3),
+            "ttft_p50_s": round(statistics.median(ttfts), 3), "ttft_p95_s": round(pick(ttfts, 0.95), 3)}
+
+
+def machine() -> dict:
+    cpu = "unknown"
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "load_avg": [round(x, 2) for x in os.getloadavg()]}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", default="bench")
+    parser.add_argument("--concurrency", nargs="+", type=int, default=[1, 4, 16])
+    parser.add_argument("--sequential_requests", type=int, default=16,
+                        help="requests of the 1-client run (the sequential baseline)")
+    parser.add_argument("--requests_per_client", type=int, default=2, help="for concurrency > 1")
+    parser.add_argument("--prompt_len", type=int, default=64)
+    parser.add_argument("--max_tokens", type=int, default=128)
+    parser.add_argument("--max_batch", type=int, default=16)
+    parser.add_argument("--max_seq_len", type=int, default=512)
+    parser.add_argument("--port", type=int, default=8765)
+    parser.add_argument("--json", help="also write the results to this JSON file")
+    args = parser.parse_args(argv)
+
+    from llamax.config import get_preset
+
+    vocab = get_preset(args.preset).vocab_size
+    url = f"http://127.0.0.1:{args.port}"
+    report = {"machine_before": machine(), "preset": args.preset, "prompt_len": args.prompt_len,
+              "max_tokens": args.max_tokens, "max_batch": args.max_batch, "max_seq_len": args.max_seq_len}
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoint = write_checkpoint(Path(tmp) / "model", args.preset)
+        started = time.perf_counter()
+        server = start_server(checkpoint, args.port, args.max_batch, args.max_seq_len)
+        report["startup_with_warmup_s"] = round(time.perf_counter() - started, 1)
+        try:
+            run_clients(url, 1, 1, args.prompt_len, args.max_tokens, vocab, seed=99)  # first-use costs
+            rows = []
+            for clients in args.concurrency:
+                each = args.sequential_requests if clients == 1 else args.requests_per_client
+                rows.append(run_clients(url, clients, each, args.prompt_len, args.max_tokens, vocab,
+                                        seed=clients))
+                print(json.dumps(rows[-1]), flush=True)
+        finally:
+            server.terminate()
+            server.wait(60)
+    report["rows"] = rows
+    by_clients = {row["clients"]: row for row in rows}
+    if 1 in by_clients and 16 in by_clients:
+        report["batch16_speedup"] = round(by_clients[16]["tokens_per_s"] / by_clients[1]["tokens_per_s"], 2)
+    report["machine_after"] = machine()
+    print("| clients | requests | tokens/s | latency p50 / p95 (s) | first token p50 / p95 (s) |")
+    print("|---|---|---|---|---|")
+    for row in rows:
+        print(f"| {row['clients']} | {row['requests']} | {row['tokens_per_s']} | {row['latency_p50_s']} / "
+              f"{row['latency_p95_s']} | {row['ttft_p50_s']} / {row['ttft_p95_s']} |")
+    if "batch16_speedup" in report:
+        print(f"batch-16 throughput = {report['batch16_speedup']}x the sequential one")
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+if __name__ == "__main__":
+    main()
