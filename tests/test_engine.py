@@ -176,3 +176,31 @@ def test_sharded_engine_equals_unsharded(model, prompts, reference):
         engine.stop()
     with pytest.raises(ConfigError, match="not divisible by the data-parallel size 4"):
         Engine(config, params, max_batch=6, max_seq_len=128, mesh=mesh)
+
+
+def test_a_failing_step_ends_the_open_requests_and_the_engine_recovers(model, prompts, reference):
+    config, params = model
+    engine = Engine(config, params, max_batch=2, max_seq_len=128).start()
+    decode = engine.program.decode
+    calls = []
+
+    def fail_once(*args):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("device lost")
+        return decode(*args)
+
+    engine.program.decode = fail_once
+    try:
+        requests = [engine.submit(p, SamplingParams(max_tokens=NEW)) for p in prompts[:3]]
+        events = [list(r.events(timeout=TIMEOUT)) for r in requests]
+        assert [e[-1].finish_reason for e in events] == ["error"] * 3  # two running, one waiting
+        assert "RuntimeError: device lost" in events[0][-1].error
+        assert engine.generate(prompts[0], SamplingParams(max_tokens=NEW)) == reference[0]
+        waiting = [engine.submit(p, SamplingParams(max_tokens=NEW)) for p in prompts[:3]]
+    finally:
+        engine.stop()
+    # Stopping ends whatever is still open, each with one final event.
+    assert all(r.finish_reason in ("length", "cancelled") for r in waiting)
+    with pytest.raises(RuntimeError, match="not running"):
+        engine.submit(prompts[0])

@@ -167,6 +167,7 @@ class Engine:
         self._ids = itertools.count()
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
+        self._lock = threading.Lock()
         self.steps = 0  # decode steps run (for tests and stats)
 
     # ---- the caller's side ------------------------------------------------------------------
@@ -212,10 +213,11 @@ class Engine:
 
         `sink`, if given, is called on the engine thread with each TokenEvent and must not block.
         """
-        if self._thread is None or not self._thread.is_alive():
-            raise RuntimeError("the engine is not running; call Engine.start() first")
         request = Request(next(self._ids), self.check(prompt, sampling), sampling, sink)
-        self._inbox.put(request)
+        with self._lock:  # against stop(): a request is either refused or sure to get an end
+            if self._thread is None or not self._thread.is_alive() or self._stopping.is_set():
+                raise RuntimeError("the engine is not running; call Engine.start() first")
+            self._inbox.put(request)
         return request
 
     def generate(self, prompt: Sequence[int], sampling: SamplingParams = SamplingParams()) -> list[int]:
@@ -232,8 +234,9 @@ class Engine:
 
     def stop(self) -> None:
         """Ends every open request (finish_reason 'cancelled') and joins the engine thread."""
-        self._stopping.set()
-        self._inbox.put(None)
+        with self._lock:
+            self._stopping.set()
+            self._inbox.put(None)
         if self._thread is not None:
             self._thread.join()
         self._thread = None
@@ -270,6 +273,7 @@ class Engine:
             except Exception as exc:  # a device error must not hang the callers
                 log.exception("engine step failed; ending the affected requests")
                 self._fail_all(f"{type(exc).__name__}: {exc}")
+        self._take_inbox(block=False)  # requests submitted while stopping end too
         for request in [r for r in self._slots if r is not None] + list(self._waiting):
             request._emit(TokenEvent(None, finish_reason="cancelled"))
         self._waiting.clear()
