@@ -38,8 +38,8 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max_seq_len", type=int, default=None,
                         help="prompt + reply tokens per request (default: the model's context, "
                              "at most 2048)")
-    parser.add_argument("--dtype", default=None, help="compute dtype, e.g. bfloat16 (default: the "
-                                                      "checkpoint's)")
+    parser.add_argument("--dtype", default=None, help="weights and compute dtype, e.g. bfloat16 "
+                                                      "(default: the checkpoint's config)")
     parser.add_argument("--mesh", default="none", choices=["none", "dp", "fsdp", "fsdp_tp"],
                         help="shard over all local devices with this mesh preset")
     parser.add_argument("--warmup", action="store_true",
@@ -52,7 +52,7 @@ def build_engine(args: argparse.Namespace) -> tuple[Any, Any, str]:
     from llamax.infer.chat_format import load_serving_tokenizer
     from llamax.infer.engine import Engine
 
-    overrides = {"dtype": args.dtype} if args.dtype else {}
+    overrides = {"dtype": args.dtype, "param_dtype": args.dtype} if args.dtype else {}
     config, params = load_any(args.checkpoint, step=args.step, **overrides)
     chat = load_serving_tokenizer(args.checkpoint, args.tokenizer, args.chat_template, config.vocab_size)
     mesh = None

@@ -86,9 +86,11 @@ class ChatFormat:
             raise DataError("messages is empty; send at least one message")
         if self.template is None:
             text = self.tokenizer.apply_chat_template(list(messages), add_generation_prompt=True)
-            ids = self.encode(text)
-            bos = self.tokenizer.bos_id
-            return ids if bos is None or (ids and ids[0] == bos) else [bos] + ids
+            try:  # the template writes BOS and turn markers as text: let them become their ids
+                ids = list(self.tokenizer.encode(text, bos=False, eos=False, allow_special=True))
+            except TypeError:  # a tokenizer without special-token parsing
+                ids = self.encode(text)
+            return ids  # as transformers tokenizes a rendered template: BOS only if it writes one
         # Render with an empty assistant turn and cut before its content: what remains is exactly
         # the prompt that SFT trained the reply to follow (llamax.data.sft encodes the same spans).
         spans = chat_templates.render([*messages, {"role": "assistant", "content": ""}], self.template)

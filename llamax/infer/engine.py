@@ -36,7 +36,8 @@ import numpy as np
 from llamax.config import ModelConfig
 from llamax.errors import ConfigError, DataError
 from llamax.infer.generate import bucket_length
-from llamax.infer.slots import TOP_LOGPROBS, SlotProgram, make_sampling
+from llamax.infer.row_sampling import TOP_LOGPROBS, make_sampling
+from llamax.infer.slots import SlotProgram
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ import time
 import uuid
 from typing import Any
 
-from llamax.infer.slots import TOP_LOGPROBS
+from llamax.infer.row_sampling import TOP_LOGPROBS
 
 MAX_STOP_STRINGS = 16
 MAX_CHOICES = 64

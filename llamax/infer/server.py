@@ -274,6 +274,9 @@ def _cancel(choices: list[Choice]) -> None:
 async def _read_json(request: Request) -> Any:
     """The request body as JSON (cached on the request), or ApiError 400/413."""
     if not hasattr(request.state, "json_body"):
+        declared = request.headers.get("content-length", "0")
+        if declared.isdigit() and int(declared) > MAX_BODY_BYTES:  # refuse before reading it
+            raise api.ApiError(413, f"request body over {MAX_BODY_BYTES} bytes", code="payload_too_large")
         raw = await request.body()
         if len(raw) > MAX_BODY_BYTES:
             raise api.ApiError(413, f"request body over {MAX_BODY_BYTES} bytes", code="payload_too_large")

@@ -10,18 +10,16 @@ own write index (`KVCache.index` is [slots]) and attends only to its own filled 
            copies its keys/values into a slot, and samples the first new token. One executable
            per length bucket, reused by every request.
   decode   feeds every slot's last token at its own position and samples the next ones: ONE step
-           advances all active sequences together; idle slots compute and are ignored.
+           advances all active sequences together (the slots up to the highest one in use).
 
-Sampling settings are per-slot arrays (`SlotSampling`), so greedy and sampled requests with
-different temperature/top-k/top-p/seed share a step. A slot draws its step-s token with
-`fold_in(fold_in(key(seed), s), 0)`, the key `llamax.infer.generate` gives a single prompt, and
-filters logits with the same arithmetic, so a seeded request samples what `generate` would alone.
+Sampling settings are per-slot arrays (`llamax.infer.row_sampling`), so greedy and sampled
+requests with different temperature/top-k/top-p/seed share a step.
 """
 from __future__ import annotations
 
 import contextlib
 import functools
-from typing import Any, Iterator, NamedTuple, Sequence
+from typing import Any, Iterator, Sequence
 
 import flax
 import flax.linen as nn
@@ -30,25 +28,13 @@ import jax.numpy as jnp
 
 from llamax.config import ModelConfig
 from llamax.infer.generate import CACHE_AXES, decoding_config, unstack_layers
+from llamax.infer.row_sampling import SlotSampling, StepOutput, sample_rows
 from llamax.model.llama import KVCache, Llama
 
 Array = jax.Array
 Rules = Sequence[tuple[str, Any]]
 
-TOP_LOGPROBS = 5  # alternatives returned per token (OpenAI's completions allow up to 5)
 LAYER_CACHE_AXES = CACHE_AXES[1:]  # one layer's buffer: [batch, length, kv_heads, head_dim]
-
-
-@flax.struct.dataclass
-class SlotSampling:
-    """Per-slot sampling settings; each field is [slots] (or [slots, *key_shape])."""
-
-    greedy: Array  # bool: argmax, the other fields unused
-    temperature: Array  # float32 (1 for greedy rows)
-    top_k: Array  # int32; 0 = no top-k filter
-    top_p: Array  # float32; 1 = no nucleus filter
-    tail_cutoff: Array  # float32 of (1 - top_p) computed in float64, as `filter_logits` sees it
-    key_data: Array  # uint32 [slots, *key_shape]: jax.random.key_data(key(seed))
 
 
 @flax.struct.dataclass
@@ -60,66 +46,6 @@ class SlotBatch:
     steps: Array  # [slots] int32: new tokens sampled so far (selects the RNG stream)
     active: Array  # [slots] bool: slot holds a running request
     sampling: SlotSampling
-
-
-class StepOutput(NamedTuple):
-    """What the host reads after a step: one sampled token per row, with log-probabilities
-    under the model's distribution (before temperature and filters)."""
-
-    tokens: Array  # [rows] int32
-    logprobs: Array  # [rows] float32: log p(token)
-    top_ids: Array  # [rows, TOP_LOGPROBS] int32: the most likely tokens
-    top_logprobs: Array  # [rows, TOP_LOGPROBS] float32
-
-
-def make_sampling(temperature: float, top_k: int, top_p: float, seed: int) -> SlotSampling:
-    """Settings of one request as a 1-row SlotSampling (host arrays)."""
-    import numpy as np
-
-    greedy = temperature == 0
-    key_data = np.asarray(jax.random.key_data(jax.random.key(seed)))
-    return SlotSampling(greedy=np.array([greedy]), temperature=np.array([1.0 if greedy else temperature],
-                                                                       np.float32),
-                        top_k=np.array([top_k], np.int32), top_p=np.array([top_p], np.float32),
-                        tail_cutoff=np.array([1.0 - top_p], np.float32), key_data=key_data[None])
-
-
-def filter_rows(logits: Array, sampling: SlotSampling) -> Array:
-    """`generate.filter_logits` with per-row top_k/top_p: logits [rows, vocab] float32."""
-    vocab = logits.shape[-1]
-    descending = -jnp.sort(-logits, axis=-1)  # [rows, vocab]
-    k = jnp.where(sampling.top_k > 0, sampling.top_k, vocab)
-    kth_largest = jnp.take_along_axis(descending, (k - 1)[:, None], axis=-1)  # [rows, 1]
-    logits = jnp.where(logits < kth_largest, -jnp.inf, logits)
-    sorted_logits = jnp.sort(logits, axis=-1)  # [rows, vocab] ascending
-    tail_mass = jnp.cumsum(jax.nn.softmax(sorted_logits, axis=-1), axis=-1)
-    dropped = tail_mass <= sampling.tail_cutoff[:, None]
-    num_dropped = jnp.minimum(jnp.sum(dropped, axis=-1, keepdims=True), vocab - 1)
-    threshold = jnp.take_along_axis(sorted_logits, num_dropped, axis=-1)  # [rows, 1]
-    nucleus = jnp.where(logits < threshold, -jnp.inf, logits)
-    return jnp.where((sampling.top_p < 1)[:, None], nucleus, logits)
-
-
-def sample_rows(logits: Array, sampling: SlotSampling, steps: Array) -> StepOutput:
-    """Next token of each row (logits [rows, vocab], steps [rows]) and its log-probabilities."""
-
-    def draw(logits):
-        scaled = filter_rows(logits / sampling.temperature[:, None], sampling)
-
-        def one_row(key_data, step, row_logits):
-            key = jax.random.fold_in(jax.random.fold_in(jax.random.wrap_key_data(key_data), step), 0)
-            return jax.random.categorical(key, row_logits)
-
-        sampled = jax.vmap(one_row)(sampling.key_data, steps, scaled)
-        return jnp.where(sampling.greedy, jnp.argmax(logits, axis=-1), sampled).astype(jnp.int32)
-
-    # Greedy-only batches (the common serving case) skip the two vocabulary sorts.
-    tokens = jax.lax.cond(jnp.all(sampling.greedy),
-                          lambda x: jnp.argmax(x, axis=-1).astype(jnp.int32), draw, logits)
-    log_probs = jax.nn.log_softmax(logits, axis=-1)  # [rows, vocab]
-    top_logprobs, top_ids = jax.lax.top_k(log_probs, TOP_LOGPROBS)
-    chosen = jnp.take_along_axis(log_probs, tokens[:, None], axis=-1)[:, 0]
-    return StepOutput(tokens, chosen, top_ids.astype(jnp.int32), top_logprobs)
 
 
 def _set_row(array: Array, slot: Array, row: Array) -> Array:
@@ -219,7 +145,6 @@ class SlotProgram:
         sampling = SlotSampling(
             greedy=jnp.ones((slots,), bool), temperature=jnp.ones((slots,), jnp.float32),
             top_k=jnp.zeros((slots,), jnp.int32), top_p=jnp.ones((slots,), jnp.float32),
-            tail_cutoff=jnp.zeros((slots,), jnp.float32),
             key_data=jnp.zeros((slots, *key_shape), jnp.uint32))
         zeros = jnp.zeros((slots,), jnp.int32)
         return SlotBatch(cache=cache, last=zeros, steps=zeros, active=jnp.zeros((slots,), bool),
