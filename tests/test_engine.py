@@ -26,7 +26,7 @@ def model():
 @pytest.fixture(scope="module")
 def engine(model):
     config, params = model
-    engine = Engine(config, params, max_batch=4, max_seq_len=128).start()
+    engine = Engine(config, params, max_batch=4, max_seq_len=512).start()
     yield engine
     engine.stop()
 
@@ -61,6 +61,18 @@ def test_more_requests_than_slots_each_get_their_solo_output(engine, prompts, re
     # Batched: far fewer decode steps than tokens (each request's first token comes from prefill).
     assert engine.steps - steps_before < sum(max_tokens) - len(prompts)
     assert engine.num_active == 0 and engine.num_waiting == 0
+
+
+def test_a_long_request_among_short_ones_crosses_attention_windows(model, engine, prompts):
+    """Windows of 128 then 256 cache positions as the long request grows (max_seq_len 512)."""
+    config, params = model
+    long_prompt = prompts[5] + prompts[7]  # 100 tokens + 200 new: windows 128 -> 256 -> 512
+    assert engine.program.window_buckets() == [128, 256, 512]
+    long = engine.submit(long_prompt, SamplingParams(max_tokens=200))
+    short = [engine.submit(p, SamplingParams(max_tokens=NEW)) for p in prompts[:3]]
+    assert long.tokens(timeout=TIMEOUT) == generate(config, params, [long_prompt], 200)[0]
+    assert [r.tokens(timeout=TIMEOUT) for r in short] == [
+        generate(config, params, [p], NEW)[0] for p in prompts[:3]]
 
 
 def test_stop_ids_end_a_request_and_include_the_stop_token(engine, prompts, reference):
@@ -132,8 +144,8 @@ def test_sink_receives_events_on_the_engine_thread(engine, prompts, reference):
     ([], SamplingParams(), DataError, "prompt is empty"),
     ([1, 256], SamplingParams(), DataError, "outside the model vocabulary"),
     (["a"], SamplingParams(), DataError, "list of int token ids"),
-    ([1] * 128, SamplingParams(), DataError, "leaves no room"),
-    ([1] * 100, SamplingParams(max_tokens=29), DataError, "ask for at most 28 tokens"),
+    ([1] * 512, SamplingParams(), DataError, "leaves no room"),
+    ([1] * 500, SamplingParams(max_tokens=13), DataError, "ask for at most 12 tokens"),
     ([1], SamplingParams(max_tokens=0), ConfigError, "max_tokens must be a positive"),
     ([1], SamplingParams(temperature=-1.0), ConfigError, "temperature must be >= 0"),
     ([1], SamplingParams(top_p=0.0), ConfigError, "top_p must be in"),

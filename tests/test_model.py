@@ -90,7 +90,8 @@ def test_kv_cache_logits_equal_full_forward_at_every_position(scan_layers):
 @pytest.mark.parametrize("scan_layers", [True, False])
 def test_kv_cache_with_a_write_index_per_row_equals_full_forward(scan_layers):
     """Rows at different lengths (a serving batch): each writes and attends at its own index;
-    cache rows past the batch (idle serving slots) are neither read nor written."""
+    cache rows past the batch (idle serving slots) are neither read nor written, and an attention
+    window (attend_length) shorter than the cache gives the same logits."""
     config = get_preset("tiny", scan_layers=scan_layers)
     params = init_params(config)
     tokens = np.random.RandomState(1).randint(0, config.vocab_size, (2, 12))
@@ -107,7 +108,8 @@ def test_kv_cache_with_a_write_index_per_row_equals_full_forward(scan_layers):
                                  segment_ids=jnp.asarray(right_padded), cache=cache)
     for row, length in enumerate(lengths):
         np.testing.assert_allclose(prefill[row, :length], full[row, :length], atol=1e-5)
-    cache = cache.replace(index=jnp.asarray(lengths, jnp.int32))
+    # Decoding reads only slots [0, 12): every row's position stays below it.
+    cache = cache.replace(index=jnp.asarray(lengths, jnp.int32), attend_length=12)
     for step in range(4):  # default positions continue from each row's own index
         fed = tokens[np.arange(2), lengths + step][:, None]
         logits, cache = model.apply({"params": params}, jnp.asarray(fed), cache=cache)

@@ -11,8 +11,9 @@ Requests wait in a FIFO queue; whenever a slot is free the engine thread prefill
 into it (`llamax.infer.slots`), then runs ONE decode step that advances every active slot. A
 request leaves its slot when it produces a stop id, reaches `max_tokens`, or is cancelled (a
 client that went away); the slot is refilled before the next step. Compiled shapes: one prefill
-per prompt-length bucket, and one decode step per row bucket (1, 2, 4, ... max_batch): a step
-runs only the slots up to the highest one in use.
+per prompt-length bucket, and one decode step per (row bucket, window): a step runs only the
+slots up to the highest one in use (1, 2, 4, ... max_batch rows), reading only the cache
+positions up to the longest of them (128, 256, ... max_seq_len).
 
 Greedy output is the same whether a request runs alone or among others, and equals
 `llamax.sample.generate` on the same prompt (tests/test_engine.py). Events reach the caller
@@ -160,6 +161,7 @@ class Engine:
             from llamax.sharding import data_parallel_size
             data_parallel = data_parallel_size(mesh, self.program.rules)
         self._row_buckets = self.program.row_buckets(data_parallel)
+        self._window_buckets = self.program.window_buckets()
         self.params = self.program.place_params(params)
         self._batch = self.program.empty()
         self._slots: list[Request | None] = [None] * max_batch
@@ -251,7 +253,8 @@ class Engine:
             self._start_request(Request(-1, [0] * length, SamplingParams(max_tokens=1), lambda e: None), 0)
             length = min(self._bucket(length), self.max_seq_len - 1) + 1
         for rows in self._row_buckets:
-            self._batch, _ = self.program.decode(self.params, self._batch, rows)
+            for window in self._window_buckets:
+                self._batch, _ = self.program.decode(self.params, self._batch, rows, window)
 
     @property
     def num_active(self) -> int:
@@ -321,10 +324,13 @@ class Engine:
         if not self.num_active:
             return
         # Decode the smallest row bucket that holds every active slot (requests take the lowest
-        # free slot, so at low load that is a small one).
-        last_active = max(i for i, request in enumerate(self._slots) if request is not None)
-        rows = next(size for size in self._row_buckets if size > last_active)
-        self._batch, out = self.program.decode(self.params, self._batch, rows)
+        # free slot, so at low load that is a small one), attending to the smallest window that
+        # holds every active slot's position (prompt + tokens so far).
+        active = [(i, r) for i, r in enumerate(self._slots) if r is not None]
+        rows = next(size for size in self._row_buckets if size > active[-1][0])
+        longest = max(len(r.prompt) + r.completion_tokens for _, r in active)
+        window = next(size for size in self._window_buckets if size >= longest)
+        self._batch, out = self.program.decode(self.params, self._batch, rows, window)
         self.steps += 1
         out = jax.device_get(out)  # the one host sync per step
         for slot, request in enumerate(self._slots[:rows]):

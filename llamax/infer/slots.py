@@ -78,7 +78,7 @@ class SlotProgram:
             (name, None if name == "batch" else axes) for name, axes in rules)
         self._empty = jax.jit(self._empty_batch)
         self._prefill = jax.jit(self._prefill_slot, donate_argnums=(1,))
-        self._decode = jax.jit(self._decode_slots, donate_argnums=(1,), static_argnums=(2,))
+        self._decode = jax.jit(self._decode_slots, donate_argnums=(1,), static_argnums=(2, 3))
 
     @contextlib.contextmanager
     def _context(self, rules: Rules | None) -> Iterator[None]:
@@ -112,11 +112,23 @@ class SlotProgram:
         with self._context(self.prefill_rules):
             return self._prefill(params, batch, jnp.int32(slot), tokens, jnp.int32(length), sampling)
 
-    def decode(self, params: Any, batch: SlotBatch, rows: int | None = None) -> tuple[SlotBatch, StepOutput]:
-        """One token for each of the first `rows` slots (default all; one executable per value:
-        use `row_buckets`). Donates `batch`; rows of idle slots are meaningless."""
+    def decode(self, params: Any, batch: SlotBatch, rows: int | None = None,
+               window: int | None = None) -> tuple[SlotBatch, StepOutput]:
+        """One token for each of the first `rows` slots (default all), attending to cache
+        positions [0, window) (default all: every active slot's position must be below it).
+        One executable per (rows, window): use `row_buckets` and `window_buckets`. Donates
+        `batch`; rows of idle slots are meaningless."""
         with self._context(self.rules):
-            return self._decode(params, batch, rows or self.max_batch)
+            return self._decode(params, batch, rows or self.max_batch, window or self.max_seq_len)
+
+    def window_buckets(self, smallest: int = 128) -> list[int]:
+        """The `window` values decode is compiled for: powers of two from `smallest`, then
+        max_seq_len."""
+        sizes, size = [], smallest
+        while size < self.max_seq_len:
+            sizes.append(size)
+            size *= 2
+        return sizes + [self.max_seq_len]
 
     def row_buckets(self, multiple_of: int = 1) -> list[int]:
         """The `rows` values decode is compiled for: powers of two (multiples of the data-parallel
@@ -176,15 +188,17 @@ class SlotProgram:
                                   batch.sampling, sampling))
         return batch, first
 
-    def _decode_slots(self, params, batch: SlotBatch, rows: int):
-        # Only the first `rows` slots run: at low load a step costs what its requests need, not
-        # what max_batch would. The model writes their keys into the full cache in place and
-        # reads just those rows; the rest of the cache is not touched.
+    def _decode_slots(self, params, batch: SlotBatch, rows: int, window: int):
+        # Only the first `rows` slots run, and they read only the first `window` positions: a
+        # step costs what the running requests need, not what max_batch x max_seq_len would.
+        # The model writes their keys into the full cache in place; the rest is not touched.
         cache = batch.cache
         part = lambda x: x[:rows]  # noqa: E731
         logits, new_cache = Llama(self.decode_config).apply(
             {"params": params}, part(batch.last)[:, None], positions=part(cache.index)[:, None],
-            segment_ids=jnp.ones((rows, 1), jnp.int32), cache=cache.replace(index=part(cache.index)))
+            segment_ids=jnp.ones((rows, 1), jnp.int32),
+            cache=cache.replace(index=part(cache.index), attend_length=window))
+        new_cache = new_cache.replace(attend_length=None)
         active = part(batch.active)
         out = sample_rows(logits[:, 0], jax.tree.map(part, batch.sampling), part(batch.steps))
         # Idle rows keep their index: they never run past the cache however long they idle.

@@ -58,6 +58,9 @@ class KVCache:
     value: Array | tuple[Array, ...]  # same layout as key
     segment_ids: Array  # [batch, max_length]; 0 = empty slot or padding
     index: Array  # [] or [batch] int32: the next slot to write
+    # Static: queries attend to slots [0, attend_length) only (None: all). A server whose rows
+    # are all shorter than the cache reads just that much of it; every query must lie inside.
+    attend_length: int | None = flax.struct.field(pytree_node=False, default=None)
 
     @classmethod
     def create(cls, config: ModelConfig, batch_size: int, max_length: int,
@@ -175,8 +178,10 @@ class Attention(nn.Module):
             k = write_at(cached_key, k.astype(cached_key.dtype), cache_index)
             v = write_at(cached_value, v.astype(cached_value.dtype), cache_index)
             new_cache = (k, v)
-            if k.shape[0] > x.shape[0]:  # a serving cache: only its first rows are in this batch
-                k, v = k[:x.shape[0]], v[:x.shape[0]]
+            # A serving cache: only its first rows are in this batch, and `mask` may cover only
+            # the first slots (KVCache.attend_length).
+            if k.shape[:2] != (x.shape[0], mask.shape[-1]):
+                k, v = k[:x.shape[0], :mask.shape[-1]], v[:x.shape[0], :mask.shape[-1]]
 
         # Without a cache, query i sits at key slot i, so `mask` is causal in slot order.
         out = attend(q, k, v, mask, c, causal=layer_cache is None)  # [batch, seq, heads, head_dim]
@@ -261,7 +266,8 @@ class Llama(nn.Module):
             layer_caches, new_segments = None, None
         else:
             new_segments = write_at(cache.segment_ids, segment_ids, cache.index)
-            key_segments, key_slots = new_segments[:batch], jnp.arange(cache.max_length)
+            window = cache.max_length if cache.attend_length is None else cache.attend_length
+            key_segments, key_slots = new_segments[:batch, :window], jnp.arange(window)
             layer_caches = (cache.key, cache.value)
         mask = (key_slots[None, None, :] <= query_slots[:, :, None]) & (
             segment_ids[:, :, None] == key_segments[:, None, :])  # [batch, q_len, kv_len]
@@ -301,7 +307,8 @@ class Llama(nn.Module):
         if cache is None:
             return logits
         new_cache = KVCache(key=new_layer_caches[0], value=new_layer_caches[1],
-                            segment_ids=new_segments, index=cache.index + seq)
+                            segment_ids=new_segments, index=cache.index + seq,
+                            attend_length=cache.attend_length)
         return logits, new_cache
 
 
