@@ -4,9 +4,9 @@
         [--host 127.0.0.1] [--port 8000] [--max_batch 8] [--max_seq_len 1024] [--api_key KEY]
         [--mesh none|dp|fsdp|fsdp_tp] [--dtype bfloat16] [--warmup]
 
---checkpoint: an HF or Meta folder, an orbax params checkpoint or a training run directory
-(newest checkpoint, or --step). --tokenizer: a tokenizer file or folder; default the checkpoint's
-own. Then open http://HOST:PORT/ for the chat page, or point any OpenAI client at
+--checkpoint: an HF or Meta folder, a GGUF file, an orbax params checkpoint or a training run
+directory (newest checkpoint, or --step; a LoRA run is merged into its base). --tokenizer: a
+tokenizer file or folder; default the checkpoint's own (a run's recorded copy). Then open http://HOST:PORT/ for the chat page, or point any OpenAI client at
 http://HOST:PORT/v1 (POST /v1/completions, /v1/chat/completions; GET /v1/models, /health).
 Installed as the `llamax-serve` console script; `experiments.chat` is the terminal front end
 on the same engine.
@@ -28,10 +28,10 @@ log = logging.getLogger("llamax.serve")
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """The options `serve` and `chat` share: which model, tokenizer, template and engine size."""
     parser.add_argument("--checkpoint", required=True,
-                        help="HF or Meta folder, orbax params checkpoint or training run directory")
+                        help="HF or Meta folder, GGUF file, orbax params checkpoint or training run")
     parser.add_argument("--step", type=int, default=None, help="checkpoint step of a run directory")
     parser.add_argument("--tokenizer", default=None,
-                        help="tokenizer file or folder (default: the checkpoint's own)")
+                        help="tokenizer file or folder (default: the checkpoint's own; a run's copy)")
     parser.add_argument("--chat_template", default=None, choices=["plain", "llama2", "llama3"],
                         help="built-in chat template (default: the tokenizer's own, else plain)")
     parser.add_argument("--max_batch", type=int, default=8, help="requests decoded together")
@@ -64,7 +64,8 @@ def build_engine(args: argparse.Namespace) -> tuple[Any, Any, str]:
     del params  # the engine keeps its own device copy in the decoding layout
     if args.warmup:
         engine.warmup()
-    name = Path(os.path.abspath(args.checkpoint)).name
+    checkpoint = Path(os.path.abspath(args.checkpoint))
+    name = checkpoint.stem if checkpoint.is_file() else checkpoint.name  # a GGUF file: no suffix
     return engine.start(), chat, name
 
 

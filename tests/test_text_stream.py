@@ -89,3 +89,23 @@ def test_chat_format_stop_markers_and_errors(small_tokenizer):  # noqa: F811
         ChatFormat(small_tokenizer, "llama2").prompt_ids([{"role": "assistant", "content": "Hi"}])
     with pytest.raises(DataError, match="messages is empty"):
         ChatFormat(small_tokenizer, "plain").prompt_ids([])
+
+
+def test_a_training_run_is_served_with_the_tokenizer_it_recorded(small_tokenizer, tmp_path):  # noqa: F811
+    import shutil
+
+    from llamax import run_dir
+    from llamax.config import get_preset
+    from llamax.infer.chat_format import load_serving_tokenizer
+
+    run = tmp_path / "run"
+    (run / run_dir.CHECKPOINTS_DIR).mkdir(parents=True)
+    run_dir.write_model_config(run, get_preset("tiny", vocab_size=512))
+    with pytest.raises(DataError, match="no tokenizer found for the checkpoint .*pass --tokenizer"):
+        load_serving_tokenizer(run)
+    (run / run_dir.TOKENIZER_DIR).mkdir()
+    shutil.copy(small_tokenizer.path, run / run_dir.TOKENIZER_DIR / "tokenizer.model")
+    chat = load_serving_tokenizer(run, template="plain", model_vocab_size=512)
+    assert chat.encode("Hark!") == small_tokenizer.encode("Hark!", bos=False)
+    with pytest.raises(DataError, match="has 512 pieces but the model's vocabulary has 256"):
+        load_serving_tokenizer(run, model_vocab_size=256)

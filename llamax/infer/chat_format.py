@@ -1,12 +1,12 @@
 """Text in and out of a served model: which tokenizer, how a conversation becomes a prompt.
 
 `load_serving_tokenizer(checkpoint, tokenizer)` finds the tokenizer (the checkpoint's own unless
-one is named) and returns a `ChatFormat`: encode/decode, the ids and strings that end a reply,
+one is named; a training run's recorded copy) and returns a `ChatFormat`: encode/decode, the ids and strings that end a reply,
 and `prompt_ids(messages)`, the token ids of a conversation followed by the assistant's turn.
 
 Two sources of a chat format:
-  * a tokenizer that brings its own (`apply_chat_template(messages, add_generation_prompt)`, as
-    `llamax.tokenizer.load_tokenizer` gives for checkpoints with a template): its text is encoded;
+  * the tokenizer's own (`apply_chat_template`: the checkpoint's Jinja template, else the built-in
+    Llama-2/3 one `llamax.tokenizer` picks): its text is encoded with special tokens allowed;
   * a built-in template of `llamax.data.chat_templates` (plain, llama2, llama3), rendered span by
     span exactly as SFT encodes training conversations, so a model fine-tuned with llamax sees the
     same tokens when served. `--chat_template` picks one and overrides the tokenizer's own.
@@ -32,7 +32,7 @@ class ChatFormat:
     Args:
       tokenizer: anything with encode(text, bos=, eos=), decode(ids), bos_id, eos_id, vocab_size;
         optional stop_ids and apply_chat_template(messages, add_generation_prompt).
-      template: a built-in template name; None uses the tokenizer's own template, else 'plain'.
+      template: a built-in template name; None uses the tokenizer's own (else 'plain').
     """
 
     def __init__(self, tokenizer: Any, template: str | None = None):
@@ -116,43 +116,38 @@ def _single_piece_id(tokenizer: Any, text: str) -> int | None:
     return piece_id if tokenizer.id_to_piece(piece_id) == text else None
 
 
-def find_tokenizer_file(path: str | os.PathLike) -> Path | None:
-    """A SentencePiece `tokenizer.model` at `path` or inside the folder `path`, if there is one."""
-    path = Path(path)
-    if path.is_file():
-        return path
-    candidate = path / "tokenizer.model"
-    return candidate if candidate.is_file() else None
+def checkpoint_tokenizer_path(checkpoint: str | os.PathLike) -> Path:
+    """Where a checkpoint's own tokenizer is: a training run's copy (`<run>/tokenizer/`, else the
+    run's INIT_FROM), or the checkpoint itself (an HF/Meta folder or a GGUF file holds one)."""
+    from llamax import run_dir
+
+    path = Path(checkpoint)
+    if run_dir.is_run_dir(path):
+        run = run_dir.RunDir(path)
+        for candidate in (run.tokenizer(), run.init_from()):
+            if candidate is not None and Path(candidate).exists():
+                return Path(candidate)
+    return path
 
 
 def load_serving_tokenizer(checkpoint: str | os.PathLike, tokenizer: str | os.PathLike | None = None,
                            template: str | None = None, model_vocab_size: int | None = None) -> ChatFormat:
-    """The ChatFormat of a served checkpoint: `tokenizer` (file or folder) if given, else the
-    checkpoint folder's own tokenizer.
-
-    Uses `llamax.tokenizer.load_tokenizer` (SentencePiece, tiktoken, HF tokenizer.json, with the
-    checkpoint's chat template) where this install has it, else a SentencePiece `tokenizer.model`.
-    Raises DataError naming what to pass when none is found or it is larger than the model.
+    """The ChatFormat of a served checkpoint: `tokenizer` (a file or folder) if given, else the
+    checkpoint's own (`checkpoint_tokenizer_path`), read by `llamax.tokenizer.load_tokenizer`
+    (SentencePiece, tiktoken, HF tokenizer.json or GGUF, with the folder's chat template and
+    stop ids). DataError naming what to pass when there is none or it is larger than the model.
     """
-    source = Path(tokenizer) if tokenizer is not None else Path(checkpoint)
-    if tokenizer is not None and not source.exists():
-        raise DataError(f"tokenizer {str(source)!r} does not exist; pass a tokenizer.model file or a "
-                        "folder that holds one (or leave --tokenizer out to use the checkpoint's)")
+    from llamax.tokenizer import load_tokenizer
+
+    source = Path(tokenizer) if tokenizer is not None else checkpoint_tokenizer_path(checkpoint)
     try:
-        from llamax.tokenizer import load_tokenizer  # the multi-format loader, where present
-    except ImportError:
-        load_tokenizer = None
-    if load_tokenizer is not None:
         loaded = load_tokenizer(source)
-    else:
-        from llamax.tokenizer import Tokenizer
-        found = find_tokenizer_file(source)
-        if found is None:
-            raise DataError(f"no tokenizer found in {str(source)!r} (looked for tokenizer.model); "
-                            "pass --tokenizer PATH/tokenizer.model (a training run's tokenizer is "
-                            "the TOKENIZER of its gin config, e.g. runs/tokenizers/shakespeare-2048/"
-                            "tokenizer.model for `make demo`)")
-        loaded = Tokenizer(found)
+    except DataError as error:
+        if tokenizer is not None:
+            raise
+        raise DataError(f"no tokenizer found for the checkpoint {str(checkpoint)!r} ({error}); pass "
+                        "--tokenizer with a tokenizer.model / tokenizer.json file or a folder "
+                        "holding one") from error
     if model_vocab_size is not None and loaded.vocab_size > model_vocab_size:
         raise DataError(f"tokenizer {str(source)!r} has {loaded.vocab_size} pieces but the model's "
                         f"vocabulary has {model_vocab_size}: it belongs to another model; pass the "
