@@ -3,12 +3,12 @@
     python -m benchmarks.serve [--preset bench] [--concurrency 1 4 16] [--prompt_len 64]
         [--max_tokens 128] [--max_batch 16] [--max_seq_len 512] [--json out.json]
 
-A random-weight model of `--preset` is written as an HF folder (with a small tokenizer) and served
-by `python -m experiments.serve --warmup` in its own process, so the clients (threads here, one
-HTTP connection each, closed loop: a client sends its next request when the previous one ends)
-do not share the server's interpreter. Every request is a streamed greedy completion of a random
-`--prompt_len`-token prompt (sent as token ids) for `--max_tokens` tokens, with `logprobs=0` so
-that every token arrives as its own chunk (time to first token is measurable).
+A random-weight model of `--preset` is written as an HF folder (with a tokenizer of its vocabulary
+size trained on the corpus) and served by `python -m experiments.serve --warmup` in its own
+process, so the clients (threads here, one HTTP connection each, closed loop: a client sends its
+next request when the previous one ends) do not share the server's interpreter. Every request is
+a streamed greedy completion of a random `--prompt_len`-token prompt (sent as token ids) for
+`--max_tokens` tokens (random weights rarely produce the stop id).
 
 Reported per concurrency: generated tokens/s (all completion tokens / wall time), latency p50/p95
 (request sent -> last chunk) and time-to-first-token p50/p95. Concurrency 1 runs 16 requests one
@@ -31,18 +31,18 @@ import numpy as np
 
 
 def write_checkpoint(folder: Path, preset: str) -> Path:
-    """Random params of `preset` as an HF folder, plus a 512-piece tokenizer of the corpus."""
+    """Random params of `preset` as an HF folder, with a tokenizer of the model's vocabulary size
+    trained on the corpus (so every generated id is text, as with a real model)."""
+    import shutil
+
     from llamax.config import get_preset
     from llamax.convert import save_hf
-    from llamax.data import corpus
+    from llamax.data.corpus import shakespeare_tokenizer
     from llamax.model import init_params
-    from llamax.tokenizer import train_tokenizer
 
     config = get_preset(preset)
     save_hf(config, init_params(config, rng=0), folder)
-    text = folder / "corpus.txt"
-    text.write_text(corpus.read_play(corpus.shakespeare_files("train")[0]), encoding="utf-8")
-    train_tokenizer([text], folder / "tokenizer.model", vocab_size=512)
+    shutil.copy(shakespeare_tokenizer(config.vocab_size), folder / "tokenizer.model")
     return folder
 
 
@@ -67,9 +67,9 @@ def start_server(checkpoint: Path, port: int, max_batch: int, max_seq_len: int) 
 
 
 def one_request(http, url: str, prompt: list[int], max_tokens: int) -> dict:
-    """One streamed completion: latency, time to first token, tokens generated."""
+    """One streamed greedy completion: latency, time to the first text chunk, tokens generated."""
     body = {"model": "bench", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
-            "stream": True, "logprobs": 0}
+            "stream": True, "stream_options": {"include_usage": True}}
     start = time.perf_counter()
     first = None
     tokens = 0
@@ -79,7 +79,7 @@ def one_request(http, url: str, prompt: list[int], max_tokens: int) -> dict:
             if not line.startswith("data: ") or line == "data: [DONE]":
                 continue
             chunk = json.loads(line[6:])
-            if chunk.get("choices") and chunk["choices"][0].get("logprobs") and first is None:
+            if first is None and chunk.get("choices") and chunk["choices"][0].get("text"):
                 first = time.perf_counter()
             if chunk.get("usage"):
                 tokens = chunk["usage"]["completion_tokens"]
@@ -122,6 +122,35 @@ def run_clients(url: str, clients: int, requests_each: int, prompt_len: int, max
             "ttft_p50_s": round(statistics.median(ttfts), 3), "ttft_p95_s": round(pick(ttfts, 0.95), 3)}
 
 
+def engine_only(checkpoint: Path, clients_list: list[int], prompt_len: int, max_tokens: int,
+                max_batch: int, max_seq_len: int) -> list[dict]:
+    """The same load on an in-process Engine (no HTTP, no detokenizing): where the time goes."""
+    from llamax.convert.hub import load_any
+    from llamax.infer.engine import Engine, SamplingParams
+
+    config, params = load_any(checkpoint)
+    engine = Engine(config, params, max_batch=max_batch, max_seq_len=max_seq_len)
+    engine.warmup()
+    engine.start()
+    rows = []
+    try:
+        rng = np.random.RandomState(0)
+        for clients in clients_list:
+            prompts = rng.randint(3, config.vocab_size, (clients, prompt_len)).tolist()
+            start = time.perf_counter()
+            steps = engine.steps
+            requests = [engine.submit(p, SamplingParams(max_tokens=max_tokens)) for p in prompts]
+            tokens = sum(len(r.tokens()) for r in requests)
+            wall = time.perf_counter() - start
+            rows.append({"clients": clients, "tokens": tokens, "tokens_per_s": round(tokens / wall, 1),
+                         "decode_steps": engine.steps - steps,
+                         "ms_per_step": round(1000 * wall / max(1, engine.steps - steps), 1)})
+            print(json.dumps({"engine_only": rows[-1]}), flush=True)
+    finally:
+        engine.stop()
+    return rows
+
+
 def machine() -> dict:
     cpu = "unknown"
     try:
@@ -144,6 +173,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--max_batch", type=int, default=16)
     parser.add_argument("--max_seq_len", type=int, default=512)
     parser.add_argument("--port", type=int, default=8765)
+    parser.add_argument("--skip_engine_only", action="store_true",
+                        help="skip the in-process Engine measurement (1 and 16 requests at once)")
     parser.add_argument("--json", help="also write the results to this JSON file")
     args = parser.parse_args(argv)
 
@@ -169,6 +200,9 @@ def main(argv: list[str] | None = None) -> dict:
         finally:
             server.terminate()
             server.wait(60)
+        if not args.skip_engine_only:
+            report["engine_only"] = engine_only(checkpoint, [1, 16], args.prompt_len, args.max_tokens,
+                                                args.max_batch, args.max_seq_len)
     report["rows"] = rows
     by_clients = {row["clients"]: row for row in rows}
     if 1 in by_clients and 16 in by_clients:
