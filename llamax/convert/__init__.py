@@ -4,7 +4,10 @@
   meta.py          Meta `params.json` + `consolidated.NN.pth`: MetaReader/MetaWriter,
                    load_meta, save_meta (meta_config.py: params.json <-> ModelConfig)
   orbax.py         llamax params checkpoints (a ModelConfig + orbax params), streaming readers
-  hub.py           any format -> any other, one tensor at a time; load_any/save_any (in memory)
+  hub.py           any format -> any other, one tensor at a time; load_any/save_any (in memory),
+                   read_config (no weights read)
+  identity.py      a checkpoint's tokenizer and special ids in every format: read_identity,
+                   checkpoint_tokenizer (what CLIs use without --tokenizer), write_identity
   weight_files.py  safetensors files and HF weight folders, read lazily
   pth.py           torch `.pth`/`.bin` archives, memory-mapped reads and streaming writes
   files.py         all-or-nothing output folders, contiguous bytes
@@ -21,6 +24,8 @@ _EXPORTS = {
     "load_meta": "meta", "save_meta": "meta",
     "load_params": "orbax", "save_params": "orbax",
     "FORMATS": "hub", "convert": "hub", "detect_format": "hub", "load_any": "hub", "save_any": "hub",
+    "read_config": "hub", "CheckpointIdentity": "identity", "read_identity": "identity",
+    "identity_of": "identity", "checkpoint_tokenizer": "identity",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -12,6 +12,8 @@ one straight to its place in the output files. So the peak memory is a few tenso
                                                               memory-mapped leaves, <= 1 GB in flight
 
 Output goes to a temporary sibling folder renamed into place at the end (`atomic_output_dir`).
+Every output keeps the source's tokenizer and special ids (`llamax.convert.identity`), so an
+exported model tokenizes and stops as the source did.
 """
 from __future__ import annotations
 
@@ -20,14 +22,14 @@ import os
 from pathlib import Path
 from typing import Any, Callable
 
-import jax
 import numpy as np
 from tqdm import tqdm
 
 from llamax import run_dir
 from llamax.config import ModelConfig
-from llamax.convert.hf import (LAYER_TABLE, TOP_TABLE, HFWriter, expected_hf_shapes, hf_to_params,
-                               match_hf_tensors, params_to_hf, read_hf_config)
+from llamax.convert.hf import (LAYER_TABLE, TOP_TABLE, HFWriter, check_params, expected_hf_shapes,
+                               hf_to_params, match_hf_tensors, params_to_hf, read_hf_config)
+from llamax.convert.identity import CheckpointIdentity, identity_of, read_identity, write_identity
 from llamax.convert.meta import MetaReader, MetaWriter
 from llamax.convert.orbax import LeafPath, LeafReader, LeafWriter
 from llamax.convert.weight_files import WeightFolder
@@ -154,8 +156,9 @@ def open_source(path: str | os.PathLike, fmt: str, *, step: int | None = None):
 class OrbaxSink:
     """Writes a scanned params checkpoint (see `llamax.convert.orbax`) from HF tensors."""
 
-    def __init__(self, config: ModelConfig, folder: Path, dtype: np.dtype):
-        self.config = config
+    def __init__(self, config: ModelConfig, folder: Path, dtype: np.dtype,
+                 identity: CheckpointIdentity | None = None):
+        self.config, self.folder, self.identity = config, folder, identity
         self.table = hf_leaf_table(config)
         shapes = {}
         hf_shapes = expected_hf_shapes(config)
@@ -170,23 +173,44 @@ class OrbaxSink:
 
     def close(self) -> None:
         self.writer.close()
+        write_identity("orbax", self.folder, self.identity)
+
+
+class MetaSink(MetaWriter):
+    """A Meta folder that also carries the tokenizer and special ids (`write_identity`)."""
+
+    def __init__(self, config: ModelConfig, folder: Path, dtype: np.dtype, num_shards: int,
+                 identity: CheckpointIdentity | None = None):
+        super().__init__(config, folder, dtype=dtype, num_shards=num_shards)
+        self.folder, self.identity = folder, identity
+
+    def close(self) -> None:
+        super().close()
+        write_identity("meta", self.folder, self.identity)
 
 
 def open_sink(fmt: str, config: ModelConfig, folder: Path, dtype: np.dtype, *, num_shards: int = 1,
-              max_shard_size: int = 5 * 2**30):
+              max_shard_size: int = 5 * 2**30, identity: CheckpointIdentity | None = None):
+    """The writer of format `fmt` into `folder`; `identity` (tokenizer, special ids) goes with it."""
+    identity = identity or CheckpointIdentity()
+    if identity.special_ids is not None:
+        identity.special_ids.check_vocab(config.vocab_size, f"{fmt} output")
     if fmt == "hf":
-        return HFWriter(config, folder, dtype, max_shard_size)
+        return HFWriter(config, folder, dtype, max_shard_size, special_ids=identity.special_ids,
+                        tokenizer=identity.tokenizer)
     if fmt == "meta":
-        return MetaWriter(config, folder, dtype=dtype, num_shards=num_shards)
+        return MetaSink(config, folder, dtype, num_shards, identity)
     if fmt == "orbax":
-        return OrbaxSink(config, folder, dtype)
+        return OrbaxSink(config, folder, dtype, identity)
     raise ConfigError(f"unknown destination format {fmt!r}; expected one of {FORMATS}")
 
 
 def convert(src: str | os.PathLike, src_format: str, dst: str | os.PathLike, dst_format: str, *,
             dtype: Any = None, num_shards: int = 1, overwrite: bool = False, step: int | None = None,
-            max_shard_size: int = 5 * 2**30, progress: bool = True) -> Path:
-    """Converts the checkpoint folder `src` into `dst`, tensor by tensor.
+            max_shard_size: int = 5 * 2**30, progress: bool = True,
+            tokenizer: str | os.PathLike | None = None) -> Path:
+    """Converts the checkpoint folder `src` into `dst`, tensor by tensor, with its tokenizer and
+    special ids (`llamax.convert.identity`).
 
     Args:
       src_format, dst_format: 'hf', 'meta' or 'orbax' (a params checkpoint; as a source also a
@@ -197,6 +221,8 @@ def convert(src: str | os.PathLike, src_format: str, dst: str | os.PathLike, dst
       step: training step to read from an orbax run (None: the newest committed one).
       max_shard_size: bytes per safetensors file of an HF output.
       progress: show a tqdm bar of tensors converted.
+      tokenizer: the tokenizer (file, folder or checkpoint) to ship with `dst` and take the special
+        ids from, instead of the source's own.
     """
     for what, fmt in (("source", src_format), ("destination", dst_format)):
         if fmt not in FORMATS:
@@ -207,11 +233,12 @@ def convert(src: str | os.PathLike, src_format: str, dst: str | os.PathLike, dst
         raise ConfigError(f"source and destination are the same folder {src}; write somewhere else")
     check_destination(dst, overwrite)
     source = open_source(src, src_format, step=step)
+    identity = identity_of(tokenizer) if tokenizer is not None else read_identity(src, src_format)
     out_dtype = parse_dtype(dtype) or source.dtype
     names = source.names()
     with atomic_output_dir(dst, overwrite=overwrite) as staging:
         sink = open_sink(dst_format, source.config, staging, out_dtype, num_shards=num_shards,
-                         max_shard_size=max_shard_size)
+                         max_shard_size=max_shard_size, identity=identity)
         for name in tqdm(names, desc=f"{src_format} -> {dst_format}", unit="tensor", disable=not progress):
             sink.write(name, source[name])
         sink.close()
@@ -234,6 +261,30 @@ class _SourceMapping(collections.abc.Mapping):
         return len(self._names)
 
 
+def _format_of(path: str | os.PathLike, fmt: str | None) -> str:
+    fmt = fmt or detect_format(path)
+    if fmt is None:
+        what = "does not exist" if not Path(path).exists() else "is not"
+        raise CheckpointError(f"{path} {what} an HF (config.json), Meta (params.json) or llamax orbax "
+                              "(a params checkpoint or a training run) checkpoint")
+    return fmt
+
+
+def read_config(path: str | os.PathLike, fmt: str | None = None) -> ModelConfig:
+    """The ModelConfig of any checkpoint `load_any` reads, without reading its weights (a CLI
+    checks its arguments against it first)."""
+    fmt = _format_of(path, fmt)
+    if fmt == "hf":
+        return read_hf_config(path)
+    if fmt == "meta":
+        return MetaReader(Path(path)).config
+    location = Path(path).absolute()
+    for folder in (location, location.parent, location.parent.parent):  # run, checkpoints/, step
+        if run_dir.has_model_config(folder):
+            return run_dir.read_model_config(folder)
+    return run_dir.read_model_config(location)
+
+
 def load_any(path: str | os.PathLike, fmt: str | None = None, *, step: int | None = None,
              base: str | os.PathLike | None = None, **config_overrides: Any) -> tuple[ModelConfig, dict]:
     """(config, numpy params) of any checkpoint llamax reads: an HF, Meta or orbax params folder,
@@ -241,10 +292,7 @@ def load_any(path: str | os.PathLike, fmt: str | None = None, *, step: int | Non
     files unless `fmt` says. A LoRA run comes back with its adapters merged into its base weights
     (`base`, default: the INIT_FROM the run recorded). `config_overrides` (e.g. scan_layers,
     param_dtype) shape the params."""
-    fmt = fmt or detect_format(path)
-    if fmt is None:
-        raise CheckpointError(f"{path} is not an HF (config.json), Meta (params.json) or llamax orbax "
-                              "(a params checkpoint or a training run) checkpoint")
+    fmt = _format_of(path, fmt)
     if fmt == "orbax" and run_dir.is_run_dir(path) and run_dir.RunDir(path).lora_config() is not None:
         config, params = _merged_lora_run(run_dir.RunDir(path), step, base)
         if config_overrides:  # re-lay the merged params out (scanned or not, dtype) via HF names
@@ -277,20 +325,19 @@ def _merged_lora_run(run: run_dir.RunDir, step: int | None, base: str | os.PathL
 
 
 def save_any(config: ModelConfig, params: Any, path: str | os.PathLike, fmt: str, *,
-             dtype: Any = None, num_shards: int = 1, overwrite: bool = False) -> Path:
+             dtype: Any = None, num_shards: int = 1, overwrite: bool = False,
+             identity: CheckpointIdentity | None = None, max_shard_size: int = 5 * 2**30) -> Path:
     """Writes in-memory params as an HF folder, a Meta folder or an orbax params checkpoint
-    (all-or-nothing, like every writer); `dtype` casts on the way out (None keeps it)."""
-    from llamax.convert.hf import save_hf
-    from llamax.convert.meta import save_meta
-    from llamax.convert.orbax import save_params
-
-    if fmt == "hf":
-        return save_hf(config, params, path, dtype=dtype, overwrite=overwrite)
-    if fmt == "meta":
-        return save_meta(config, params, path, num_shards=num_shards, dtype=dtype, overwrite=overwrite)
-    if fmt == "orbax":
-        out_dtype = parse_dtype(dtype)
-        if out_dtype is not None:
-            params = jax.tree.map(lambda x: np.asarray(x).astype(out_dtype), params)
-        return save_params(path, config, params, overwrite=overwrite)
-    raise ConfigError(f"unknown destination format {fmt!r}; expected one of {FORMATS}")
+    through the same writers as `convert` (all-or-nothing); `dtype` casts on the way out (None
+    keeps the params'), `identity` (tokenizer, special ids) goes with them."""
+    if fmt not in FORMATS:
+        raise ConfigError(f"unknown destination format {fmt!r}; expected one of {FORMATS}")
+    check_params(config, params)
+    out_dtype = parse_dtype(dtype) or np.asarray(params["embed_tokens"]["embedding"]).dtype
+    with atomic_output_dir(path, overwrite=overwrite) as staging:
+        sink = open_sink(fmt, config, staging, out_dtype, num_shards=num_shards,
+                         max_shard_size=max_shard_size, identity=identity)
+        for name, tensor in params_to_hf(config, params):
+            sink.write(name, tensor)
+        sink.close()
+    return Path(path)
