@@ -2,10 +2,12 @@
 
     python -m experiments.convert --src PATH --src_format {hf,meta,orbax} \
         --dst PATH --dst_format {hf,meta,orbax} [--dtype bf16|fp32|fp16] [--num_shards N] \
-        [--step STEP] [--overwrite] [--no_progress]
+        [--step STEP] [--tokenizer PATH] [--overwrite] [--no_progress]
 
 orbax output is a params checkpoint a fine-tuning run starts from (`llamax.convert.orbax`);
 orbax input is such a checkpoint or a training run folder (newest step unless --step).
+The output carries the source's tokenizer files and special ids (bos/eos/pad in an HF config.json
+and generation_config.json; `llamax.convert.identity`); --tokenizer ships another tokenizer.
 Errors print one line on stderr and exit with status 1; nothing is left at --dst on failure.
 Installed as the `llamax-convert` console script.
 """
@@ -29,6 +31,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="weight dtype of the output (default: the source's)")
     parser.add_argument("--num_shards", type=int, default=1, help="model-parallel shards of a Meta output")
     parser.add_argument("--step", type=int, default=None, help="training step of an orbax run source")
+    parser.add_argument("--tokenizer", default=None,
+                        help="tokenizer file/folder to ship with the output (default: the source's)")
     parser.add_argument("--max_shard_size", type=int, default=5 * 2**30, help="bytes per HF safetensors file")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --dst")
     parser.add_argument("--no_progress", action="store_true", help="hide the progress bar")
@@ -41,7 +45,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         path = convert(args.src, args.src_format, args.dst, args.dst_format, dtype=args.dtype,
                        num_shards=args.num_shards, overwrite=args.overwrite, step=args.step,
-                       max_shard_size=args.max_shard_size, progress=not args.no_progress)
+                       max_shard_size=args.max_shard_size, progress=not args.no_progress,
+                       tokenizer=args.tokenizer)
     except (LlamaxError, OSError) as error:
         print(f"llamax-convert: error: {error}".splitlines()[0], file=sys.stderr)
         return 1
