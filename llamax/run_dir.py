@@ -245,7 +245,8 @@ def write_tokenizer(folder: str | os.PathLike, tokenizer: str | os.PathLike | No
     """Records the tokenizer of the model in `folder` (a run or a params checkpoint): a copy of
     the tokenizer file or folder in `<folder>/tokenizer/` (replacing an older copy as a whole; see
     `llamax.tokenizer.files.copy_tokenizer_files`) and `special_ids` (a `SpecialIds`) in
-    `special_ids.json`. Either may be None (then that part is left out)."""
+    `special_ids.json`. Either may be None: then that part is left out (and an older
+    special_ids.json removed: it described another tokenizer)."""
     from llamax.tokenizer.files import copy_tokenizer_files
 
     folder = Path(folder)
@@ -261,6 +262,8 @@ def write_tokenizer(folder: str | os.PathLike, tokenizer: str | os.PathLike | No
             shutil.rmtree(staging, ignore_errors=True)
     if special_ids is not None and not special_ids.empty:
         atomic_write_text(folder / SPECIAL_IDS_FILE, json.dumps(special_ids.to_dict()))
+    else:
+        (folder / SPECIAL_IDS_FILE).unlink(missing_ok=True)
 
 
 def tokenizer_dir(folder: str | os.PathLike) -> Path | None:

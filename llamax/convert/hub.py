@@ -18,6 +18,7 @@ exported model tokenizes and stops as the source did.
 from __future__ import annotations
 
 import collections.abc
+import math
 import os
 from pathlib import Path
 from typing import Any, Callable
@@ -261,11 +262,28 @@ class _SourceMapping(collections.abc.Mapping):
         return len(self._names)
 
 
+def architecture_differences(checkpoint: ModelConfig, wanted: ModelConfig,
+                             ignore: tuple[str, ...] = ()) -> dict[str, tuple]:
+    """{field: (checkpoint's, wanted)} where two configs describe different weights. Floats match
+    up to float32 rounding: a config.json written from float32 values (a GGUF-derived model's
+    rms_norm_eps 9.999999747e-06) is the same model as a gin file's 1e-5."""
+    def same(a: Any, b: Any) -> bool:
+        if isinstance(a, float) and isinstance(b, float):
+            return math.isclose(a, b, rel_tol=1e-6)
+        return a == b
+
+    theirs, ours = checkpoint.architecture(), wanted.architecture()
+    return {key: (theirs.get(key), ours[key]) for key in ours
+            if key not in ignore and not same(theirs.get(key), ours[key])}
+
+
 def _format_of(path: str | os.PathLike, fmt: str | None) -> str:
+    if not Path(path).exists():
+        raise CheckpointError(f"checkpoint {str(path)!r} does not exist; pass an HF or Meta folder, a "
+                              "llamax params checkpoint or a training run directory")
     fmt = fmt or detect_format(path)
     if fmt is None:
-        what = "does not exist" if not Path(path).exists() else "is not"
-        raise CheckpointError(f"{path} {what} an HF (config.json), Meta (params.json) or llamax orbax "
+        raise CheckpointError(f"{path} is not an HF (config.json), Meta (params.json) or llamax orbax "
                               "(a params checkpoint or a training run) checkpoint")
     return fmt
 
@@ -318,7 +336,7 @@ def _merged_lora_run(run: run_dir.RunDir, step: int | None, base: str | os.PathL
         raise CheckpointError(f"{run.path} is a LoRA run that started from a random base (it recorded "
                               "no INIT_FROM); pass the base weights (--base)")
     base_config, base_params = load_any(base, scan_layers=config.scan_layers, param_dtype=config.param_dtype)
-    if base_config.architecture() != config.architecture():
+    if architecture_differences(base_config, config):
         raise CheckpointError(f"base weights {base} are not the model the LoRA run {run.path} trained "
                               "on; pass the run's INIT_FROM (--base)")
     return config, merge_lora(config, base_params, adapters, lora_config)

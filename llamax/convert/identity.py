@@ -22,7 +22,7 @@ import os
 from pathlib import Path
 
 from llamax import run_dir
-from llamax.errors import ConfigError, DataError
+from llamax.errors import CheckpointError, ConfigError, DataError
 from llamax.tokenizer.files import ORIGINAL_DIR, TOKENIZER_JSON, TOKENIZER_MODEL, copy_tokenizer_files
 from llamax.tokenizer.special_ids import SpecialIds, special_ids_of_folder
 
@@ -116,9 +116,12 @@ def checkpoint_tokenizer(checkpoint: str | os.PathLike, tokenizer: str | os.Path
 
     Raises:
         DataError: the checkpoint has no tokenizer and none was given, or it does not fit the model.
+        CheckpointError: `checkpoint` does not exist.
     """
     from llamax.tokenizer import check_vocab, load_tokenizer
 
+    if not Path(checkpoint).exists():
+        raise CheckpointError(f"checkpoint {str(checkpoint)!r} does not exist")
     if tokenizer is not None:
         location = identity_of(tokenizer).tokenizer
     else:

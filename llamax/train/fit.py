@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import os
 import time
 from typing import Any, Mapping
@@ -100,27 +99,17 @@ class FitResult:
 def load_init_params(init_from: str | os.PathLike, model_config: ModelConfig) -> dict:
     """Params of the HF, Meta or orbax checkpoint (or run) `init_from`, laid out for
     `model_config`; ConfigError if that checkpoint holds a different architecture."""
-    from llamax.convert.hub import load_any
+    from llamax.convert.hub import architecture_differences, load_any
 
     loaded_config, params = load_any(init_from, scan_layers=model_config.scan_layers,
                                      param_dtype=model_config.param_dtype)
     # Meta's params.json does not record the context length; it does not shape the weights.
-    ours, theirs = model_config.architecture(), loaded_config.architecture()
-    differences = {k: (theirs[k], ours[k]) for k in ours
-                   if k != "max_position_embeddings" and not _same_value(ours[k], theirs[k])}
+    differences = architecture_differences(loaded_config, model_config, ignore=("max_position_embeddings",))
     if differences:
         raise ConfigError(f"init_from={init_from} holds a different model than the run's model "
                           f"config (checkpoint vs run): {differences}; include the model gin file "
                           "that matches the checkpoint or override those fields")
     return params
-
-
-def _same_value(a: Any, b: Any) -> bool:
-    """Equal, floats up to float32 rounding: a config.json written from float32 values (e.g. a
-    GGUF-derived model's rms_norm_eps 9.999999747e-06) still matches the 1e-5 of a gin file."""
-    if isinstance(a, float) and isinstance(b, float):
-        return math.isclose(a, b, rel_tol=1e-6)
-    return a == b
 
 
 def fit(model_config: ModelConfig, optim_config: OptimConfig, mesh_config: MeshConfig,
