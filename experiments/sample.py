@@ -27,7 +27,8 @@ from typing import Any, Iterable, Sequence, TextIO
 
 from llamax.config import ModelConfig
 from llamax.errors import CheckpointError, ConfigError, LlamaxError
-from llamax.infer.generate import check_generate_args, check_sampling_args, generate, generate_stream
+from llamax.infer.checks import check_generate_args, check_sampling_args
+from llamax.infer.generate import generate, generate_stream
 
 
 def load_model(path: str | Path) -> tuple[ModelConfig, Any]:
