@@ -120,7 +120,8 @@ def test_chat_stops_at_eot_and_the_hf_export_generates_the_same_in_transformers(
 
     config, params = load_any(sft_run)
     tokenizer = load_tokenizer(RunDir(sft_run).tokenizer())
-    texts = ("HAMLET says:\nWho is there?\n\nHow does HORATIO reply?", "Tell me of the sea.")
+    texts = ("HAMLET says:\nWho is there?\n\nHow does HORATIO reply?", "Tell me of the sea.",
+             "O Romeo, Romeo! wherefore art thou Romeo?")
     prompts = [_chat_prompt(tokenizer, text) for text in texts]
     ours = generate(config, params, prompts, MAX_NEW, stop_ids=tokenizer.stop_ids)
     assert ours[0][-1] == EOT_ID and len(ours[0]) < MAX_NEW  # the SFT taught it to end its turn
@@ -142,18 +143,22 @@ def test_chat_stops_at_eot_and_the_hf_export_generates_the_same_in_transformers(
 
     hf_tokenizer = transformers.AutoTokenizer.from_pretrained(out)
     model = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    # Plain text too (no template): the model was never taught to stop there.
+    texts, prompts = texts + (None,), prompts + [tokenizer.encode("To be, or not to be, that is the")]
+    ours.append(generate(config, params, prompts[-1:], MAX_NEW, stop_ids=tokenizer.stop_ids)[0])
     for text, prompt, expected in zip(texts, prompts, ours):
-        rendered = hf_tokenizer.apply_chat_template([{"role": "user", "content": text}],
-                                                    add_generation_prompt=True, tokenize=False)
-        assert hf_tokenizer(rendered, add_special_tokens=False)["input_ids"] == prompt
+        if text is not None:
+            rendered = hf_tokenizer.apply_chat_template([{"role": "user", "content": text}],
+                                                        add_generation_prompt=True, tokenize=False)
+            assert hf_tokenizer(rendered, add_special_tokens=False)["input_ids"] == prompt
         inputs = torch.tensor([prompt])
         with torch.no_grad():  # the export's own generation_config.json: eos ids, no overrides
             produced = model.generate(inputs, attention_mask=torch.ones_like(inputs), do_sample=False,
                                       max_new_tokens=MAX_NEW)[0, len(prompt):].tolist()
         assert produced == expected
     with capsys.disabled():
-        print(f"\nLlama-3 e2e: {sum(map(len, ours))} generated tokens of {len(ours)} chats equal to "
-              f"transformers' on the HF export (reply {len(ours[0])} tokens ending in <|eot_id|>)")
+        print(f"\nLlama-3 e2e: {sum(map(len, ours))} generated tokens of {len(ours)} prompts "
+              f"(lengths {[len(o) for o in ours]}) equal to transformers' on the HF export")
 
 
 def test_lora_run_from_an_hf_folder_records_its_tokenizer_and_exports_its_ids(hf_folder, tmp_path):
