@@ -8,6 +8,8 @@ orbax output is a params checkpoint a fine-tuning run starts from (`llamax.conve
 orbax input is such a checkpoint or a training run folder (newest step unless --step).
 gguf is one .gguf file (llama.cpp): read from F32/F16/BF16/Q8_0/Q4_x/Q5_x/Q2_K..Q6_K, written as
 f32/f16/bf16/q8_0 with the tokenizer (--tokenizer, or found beside --src / its INIT_FROM).
+The output carries the source's tokenizer files and special ids (bos/eos/pad in an HF config.json
+and generation_config.json; `llamax.convert.identity`); --tokenizer ships another tokenizer.
 Errors print one line on stderr and exit with status 1; nothing is left at --dst on failure.
 Installed as the `llamax-convert` console script.
 """
@@ -31,8 +33,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dtype", default=None, choices=["bf16", "fp32", "fp16", "q8_0"],
                         help="weight dtype of the output (default: the source's; q8_0: GGUF only)")
     parser.add_argument("--tokenizer", default=None,
-                        help="GGUF output: the tokenizer to embed (folder, tokenizer.json, tokenizer.model or "
-                             ".gguf); default: beside --src or the INIT_FROM of a run")
+                        help="tokenizer file/folder to ship with (or embed in a GGUF) the output; default: "
+                             "the source's (beside --src, or a run's recorded one / its INIT_FROM)")
     parser.add_argument("--num_shards", type=int, default=1, help="model-parallel shards of a Meta output")
     parser.add_argument("--step", type=int, default=None, help="training step of an orbax run source")
     parser.add_argument("--max_shard_size", type=int, default=5 * 2**30, help="bytes per HF safetensors file")

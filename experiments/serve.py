@@ -6,7 +6,9 @@
 
 --checkpoint: an HF or Meta folder, a GGUF file, an orbax params checkpoint or a training run
 directory (newest checkpoint, or --step; a LoRA run is merged into its base). --tokenizer: a
-tokenizer file or folder; default the checkpoint's own (a run's recorded copy). Then open http://HOST:PORT/ for the chat page, or point any OpenAI client at
+tokenizer file or folder; default the checkpoint's own (a run's recorded copy); replies stop at
+its stop ids and every EOS id the checkpoint declares (`llamax.convert.identity`). Then open
+http://HOST:PORT/ for the chat page, or point any OpenAI client at
 http://HOST:PORT/v1 (POST /v1/completions, /v1/chat/completions; GET /v1/models, /health).
 Installed as the `llamax-serve` console script; `experiments.chat` is the terminal front end
 on the same engine.
@@ -20,7 +22,7 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from llamax.errors import LlamaxError
+from llamax.errors import CheckpointError, LlamaxError
 
 log = logging.getLogger("llamax.serve")
 
@@ -48,13 +50,18 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
 
 def build_engine(args: argparse.Namespace) -> tuple[Any, Any, str]:
     """(started Engine, ChatFormat, model name) from parsed `add_model_arguments` options."""
-    from llamax.convert.hub import load_any
+    from llamax.convert.hub import load_any, read_config
     from llamax.infer.chat_format import load_serving_tokenizer
     from llamax.infer.engine import Engine
 
+    if not Path(args.checkpoint).exists():
+        raise CheckpointError(f"checkpoint {args.checkpoint!r} does not exist; pass an HF or Meta folder, "
+                              "a GGUF file, a llamax params checkpoint or a training run directory")
+    # The tokenizer and stop ids first: a checkpoint without a usable one fails before its weights load.
+    chat = load_serving_tokenizer(args.checkpoint, args.tokenizer, args.chat_template,
+                                  read_config(args.checkpoint).vocab_size)
     overrides = {"dtype": args.dtype, "param_dtype": args.dtype} if args.dtype else {}
     config, params = load_any(args.checkpoint, step=args.step, **overrides)
-    chat = load_serving_tokenizer(args.checkpoint, args.tokenizer, args.chat_template, config.vocab_size)
     mesh = None
     if args.mesh != "none":
         from llamax.sharding import get_mesh_preset, make_mesh

@@ -16,6 +16,7 @@ from llamax.convert import load_hf
 from llamax.convert.gguf import load_gguf
 from llamax.convert.gguf_write import save_gguf
 from llamax.convert.hub import detect_format, load_any, save_any
+from llamax.convert.identity import identity_of
 from llamax.errors import ConfigError
 
 
@@ -34,7 +35,7 @@ def test_gguf_to_orbax_to_gguf_keeps_weights_and_tokenizer(tmp_path, byte_level_
     original = save_gguf(config, params, tmp_path / "original.gguf", dtype="f32", tokenizer=tmp_path / "hf")
     assert detect_format(original) == "gguf"
     _cli(original, "gguf", tmp_path / "orbax", "orbax")
-    assert (tmp_path / "orbax" / "tokenizer.json").is_file()  # the tokenizer travels with the weights
+    assert (tmp_path / "orbax" / "tokenizer" / "tokenizer.json").is_file()  # the tokenizer travels too
     loaded_config, loaded = load_any(tmp_path / "orbax")
     gguf_config, from_gguf = load_any(original)  # INIT_FROM=model.gguf
     assert loaded_config == gguf_config
@@ -51,8 +52,8 @@ def test_a_run_exports_with_the_tokenizer_of_its_init_from(tmp_path, byte_level_
     base = save_gguf(config, params, tmp_path / "base.gguf", dtype="bf16", tokenizer=byte_level_folder)
     run = tmp_path / "run"  # stands in for a fine-tuning run: weights + init_from.json, no tokenizer
     _cli(base, "gguf", run, "orbax")
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        (run / name).unlink()
+    shutil.rmtree(run / "tokenizer")  # what it recorded: gone; what it started from: recorded
+    (run / "special_ids.json").unlink(missing_ok=True)
     (run / "init_from.json").write_text(json.dumps({"path": str(base)}))
     _cli(run, "orbax", tmp_path / "tuned.gguf", "gguf", "--dtype", "q8_0")
     meta = _metadata(tmp_path / "tuned.gguf")
@@ -76,9 +77,10 @@ def test_gguf_to_hf_folder_runs_in_transformers_with_its_tokenizer(tmp_path, byt
 
 def test_save_any_writes_gguf_with_the_tokenizer_it_is_given(tmp_path, byte_level_folder):  # noqa: F811
     config, params = load_hf(tiny_hf_folder(tmp_path / "hf", "llama3_gqa"))
-    with pytest.raises(ConfigError, match="tokenizer="):
+    with pytest.raises(ConfigError, match="embeds the checkpoint's tokenizer"):
         save_any(config, params, tmp_path / "m.gguf", "gguf")
-    path = save_any(config, params, tmp_path / "m.gguf", "gguf", dtype="bf16", tokenizer=byte_level_folder)
+    path = save_any(config, params, tmp_path / "m.gguf", "gguf", dtype="bf16",
+                    identity=identity_of(byte_level_folder))
     reloaded_config, reloaded = load_any(path, param_dtype="bfloat16")
     assert reloaded_config.architecture() == config.architecture()
     for a, b in zip(jax.tree.leaves(reloaded), jax.tree.leaves(params)):

@@ -1,7 +1,6 @@
 """Tokenizers in GGUF metadata, both ways, against the tokenizers they came from (HF `tokenizers`,
 sentencepiece) and transformers' tokenizer loaded from the same GGUF file."""
 import importlib.util
-import json
 
 import pytest
 from tokenizers import Tokenizer
@@ -10,7 +9,8 @@ from transformers import AutoTokenizer
 from data_fixtures import chat_tokenizer, small_tokenizer  # noqa: F401
 from gguf_fixtures import CHATML, SHAKESPEARE_LINES, byte_level_folder, smollm2_path, tiny_hf_folder  # noqa: F401
 from llamax.convert import load_hf
-from llamax.convert.gguf_vocab import find_tokenizer, tokenizer_metadata
+from llamax.convert.gguf_vocab import tokenizer_metadata
+from llamax.convert.identity import find_tokenizer
 from llamax.convert.gguf_write import save_gguf
 from llamax.data import corpus
 from llamax.errors import DataError
@@ -109,19 +109,20 @@ def test_smollm2_tokenizer_round_trips_through_hf_files(tmp_path, smollm2_path):
 
 
 def test_find_tokenizer_follows_a_run_to_its_init_from(tmp_path, byte_level_folder):  # noqa: F811
-    gguf_file = tmp_path / "base.gguf"
-    gguf_file.write_bytes(b"GGUF")
-    run = tmp_path / "run"
-    (run / "checkpoints" / "100").mkdir(parents=True)
-    (run / "init_from.json").write_text(json.dumps({"path": str(gguf_file)}))
+    from llamax.run_dir import RunDir
+
+    config, params = load_hf(tiny_hf_folder(tmp_path / "hf", "llama3_gqa", byte_level_folder))
+    gguf_file = save_gguf(config, params, tmp_path / "base.gguf", dtype="f32", tokenizer=tmp_path / "hf")
+    run = tmp_path / "run"  # a run that recorded where it started, but no tokenizer of its own
+    RunDir(run).commit(config, init_from=str(gguf_file))
+    (run / "checkpoints" / "100" / "state").mkdir(parents=True)  # a step folder
     assert find_tokenizer(gguf_file) == gguf_file
     assert find_tokenizer(run) == gguf_file
     assert find_tokenizer(run / "checkpoints" / "100") == gguf_file
     assert find_tokenizer(byte_level_folder) == byte_level_folder
-    (run / "init_from.json").write_text(json.dumps({"path": str(byte_level_folder)}))
-    assert find_tokenizer(run) == byte_level_folder
-    (run / "model_config.json").write_text("{}")  # a run that kept its own copy of the tokenizer
-    (run / "tokenizer").mkdir()
+    RunDir(run).commit(config, init_from=str(tmp_path / "hf"))
+    assert find_tokenizer(run) == tmp_path / "hf"
+    RunDir(run).commit(config, tokenizer=byte_level_folder, resuming=True)  # kept its own copy
     assert find_tokenizer(run / "checkpoints") == run / "tokenizer"
     with pytest.raises(DataError, match="--tokenizer"):
         find_tokenizer(tmp_path)

@@ -101,11 +101,27 @@ def test_a_training_run_is_served_with_the_tokenizer_it_recorded(small_tokenizer
     run = tmp_path / "run"
     (run / run_dir.CHECKPOINTS_DIR).mkdir(parents=True)
     run_dir.write_model_config(run, get_preset("tiny", vocab_size=512))
-    with pytest.raises(DataError, match="no tokenizer found for the checkpoint .*pass --tokenizer"):
+    with pytest.raises(DataError, match="has no tokenizer of its own.*--tokenizer"):
         load_serving_tokenizer(run)
     (run / run_dir.TOKENIZER_DIR).mkdir()
     shutil.copy(small_tokenizer.path, run / run_dir.TOKENIZER_DIR / "tokenizer.model")
     chat = load_serving_tokenizer(run, template="plain", model_vocab_size=512)
     assert chat.encode("Hark!") == small_tokenizer.encode("Hark!", bos=False)
-    with pytest.raises(DataError, match="has 512 pieces but the model's vocabulary has 256"):
+    with pytest.raises(DataError, match="has 512 pieces but the model's vocab_size is 256"):
         load_serving_tokenizer(run, model_vocab_size=256)
+
+
+def test_a_run_is_served_stopping_at_every_eos_id_it_recorded(small_tokenizer, tmp_path):  # noqa: F811
+    """special_ids.json (a run's record of its checkpoint's ids) adds stop ids the tokenizer lacks."""
+    from llamax import run_dir
+    from llamax.config import get_preset
+    from llamax.infer.chat_format import load_serving_tokenizer
+    from llamax.tokenizer import SpecialIds
+
+    run = tmp_path / "run"
+    (run / run_dir.CHECKPOINTS_DIR).mkdir(parents=True)
+    run_dir.write_model_config(run, get_preset("tiny", vocab_size=512))
+    run_dir.write_tokenizer(run, small_tokenizer.path, SpecialIds(small_tokenizer.bos_id,
+                                                                  (small_tokenizer.eos_id, 77), None))
+    chat = load_serving_tokenizer(run, template="plain", model_vocab_size=512)
+    assert chat.stop_ids == tuple(sorted({small_tokenizer.eos_id, 77}))

@@ -8,7 +8,10 @@
   gguf_write.py    llamax -> GGUF: GGUFSink, save_gguf (f32/f16/bf16/q8_0 + tokenizer metadata)
   gguf_quant.py    ggml tensor types read and written, block (de)quantization
   gguf_vocab.py    a checkpoint's tokenizer (tokenizer.json / .model / .gguf) -> GGUF metadata
-  hub.py           any format -> any other, one tensor at a time; load_any/save_any (in memory)
+  hub.py           any format -> any other, one tensor at a time; load_any/save_any (in memory),
+                   read_config (no weights read)
+  identity.py      a checkpoint's tokenizer and special ids in every format: read_identity,
+                   checkpoint_tokenizer (what CLIs use without --tokenizer), write_identity
   weight_files.py  safetensors files and HF weight folders, read lazily
   pth.py           torch `.pth`/`.bin` archives, memory-mapped reads and streaming writes
   files.py         all-or-nothing output folders, contiguous bytes
@@ -27,6 +30,8 @@ _EXPORTS = {
     "load_params": "orbax", "save_params": "orbax",
     "load_gguf": "gguf", "save_gguf": "gguf_write",
     "FORMATS": "hub", "convert": "hub", "detect_format": "hub", "load_any": "hub", "save_any": "hub",
+    "read_config": "hub", "CheckpointIdentity": "identity", "read_identity": "identity",
+    "identity_of": "identity", "checkpoint_tokenizer": "identity",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -16,7 +16,6 @@ memory-mapped); `load_gguf` builds params from it. Only `general.architecture = 
 """
 from __future__ import annotations
 
-import logging
 import math
 import os
 import re
@@ -303,18 +302,3 @@ def load_gguf(path: str | os.PathLike, **config_overrides: Any) -> tuple[ModelCo
     """
     source = GGUFSource(path, **config_overrides)
     return source.config, hf_to_params(source.config, source)
-
-
-def write_tokenizer_files(source: GGUFSource, folder: str | os.PathLike) -> bool:
-    """Writes the GGUF's tokenizer as tokenizer.json + tokenizer_config.json into `folder` (an
-    HF or orbax conversion of it), so the tokenizer travels on to fine-tuning and back to GGUF.
-    A tokenizer llamax cannot rebuild is skipped with a warning: the weights are still valid."""
-    from llamax.errors import DataError
-    from llamax.tokenizer.gguf import read_tokenizer_metadata, tokenizer_from_gguf, write_hf_tokenizer
-    try:
-        tokenizer = tokenizer_from_gguf(read_tokenizer_metadata(source.reader))
-    except DataError as error:
-        logging.getLogger(__name__).warning("%s: tokenizer not written (%s)", source.path, error)
-        return False
-    write_hf_tokenizer(tokenizer, folder)
-    return True

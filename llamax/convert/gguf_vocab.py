@@ -27,7 +27,7 @@ from typing import Any
 
 from gguf import GGUFValueType, SpecialVocab
 
-from llamax.errors import ConfigError, DataError
+from llamax.errors import DataError
 from llamax.tokenizer.gguf import (BYTE, CONTROL, LLAMA3_SPLIT, NORMAL, QWEN2_SPLIT, UNKNOWN, UNUSED, USER_DEFINED,
                                    read_tokenizer_metadata)
 
@@ -264,32 +264,3 @@ def _add_specials(values: dict[str, Any], folder: Path, vocab_size: int) -> None
             values["tokenizer.ggml.eot_token_id"] = extra[0]
 
 
-def find_tokenizer(src: str | os.PathLike) -> Path:
-    """The tokenizer that belongs to checkpoint `src`: a .gguf carries its own; a folder with
-    tokenizer.json or tokenizer.model (HF, Meta, or orbax converted from a GGUF) holds it; a
-    training run (or its checkpoints/ or step folder) has its copy in `tokenizer/`, or else uses
-    the one of the INIT_FROM it started from. DataError asking for --tokenizer when none is found."""
-    from llamax import run_dir
-    path, seen = Path(src), set()
-    while path not in seen:
-        seen.add(path)
-        if path.is_file() and path.suffix == ".gguf":
-            return path
-        if path.is_dir() and ((path / "tokenizer.json").is_file() or (path / "tokenizer.model").is_file()):
-            return path
-        run = next((run_dir.RunDir(p) for p in (path, path.parent, path.parent.parent)
-                    if run_dir.is_run_dir(p) or (p / run_dir.INIT_FROM_FILE).is_file()), None)
-        if run is None:
-            break
-        if run.tokenizer() is not None:
-            return run.tokenizer()
-        try:
-            init_from = run.init_from()
-        except ConfigError:  # an unreadable init_from.json: nothing to follow
-            break
-        if init_from is None:
-            break
-        path = Path(init_from)
-    raise DataError(f"found no tokenizer for {src} (no tokenizer.json / tokenizer.model beside it, no run "
-                    "tokenizer/ or INIT_FROM with one); pass the checkpoint's tokenizer with --tokenizer (a "
-                    "folder, tokenizer.json, tokenizer.model or .gguf)")

@@ -24,7 +24,8 @@ from llamax.files import atomic_output_file, contiguous_bytes
 from llamax.convert.gguf import ARCHITECTURE, ROPE_FREQS, gguf_tensor_name, llama3_rope_factors, rotary_heads
 from llamax.convert.gguf_quant import (FILE_TYPES, QUANTIZATION_VERSION, QType, can_encode, encode,
                                        parse_write_type, row_chunks, stored_nbytes)
-from llamax.convert.gguf_vocab import TokenizerValues, find_tokenizer, tokenizer_metadata
+from llamax.convert.gguf_vocab import TokenizerValues, tokenizer_metadata
+from llamax.convert.identity import find_tokenizer
 from llamax.convert.hf import check_params, expected_hf_shapes, params_to_hf
 from llamax.convert.meta import half_split_to_interleaved
 from llamax.errors import CheckpointError

@@ -31,11 +31,12 @@ SHAKESPEARE_SFT = "shakespeare_sft"
 class DataConfig:
     """Where documents come from and how they become tokens (see the module docstring).
 
-    `sft_template` ('llama2', 'llama3', 'plain') switches to prompt/response data whose loss
-    covers response tokens only.
+    `sft_template` ('checkpoint', 'llama2', 'llama3', 'plain') switches to prompt/response data
+    whose loss covers response tokens only. `tokenizer`: a tokenizer file or folder; None takes
+    the tokenizer of the checkpoint the run starts from (`fit`'s `init_from`).
     """
 
-    tokenizer: str
+    tokenizer: str | None = None
     train: str = SHAKESPEARE
     validation: str | None = SHAKESPEARE
     train_split: str = "train"

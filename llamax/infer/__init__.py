@@ -1,8 +1,11 @@
 """Using a trained model: generation and evaluation.
 
-  generate.py     prefill + jitted decode loop over a KV cache (greedy, top-k/top-p, ragged prompts)
+  generate.py     prefill + jitted decode loop over a KV cache (greedy, top-k/top-p, ragged prompts,
+                  stop at any of several ids)
+  checks.py       what generation accepts (settings, prompts, stop ids), checked without weights
   evaluate.py     perplexity over packed batches
   slots.py        slot-based KV cache for serving: per-slot prefill and one decode step for all
+  row_sampling.py per-row temperature / top-k / top-p for a batch of independent requests
   engine.py       continuous batching: a thread owns the device, requests stream TokenEvents
   chat_format.py  a served model's tokenizer and chat template -> prompt ids, stop ids/strings
   text_stream.py  token ids -> text incrementally, with stop strings

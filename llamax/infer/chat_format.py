@@ -1,8 +1,11 @@
 """Text in and out of a served model: which tokenizer, how a conversation becomes a prompt.
 
-`load_serving_tokenizer(checkpoint, tokenizer)` finds the tokenizer (the checkpoint's own unless
-one is named; a training run's recorded copy) and returns a `ChatFormat`: encode/decode, the ids and strings that end a reply,
-and `prompt_ids(messages)`, the token ids of a conversation followed by the assistant's turn.
+`load_serving_tokenizer(checkpoint, tokenizer)` reads the checkpoint's identity
+(`llamax.convert.identity`: its tokenizer unless one is named, and its special ids) and returns a
+`ChatFormat`: encode/decode, the ids and strings that end a reply, and `prompt_ids(messages)`, the
+token ids of a conversation followed by the assistant's turn. A reply ends at every EOS id the
+checkpoint declares (Llama-3-Instruct: `<|eot_id|>` and `<|end_of_text|>`), as transformers'
+`generate` stops at generation_config.json's `eos_token_id` list.
 
 Two sources of a chat format:
   * the tokenizer's own (`apply_chat_template`: the checkpoint's Jinja template, else the built-in
@@ -14,7 +17,6 @@ Two sources of a chat format:
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Any, Sequence
 
 from llamax.data import chat_templates
@@ -33,15 +35,17 @@ class ChatFormat:
       tokenizer: anything with encode(text, bos=, eos=), decode(ids), bos_id, eos_id, vocab_size;
         optional stop_ids and apply_chat_template(messages, add_generation_prompt).
       template: a built-in template name; None uses the tokenizer's own (else 'plain').
+      special_ids: the checkpoint's `SpecialIds`; its EOS ids end a reply besides the tokenizer's.
     """
 
-    def __init__(self, tokenizer: Any, template: str | None = None):
+    def __init__(self, tokenizer: Any, template: str | None = None, special_ids: Any = None):
         if template is not None and template not in chat_templates.TEMPLATES:
             raise DataError(f"unknown chat template {template!r}; choose one of {list(BUILTIN_TEMPLATES)}")
         own = getattr(tokenizer, "apply_chat_template", None)
         self.tokenizer = tokenizer
         self.template = template or (None if callable(own) else "plain")
         stop_ids = set(getattr(tokenizer, "stop_ids", None) or (tokenizer.eos_id,))
+        stop_ids.update(special_ids.eos_ids if special_ids is not None else ())
         stop_strings = _TEMPLATE_STOPS.get(self.template, ())
         for marker in stop_strings:  # the marker as one piece of this tokenizer, if it is one
             piece_id = _single_piece_id(tokenizer, marker)
@@ -116,40 +120,25 @@ def _single_piece_id(tokenizer: Any, text: str) -> int | None:
     return piece_id if tokenizer.id_to_piece(piece_id) == text else None
 
 
-def checkpoint_tokenizer_path(checkpoint: str | os.PathLike) -> Path:
-    """Where a checkpoint's own tokenizer is: a training run's copy (`<run>/tokenizer/`, else the
-    run's INIT_FROM), or the checkpoint itself (an HF/Meta folder or a GGUF file holds one)."""
-    from llamax import run_dir
-
-    path = Path(checkpoint)
-    if run_dir.is_run_dir(path):
-        run = run_dir.RunDir(path)
-        for candidate in (run.tokenizer(), run.init_from()):
-            if candidate is not None and Path(candidate).exists():
-                return Path(candidate)
-    return path
-
-
 def load_serving_tokenizer(checkpoint: str | os.PathLike, tokenizer: str | os.PathLike | None = None,
                            template: str | None = None, model_vocab_size: int | None = None) -> ChatFormat:
-    """The ChatFormat of a served checkpoint: `tokenizer` (a file or folder) if given, else the
-    checkpoint's own (`checkpoint_tokenizer_path`), read by `llamax.tokenizer.load_tokenizer`
-    (SentencePiece, tiktoken, HF tokenizer.json or GGUF, with the folder's chat template and
-    stop ids). DataError naming what to pass when there is none or it is larger than the model.
-    """
-    from llamax.tokenizer import load_tokenizer
+    """The ChatFormat of a served checkpoint (HF/Meta folder, GGUF file, params checkpoint or run).
 
-    source = Path(tokenizer) if tokenizer is not None else checkpoint_tokenizer_path(checkpoint)
-    try:
-        loaded = load_tokenizer(source)
-    except DataError as error:
-        if tokenizer is not None:
-            raise
-        raise DataError(f"no tokenizer found for the checkpoint {str(checkpoint)!r} ({error}); pass "
-                        "--tokenizer with a tokenizer.model / tokenizer.json file or a folder "
-                        "holding one") from error
-    if model_vocab_size is not None and loaded.vocab_size > model_vocab_size:
-        raise DataError(f"tokenizer {str(source)!r} has {loaded.vocab_size} pieces but the model's "
-                        f"vocabulary has {model_vocab_size}: it belongs to another model; pass the "
-                        "tokenizer this checkpoint was trained with")
-    return ChatFormat(loaded, template)
+    The tokenizer is `tokenizer` (a file, folder or another checkpoint) if given, else the
+    checkpoint's own (`llamax.convert.identity.checkpoint_tokenizer`: a run's recorded copy, else
+    its INIT_FROM's). Replies stop at the tokenizer's stop ids and at every EOS id the identity
+    declares (generation_config.json / config.json, a run's special_ids.json).
+
+    Raises:
+        DataError: no tokenizer (naming --tokenizer), one larger than the model, or special ids
+            outside the model's vocabulary.
+        CheckpointError: `checkpoint` does not exist.
+    """
+    from llamax.convert.identity import checkpoint_tokenizer, identity_of, read_identity
+
+    loaded = checkpoint_tokenizer(checkpoint, tokenizer, vocab_size=model_vocab_size)
+    identity = identity_of(tokenizer) if tokenizer is not None else read_identity(checkpoint)
+    special_ids = identity.special_ids
+    if special_ids is not None and model_vocab_size is not None:
+        special_ids.check_vocab(model_vocab_size, str(tokenizer or checkpoint))
+    return ChatFormat(loaded, template, special_ids)
