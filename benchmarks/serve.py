@@ -1,7 +1,8 @@
 """Serving throughput and latency: `experiments.serve` under 1, 4 and 16 concurrent clients.
 
     python -m benchmarks.serve [--preset bench] [--concurrency 1 4 16] [--prompt_len 64]
-        [--max_tokens 128] [--max_batch 16] [--max_seq_len 512] [--json out.json]
+        [--max_tokens 128] [--max_batch 16] [--max_seq_len 512] [--engine_repeats 3]
+        [--skip_server | --skip_engine_only] [--json out.json]
 
 A random-weight model of `--preset` is written as an HF folder (with a tokenizer of its vocabulary
 size trained on the corpus) and served by `python -m experiments.serve --warmup` in its own
@@ -13,6 +14,8 @@ a streamed greedy completion of a random `--prompt_len`-token prompt (sent as to
 Reported per concurrency: generated tokens/s (all completion tokens / wall time), latency p50/p95
 (request sent -> last chunk) and time-to-first-token p50/p95. Concurrency 1 runs 16 requests one
 after another: the baseline that the 16-client throughput is divided by ("batch-16 speedup").
+Then the same model on an in-process `Engine` (no HTTP, no detokenizing): 1 and 16 requests at
+once, alternated `--engine_repeats` times (medians), the decode-step cost without the server.
 """
 from __future__ import annotations
 
@@ -123,8 +126,10 @@ def run_clients(url: str, clients: int, requests_each: int, prompt_len: int, max
 
 
 def engine_only(checkpoint: Path, clients_list: list[int], prompt_len: int, max_tokens: int,
-                max_batch: int, max_seq_len: int) -> list[dict]:
-    """The same load on an in-process Engine (no HTTP, no detokenizing): where the time goes."""
+                max_batch: int, max_seq_len: int, repeats: int = 1) -> list[dict]:
+    """The same load on an in-process Engine (no HTTP, no detokenizing): where the time goes.
+    The concurrencies alternate `repeats` times (1, 16, 1, 16, ...), so load drift on a shared
+    machine hits both alike; each row is the median repeat, with every repeat's tokens/s."""
     from llamax.convert.hub import load_any
     from llamax.infer.engine import Engine, SamplingParams
 
@@ -132,22 +137,47 @@ def engine_only(checkpoint: Path, clients_list: list[int], prompt_len: int, max_
     engine = Engine(config, params, max_batch=max_batch, max_seq_len=max_seq_len)
     engine.warmup()
     engine.start()
-    rows = []
+    runs: dict[int, list[dict]] = {clients: [] for clients in clients_list}
     try:
         rng = np.random.RandomState(0)
-        for clients in clients_list:
-            prompts = rng.randint(3, config.vocab_size, (clients, prompt_len)).tolist()
-            start = time.perf_counter()
-            steps = engine.steps
-            requests = [engine.submit(p, SamplingParams(max_tokens=max_tokens)) for p in prompts]
-            tokens = sum(len(r.tokens()) for r in requests)
-            wall = time.perf_counter() - start
-            rows.append({"clients": clients, "tokens": tokens, "tokens_per_s": round(tokens / wall, 1),
-                         "decode_steps": engine.steps - steps,
-                         "ms_per_step": round(1000 * wall / max(1, engine.steps - steps), 1)})
-            print(json.dumps({"engine_only": rows[-1]}), flush=True)
+        for _ in range(repeats):
+            for clients in clients_list:
+                prompts = rng.randint(3, config.vocab_size, (clients, prompt_len)).tolist()
+                start = time.perf_counter()
+                steps = engine.steps
+                requests = [engine.submit(p, SamplingParams(max_tokens=max_tokens)) for p in prompts]
+                tokens = sum(len(r.tokens()) for r in requests)
+                wall = time.perf_counter() - start
+                runs[clients].append({"clients": clients, "tokens": tokens,
+                                      "tokens_per_s": round(tokens / wall, 1),
+                                      "decode_steps": engine.steps - steps,
+                                      "ms_per_step": round(1000 * wall / max(1, engine.steps - steps), 1)})
+                print(json.dumps({"engine_only": runs[clients][-1]}), flush=True)
     finally:
         engine.stop()
+    rows = []
+    for clients, measured in runs.items():
+        median = sorted(measured, key=lambda row: row["tokens_per_s"])[len(measured) // 2]
+        rows.append({**median, "repeats_tokens_per_s": [row["tokens_per_s"] for row in measured]})
+    return rows
+
+
+def server_rows(args: argparse.Namespace, checkpoint: Path, url: str, vocab: int, report: dict) -> list[dict]:
+    """`experiments.serve` in its own process under each concurrency of `args.concurrency`."""
+    started = time.perf_counter()
+    server = start_server(checkpoint, args.port, args.max_batch, args.max_seq_len)
+    report["startup_with_warmup_s"] = round(time.perf_counter() - started, 1)
+    rows = []
+    try:
+        run_clients(url, 1, 1, args.prompt_len, args.max_tokens, vocab, seed=99)  # first-use costs
+        for clients in args.concurrency:
+            each = args.sequential_requests if clients == 1 else args.requests_per_client
+            rows.append(run_clients(url, clients, each, args.prompt_len, args.max_tokens, vocab,
+                                    seed=clients))
+            print(json.dumps(rows[-1]), flush=True)
+    finally:
+        server.terminate()
+        server.wait(60)
     return rows
 
 
@@ -175,6 +205,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--port", type=int, default=8765)
     parser.add_argument("--skip_engine_only", action="store_true",
                         help="skip the in-process Engine measurement (1 and 16 requests at once)")
+    parser.add_argument("--engine_repeats", type=int, default=3,
+                        help="alternations of the in-process 1- and 16-request loads")
+    parser.add_argument("--skip_server", action="store_true", help="only the in-process Engine")
     parser.add_argument("--json", help="also write the results to this JSON file")
     args = parser.parse_args(argv)
 
@@ -186,23 +219,13 @@ def main(argv: list[str] | None = None) -> dict:
               "max_tokens": args.max_tokens, "max_batch": args.max_batch, "max_seq_len": args.max_seq_len}
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = write_checkpoint(Path(tmp) / "model", args.preset)
-        started = time.perf_counter()
-        server = start_server(checkpoint, args.port, args.max_batch, args.max_seq_len)
-        report["startup_with_warmup_s"] = round(time.perf_counter() - started, 1)
-        try:
-            run_clients(url, 1, 1, args.prompt_len, args.max_tokens, vocab, seed=99)  # first-use costs
-            rows = []
-            for clients in args.concurrency:
-                each = args.sequential_requests if clients == 1 else args.requests_per_client
-                rows.append(run_clients(url, clients, each, args.prompt_len, args.max_tokens, vocab,
-                                        seed=clients))
-                print(json.dumps(rows[-1]), flush=True)
-        finally:
-            server.terminate()
-            server.wait(60)
+        rows = [] if args.skip_server else server_rows(args, checkpoint, url, vocab, report)
         if not args.skip_engine_only:
             report["engine_only"] = engine_only(checkpoint, [1, 16], args.prompt_len, args.max_tokens,
-                                                args.max_batch, args.max_seq_len)
+                                                args.max_batch, args.max_seq_len, args.engine_repeats)
+            engine = {row["clients"]: row["tokens_per_s"] for row in report["engine_only"]}
+            if 1 in engine and 16 in engine:
+                report["engine_batch16_speedup"] = round(engine[16] / engine[1], 2)
     report["rows"] = rows
     by_clients = {row["clients"]: row for row in rows}
     if 1 in by_clients and 16 in by_clients:
@@ -215,6 +238,9 @@ def main(argv: list[str] | None = None) -> dict:
               f"{row['latency_p95_s']} | {row['ttft_p50_s']} / {row['ttft_p95_s']} |")
     if "batch16_speedup" in report:
         print(f"batch-16 throughput = {report['batch16_speedup']}x the sequential one")
+    if "engine_batch16_speedup" in report:
+        print(f"in-process engine: 16 requests at once = {report['engine_batch16_speedup']}x one "
+              f"request's tokens/s (medians of {args.engine_repeats} alternations)")
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
     return report
