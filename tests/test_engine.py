@@ -78,7 +78,8 @@ def test_a_long_request_among_short_ones_crosses_attention_windows(model, engine
 def test_stop_ids_end_a_request_and_include_the_stop_token(engine, prompts, reference):
     stop = reference[2][4]
     cut = reference[2].index(stop)
-    request = engine.submit(prompts[2], SamplingParams(max_tokens=NEW, stop_ids=(999, stop)))
+    never = next(i for i in range(3, 256) if i not in reference[2])  # a second stop id, not produced
+    request = engine.submit(prompts[2], SamplingParams(max_tokens=NEW, stop_ids=(never, stop)))
     assert request.tokens(timeout=TIMEOUT) == reference[2][:cut + 1]
     assert request.finish_reason == "stop"
 
@@ -152,6 +153,7 @@ def test_sink_receives_events_on_the_engine_thread(engine, prompts, reference):
     ([1], SamplingParams(top_k=257), ConfigError, "top_k must be in"),
     ([1], SamplingParams(logprobs=6), ConfigError, "logprobs must be in"),
     ([1], SamplingParams(seed=-1), ConfigError, "seed must be in"),
+    ([1], SamplingParams(stop_ids=(2, 256)), ConfigError, "stop id 256 is not a token id"),
 ])
 def test_bad_requests_are_refused_before_they_reach_the_device(engine, prompt, sampling, error, match):
     with pytest.raises(error, match=match):

@@ -208,6 +208,11 @@ class Engine:
             raise ConfigError(f"logprobs must be in [0, {TOP_LOGPROBS}], got {s.logprobs!r}")
         if not 0 <= s.seed < 2 ** 32:  # jax.random.key keeps 32 bits without jax_enable_x64
             raise ConfigError(f"seed must be in [0, 2**32), got {s.seed!r}")
+        bad_stops = [i for i in s.stop_ids if isinstance(i, bool) or not isinstance(i, (int, np.integer))
+                     or not 0 <= i < vocab]
+        if bad_stops:  # a stop id the model cannot produce would silently never stop anything
+            raise ConfigError(f"stop id {bad_stops[0]!r} is not a token id of the model vocabulary "
+                              f"[0, {vocab}); were the stop ids taken from another tokenizer?")
         return prompt
 
     def submit(self, prompt: Sequence[int], sampling: SamplingParams = SamplingParams(),
