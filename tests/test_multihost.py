@@ -212,6 +212,7 @@ def test_killed_process_stops_the_other_in_bounded_time_and_rerun_resumes_bitwis
     assert code1 == -9, f"process 1 exited {code1}:\n{stderr1[-3000:]}\nprocess 0:\n{stderr0[-3000:]}"
     assert code0 == EXIT_PEER_LOST, f"process 0 exited {code0}:\n{stderr0[-4000:]}"
     assert exited0 - exited1 < EXIT_BOUND_S, f"process 0 took {exited0 - exited1:.0f}s to stop"
+    print(f"process 0 stopped {exited0 - exited1:.1f}s after process 1 was killed")
     assert_one_error_line(stderr0, "lost process 1 of 2", "rerun")
     assert RunDir(run_dir).checkpoint_steps() == [2]
     assert RunDir(run_dir).outcome() is None  # nothing claims the run ended
@@ -238,6 +239,7 @@ def test_process_failing_its_checks_stops_the_other_and_commits_nothing(tmp_path
     own = assert_one_error_line(stderr1, "DataError", str(missing))
     assert code0 == 1, f"process 0 exited {code0}:\n{stderr0[-4000:]}"
     assert abs(exited0 - exited1) < EXIT_BOUND_S
+    print(f"process 0 stopped {exited0 - exited1:.1f}s after process 1")
     line = assert_one_error_line(stderr0, "process 1 of 2", str(missing))
     assert line.endswith(own.removeprefix("error: "))  # process 1's own words
     assert not run_dir.exists()  # process 0 passed its checks, but committed nothing

@@ -11,9 +11,11 @@ import os
 import signal
 import sys
 import time
+from pathlib import Path
 
-from experiments import train
-from llamax.train.checkpoint import Checkpointer
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # this checkout's experiments/, llamax/
+from experiments import train  # noqa: E402
+from llamax.train.checkpoint import Checkpointer  # noqa: E402
 
 
 def die_after_first_checkpoint() -> None:
