@@ -156,8 +156,8 @@ def _install_excepthook() -> None:
     def hook(kind, error, trace) -> None:
         text = "".join(traceback.format_exception(kind, error, trace)).rstrip()
         summary = (str(error).strip().splitlines() or [""])[0]
-        report_failure(f"error: {kind.__name__}: {summary}", 130 if kind is KeyboardInterrupt else 1,
-                       details=text)
+        report_failure(f"error: {kind.__name__}" + (f": {summary}" if summary else ""),
+                       130 if kind is KeyboardInterrupt else 1, details=text)
 
     sys.excepthook = hook
 
