@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence, TextIO
 
+from experiments.cli import fail
 from llamax.errors import LlamaxError
 
 HELP = ("commands: /reset, /system TEXT, /set NAME VALUE (temperature, top_p, top_k, max_tokens, "
@@ -201,8 +202,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (LlamaxError, OSError) as error:
         if engine is not None:
             engine.stop()
-        print(f"llamax-chat: error: {type(error).__name__}: {error}".splitlines()[0], file=sys.stderr)
-        return 1
+        return fail(f"{type(error).__name__}: {error}", 1, "llamax-chat")
     if sys.stdin.isatty():
         _setup_readline()
     print(f"llamax-chat: {name} (context {engine.max_seq_len} tokens). {HELP}", flush=True)

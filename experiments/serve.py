@@ -22,6 +22,7 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
+from experiments.cli import fail
 from llamax.errors import CheckpointError, LlamaxError
 
 log = logging.getLogger("llamax.serve")
@@ -102,8 +103,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         engine, chat, name = build_engine(args)
     except (LlamaxError, OSError, ImportError) as error:
-        print(f"llamax-serve: error: {type(error).__name__}: {error}".splitlines()[0], file=sys.stderr)
-        return 1
+        return fail(f"{type(error).__name__}: {error}", 1, "llamax-serve")
     name = args.model_name or name
     app = create_app(engine, chat, name, api_key=args.api_key)
     print(f"llamax-serve: {name} on http://{args.host}:{args.port}/ (chat page), OpenAI API at "
