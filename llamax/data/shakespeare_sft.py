@@ -10,6 +10,10 @@ lines of that next speech. Deterministic (no randomness, no downloads); the spli
 corpus's play split (`llamax.data.corpus`), so no play is in both. `shakespeare_sft_records`
 serves `DataConfig(train='shakespeare_sft')`; `write_sft_example` writes the same records as
 JSONL (`python -m experiments.make_sft_example --out DIR`).
+
+Preference pairs for DPO demos (`shakespeare_dpo_records`, `DataConfig(train='shakespeare_dpo')`)
+take the same prompts: chosen is the true reply, rejected the reply of another exchange of the
+same play (half the play's exchanges away), a plausible line that does not answer the prompt.
 """
 from __future__ import annotations
 
@@ -63,15 +67,37 @@ def shakespeare_sft_records(split: Split) -> list[dict[str, str]]:
             for record in exchange_records(read_play(path))]
 
 
-def write_sft_example(out_dir: str | Path) -> dict[str, Path]:
-    """Writes `{out_dir}/train.jsonl` and `{out_dir}/validation.jsonl`; returns their paths."""
+def preference_records(text: str) -> list[dict[str, str]]:
+    """{"prompt", "chosen", "rejected"} of one play: the true reply against another one's."""
+    records = exchange_records(text)
+    pairs = []
+    for i, record in enumerate(records):
+        other = records[(i + len(records) // 2) % len(records)]["response"]
+        if other != record["response"]:
+            pairs.append({"prompt": record["prompt"], "chosen": record["response"], "rejected": other})
+    return pairs
+
+
+def shakespeare_dpo_records(split: Split) -> list[dict]:
+    """Preference pairs of every play of the split (parsed, as the DPO loader reads them)."""
+    from llamax.data.preference import parse_preference_record
+
+    return [parse_preference_record(pair) for path in shakespeare_files(split)
+            for pair in preference_records(read_play(path))]
+
+
+def write_sft_example(out_dir: str | Path, preference: bool = False) -> dict[str, Path]:
+    """Writes `{out_dir}/train.jsonl` and `{out_dir}/validation.jsonl` (prompt/response, or with
+    `preference` prompt/chosen/rejected pairs); returns their paths."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     written = {}
     for split in ("train", "validation"):
         path = out / f"{split}.jsonl"
+        records = ([pair for play in shakespeare_files(split) for pair in preference_records(read_play(play))]
+                   if preference else shakespeare_sft_records(split))
         with open(path, "w", encoding="utf-8") as f:
-            for record in shakespeare_sft_records(split):
+            for record in records:
                 f.write(json.dumps(record) + "\n")
         written[split] = path
     return written
