@@ -1,7 +1,12 @@
-"""Merge a LoRA run's adapters into its base weights and write HF, Meta or orbax weights.
+"""Merge a LoRA run's adapters into its base weights and write HF, Meta or orbax weights, or
+write the adapters alone in PEFT's format.
 
-    python -m experiments.export_lora --run RUN_DIR --out DIR --format {hf,meta,orbax} \
+    python -m experiments.export_lora --run RUN_DIR --out DIR --format {hf,meta,orbax,peft} \
         [--base PATH] [--step STEP] [--dtype bf16|fp32|fp16] [--num_shards N] [--overwrite]
+
+--format peft writes `adapter_config.json` + `adapter_model.safetensors` (`llamax.convert.peft`),
+which `peft.PeftModel.from_pretrained` loads onto the HF export of the base (--base, default the
+run's INIT_FROM, is recorded as base_model_name_or_path).
 
 The adapters come from the run's newest checkpoint (or --step), their shape and the base weights
 from what the run recorded (`llamax.run_dir`; --base overrides the base). A full fine-tuning run
@@ -17,7 +22,7 @@ import sys
 
 from llamax.errors import LlamaxError
 
-FORMATS = ("hf", "meta", "orbax")
+FORMATS = ("hf", "meta", "orbax", "peft")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -42,9 +47,15 @@ def main(argv: list[str] | None = None) -> int:
         from llamax.run_dir import checkpoint_step
 
         step = checkpoint_step(args.run, args.step)
-        config, params = load_any(args.run, step=step, base=args.base)
-        path = save_any(config, params, args.out, args.format, dtype=args.dtype,
-                        num_shards=args.num_shards, overwrite=args.overwrite)
+        if args.format == "peft":
+            from llamax.convert.peft import save_run_peft
+
+            path = save_run_peft(args.run, args.out, step=step, base_model=args.base, dtype=args.dtype,
+                                 overwrite=args.overwrite)
+        else:
+            config, params = load_any(args.run, step=step, base=args.base)
+            path = save_any(config, params, args.out, args.format, dtype=args.dtype,
+                            num_shards=args.num_shards, overwrite=args.overwrite)
     except (LlamaxError, OSError) as error:
         print(f"llamax-export-lora: error: {error}".splitlines()[0], file=sys.stderr)
         return 1

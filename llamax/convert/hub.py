@@ -239,8 +239,13 @@ def load_any(path: str | os.PathLike, fmt: str | None = None, *, step: int | Non
     """(config, numpy params) of any checkpoint llamax reads: an HF, Meta or orbax params folder,
     or a training run (its newest committed step unless `step`). The format is detected from the
     files unless `fmt` says. A LoRA run comes back with its adapters merged into its base weights
-    (`base`, default: the INIT_FROM the run recorded). `config_overrides` (e.g. scan_layers,
+    (`base`, default: the INIT_FROM the run recorded), and so does a PEFT adapter folder (`base`,
+    default: its base_model_name_or_path; `llamax.convert.peft`). `config_overrides` (e.g. scan_layers,
     param_dtype) shape the params."""
+    from llamax.convert.peft import is_peft_folder, merge_peft
+
+    if fmt is None and is_peft_folder(path):  # a PEFT LoRA adapter: merged into its base
+        return merge_peft(path, base, **config_overrides)
     fmt = fmt or detect_format(path)
     if fmt is None:
         raise CheckpointError(f"{path} is not an HF (config.json), Meta (params.json) or llamax orbax "

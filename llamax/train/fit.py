@@ -121,7 +121,8 @@ def load_init_params(init_from: str | os.PathLike, model_config: ModelConfig) ->
 def fit(model_config: ModelConfig, optim_config: OptimConfig, mesh_config: MeshConfig,
         data_config: DataConfig, train_config: TrainConfig, *,
         init_from: str | os.PathLike | Mapping | None = None, lora_config: LoraConfig | None = None,
-        operative_config: str | None = None, objective: Objective | None = None) -> FitResult:
+        operative_config: str | None = None, objective: Objective | None = None,
+        adapters_from: str | os.PathLike | None = None) -> FitResult:
     """Trains (or resumes) the run in `train_config.model_dir`; see the module docstring.
 
     `init_from`: the weights to start from: a checkpoint path (recorded in the run) or a params
@@ -130,8 +131,14 @@ def fit(model_config: ModelConfig, optim_config: OptimConfig, mesh_config: MeshC
     `operative_config`: the text of the config that launched the run (kept as its config.gin).
     `objective`: what is trained for (`llamax.train.objectives`; default cross-entropy, DPO for
       preference data).
+    `adapters_from`: a PEFT LoRA adapter folder (`llamax.convert.peft`) whose adapters a fresh
+      LoRA run starts from; its rank/alpha/targets are the LoraConfig unless `lora_config` says
+      (then they must agree).
     """
     tc = train_config
+    start_adapters = None
+    if adapters_from is not None:
+        lora_config, start_adapters = _peft_start(adapters_from, model_config, lora_config)
     run = RunDir(tc.model_dir)
     run.check_writable()
     resuming = run.check_resumable(model_config, lora_config)
@@ -157,7 +164,8 @@ def fit(model_config: ModelConfig, optim_config: OptimConfig, mesh_config: MeshC
                config_text=operative_config, resuming=resuming)
     checkpointer = Checkpointer(run.checkpoints, keep=tc.keep_checkpoints, async_save=tc.async_checkpointing)
     try:
-        state, frozen, start_step = _start_state(setup, checkpointer, loader, run, start_params, tc.seed)
+        state, frozen, start_step = _start_state(setup, checkpointer, loader, run, start_params, tc.seed,
+                                                 start_adapters)
         result = _loop(setup, tc, run, checkpointer, loader, eval_batches, state, frozen, start_step)
     finally:
         checkpointer.close()
@@ -165,8 +173,25 @@ def fit(model_config: ModelConfig, optim_config: OptimConfig, mesh_config: MeshC
     return result
 
 
+def _peft_start(path: str | os.PathLike, model_config: ModelConfig,
+                lora_config: LoraConfig | None) -> tuple[LoraConfig, Any]:
+    """(the run's LoraConfig, the adapters) of a PEFT adapter folder a LoRA run starts from."""
+    from llamax.convert.peft import load_peft
+
+    peft_lora, adapters = load_peft(path, model_config)
+    if lora_config is None:
+        return peft_lora, adapters
+    shape = lambda c: (c.rank, c.alpha, tuple(sorted(c.targets)))  # noqa: E731
+    if shape(lora_config) != shape(peft_lora):
+        raise ConfigError(f"adapters_from={path} holds LoRA rank {peft_lora.rank}, alpha {peft_lora.alpha}, "
+                          f"targets {peft_lora.targets}, but lora_config asks for rank {lora_config.rank}, "
+                          f"alpha {lora_config.alpha}, targets {lora_config.targets}; drop lora_config "
+                          "(the adapter's own is used) or make them agree")
+    return lora_config, jax.tree.map(lambda a: a.astype(lora_config.dtype), adapters)
+
+
 def _start_state(setup: TrainSetup, checkpointer: Checkpointer, loader, run: RunDir,
-                 start_params: Any, seed: int) -> tuple[Any, Any, int]:
+                 start_params: Any, seed: int, start_adapters: Any = None) -> tuple[Any, Any, int]:
     """(state, frozen params or None, start step): restored from the newest checkpoint (loader
     position included), or a fresh sharded init from `start_params` or `seed`."""
     # The LoRA base or the DPO reference: an input of every step, never updated, donated or
@@ -188,6 +213,8 @@ def _start_state(setup: TrainSetup, checkpointer: Checkpointer, loader, run: Run
     if start_params is not None and setup.trainable.trains_model_params:
         state = state.replace(params=jax.device_put(start_params, setup.state_shardings.params,
                                                     may_alias=False))
+    if start_adapters is not None and not setup.trainable.trains_model_params:
+        state = state.replace(params=jax.device_put(start_adapters, setup.state_shardings.params))
     return state, frozen, 0
 
 
