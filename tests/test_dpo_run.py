@@ -30,7 +30,7 @@ from llamax.train.setup import make_train_setup
 REPO = __import__("pathlib").Path(__file__).resolve().parents[1]
 
 
-def preference_batch(tokenizer, count=16, seq_len=128):
+def preference_batch(tokenizer, count=16, seq_len=256):
     from llamax.data.shakespeare_sft import shakespeare_dpo_records
 
     loader = make_loader(shakespeare_dpo_records("validation")[:count], tokenizer, LoaderConfig(
@@ -117,6 +117,7 @@ def test_dpo_cli_run_killed_mid_save_resumes_bitwise(tiny_hf_dir, tmp_path):  # 
                 f"--gin.MODEL_DIR='{run}'", f"--gin.INIT_FROM='{tiny_hf_dir}'", f"--gin.TRAIN_STEPS={steps}",
                 "--gin.CHECKPOINT_EVERY=3", "--gin.LOG_EVERY=1", "--gin.EVAL_EVERY=0", "--gin.EVAL_DATA=None",
                 "--gin.SEQ_LEN=128", f"--gin.VOCAB_SIZE={TINY.vocab_size}", "--gin.LEARNING_RATE=1e-3",
+                "--gin.WARMUP_STEPS=2",
                 "--gin.fit.TrainConfig.progress_bar=False",
                 f"--gin.train.shakespeare_tokenizer.directory='{tokenizers}'"]
 
@@ -137,3 +138,30 @@ def test_dpo_cli_run_killed_mid_save_resumes_bitwise(tiny_hf_dir, tmp_path):  # 
                 for r in read_metrics(tmp_path / "reference")]
     assert logged == expected and [r["step"] for r in logged] == list(range(1, steps + 1))
     assert "rewards/accuracies" in logged[-1]
+
+
+def test_precomputed_reference_logps_give_the_reference_models_loss(tiny_hf_dir, small_tokenizer, tmp_path):  # noqa: F811
+    from llamax.data.shakespeare_sft import preference_records
+    from llamax.data.corpus import read_play, shakespeare_files
+    from llamax.train.dpo_reference import precompute_reference_logps
+
+    pairs = preference_records(read_play(shakespeare_files("validation")[0]))[:20]
+    (tmp_path / "prefs.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs))
+    config, params = load_hf(tiny_hf_dir)
+    mesh = make_mesh(get_mesh_preset("fsdp"))
+    out = precompute_reference_logps(config, params, tmp_path / "prefs.jsonl", tmp_path / "prefs_ref.jsonl",
+                                     small_tokenizer, seq_len=256, sft_template="plain", mesh=mesh)
+    written = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(written) == len(pairs) and all("ref_chosen_logps" in r for r in written)
+    batch = next(make_loader(open_documents(out, preference_format=True), small_tokenizer, LoaderConfig(
+        seq_len=256, global_batch_size=8, shuffle=False, preference=True, sft_template="plain")))
+    assert "ref_logps" in batch
+    policy = jax.tree.map(lambda x: x * 1.01, params)  # a policy that is not the reference
+    results = []
+    for reference, frozen in (("model", params), ("precomputed", None)):
+        setup = make_train_setup(config, OptimConfig(), mesh, objective=DPO(beta=0.2, reference=reference))
+        assert (setup.frozen_shardings is None) == (reference == "precomputed")  # no reference held
+        metrics, _ = setup.loss_and_grads(policy, batch, frozen)
+        results.append({k: float(v) for k, v in metrics.items()})
+    for name, value in results[0].items():
+        np.testing.assert_allclose(results[1][name], value, rtol=1e-5, atol=1e-5, err_msg=name)

@@ -12,8 +12,9 @@ serves `DataConfig(train='shakespeare_sft')`; `write_sft_example` writes the sam
 JSONL (`python -m experiments.make_sft_example --out DIR`).
 
 Preference pairs for DPO demos (`shakespeare_dpo_records`, `DataConfig(train='shakespeare_dpo')`)
-take the same prompts: chosen is the true reply, rejected the reply of another exchange of the
-same play (half the play's exchanges away), a plausible line that does not answer the prompt.
+take the same prompts: chosen is the true reply, rejected the same reply garbled (the words of
+each line in reverse order): the same words, a preference for well-formed verse that a tiny model
+can learn in a hundred steps.
 """
 from __future__ import annotations
 
@@ -67,14 +68,18 @@ def shakespeare_sft_records(split: Split) -> list[dict[str, str]]:
             for record in exchange_records(read_play(path))]
 
 
+def garble(reply: str) -> str:
+    """The words of each line in reverse order."""
+    return "\n".join(" ".join(reversed(line.split())) for line in reply.split("\n"))
+
+
 def preference_records(text: str) -> list[dict[str, str]]:
-    """{"prompt", "chosen", "rejected"} of one play: the true reply against another one's."""
-    records = exchange_records(text)
+    """{"prompt", "chosen", "rejected"} of one play: the true reply against its garbled self."""
     pairs = []
-    for i, record in enumerate(records):
-        other = records[(i + len(records) // 2) % len(records)]["response"]
-        if other != record["response"]:
-            pairs.append({"prompt": record["prompt"], "chosen": record["response"], "rejected": other})
+    for record in exchange_records(text):
+        rejected = garble(record["response"])
+        if rejected != record["response"]:  # a one-word reply reads the same backwards
+            pairs.append({"prompt": record["prompt"], "chosen": record["response"], "rejected": rejected})
     return pairs
 
 
