@@ -5,12 +5,13 @@ ends bit for bit where an uninterrupted run ends."""
 import json
 import subprocess
 import sys
+import time
 
 import jax
 import numpy as np
 import pytest
 
-from benchmarks.chaos import environment, finalized_steps, kill_at, run_to_completion
+from benchmarks.chaos import environment, finalized_steps, kill_at, last_logged_step, run_to_completion
 from data_fixtures import chat_tokenizer, small_tokenizer  # noqa: F401 (fixtures)
 from finetune_fixtures import TINY, compilation_cache_dir, tiny_hf_dir  # noqa: F401 (fixtures)
 from llamax.convert.hf import load_hf
@@ -126,9 +127,13 @@ def test_dpo_cli_run_killed_mid_save_resumes_bitwise(tiny_hf_dir, tmp_path):  # 
     chaos = tmp_path / "chaos"
     with open(tmp_path / "killed.log", "w") as out:
         process = subprocess.Popen(command(chaos), cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
-        moment = kill_at(process, chaos, "save", random.Random(0), 0, steps)
+        # Past the first checkpoint, so the resume restores a data position mid-stream; then
+        # kill while the second checkpoint (step 6) is being written.
+        while last_logged_step(chaos) < 4 and process.poll() is None:
+            time.sleep(0.01)
+        moment = kill_at(process, chaos, "save", random.Random(0), 3, steps)
     assert moment is not None, (tmp_path / "killed.log").read_text()[-2000:]
-    assert finalized_steps(chaos)[-1] < steps
+    assert finalized_steps(chaos) == [3], moment
     run_to_completion(command(chaos), env, tmp_path / "resumed.log")
     reference, resumed = (restore_params(run / "checkpoints", steps) for run in (tmp_path / "reference", chaos))
     for a, b in zip(jax.tree.leaves(reference), jax.tree.leaves(resumed)):

@@ -5,6 +5,7 @@
                    load_meta, save_meta (meta_config.py: params.json <-> ModelConfig)
   orbax.py         llamax params checkpoints (a ModelConfig + orbax params), streaming readers
   hub.py           any format -> any other, one tensor at a time; load_any/save_any (in memory)
+  peft.py          PEFT-format LoRA adapters (adapter_config.json + safetensors), both ways
   weight_files.py  safetensors files and HF weight folders, read lazily
   pth.py           torch `.pth`/`.bin` archives, memory-mapped reads and streaming writes
   files.py         all-or-nothing output folders, contiguous bytes
