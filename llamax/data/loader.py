@@ -270,6 +270,9 @@ class Loader:
         """Restores a state from `get_state` (or its JSON); checks it fits this loader."""
         if isinstance(state, (str, bytes)):
             state = json.loads(state)
+        if state.get("kind") == "mixture":
+            raise DataError("the saved data state is of a weighted mixture, but this run reads one "
+                            "source; resume with the original TRAIN_DATA mixture or start a new MODEL_DIR")
         if state.get("version") != STATE_VERSION:
             raise DataError(f"loader state version {state.get('version')!r} is not supported "
                             f"(expected {STATE_VERSION})")

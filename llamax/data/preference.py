@@ -224,12 +224,6 @@ class PairPacker:
         return row
 
 
-def check_has_pairs(documents: Sequence[Any], source: str) -> None:
-    """DataError when an in-memory preference source holds no records."""
-    if isinstance(documents, list) and not documents:
-        raise DataError(f"preference data {source!r} holds no records")
-
-
 def reference_kind(documents: Sequence[Any]) -> bool:
     """Whether the records carry precomputed reference log-probs (judged by the first)."""
     first = documents[0]
