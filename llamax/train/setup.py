@@ -216,8 +216,8 @@ def _jit_step(fn: Callable, in_shardings: tuple, out_shardings: Any, micro_batch
                                   "pass only (state, batch)")
             return jitted(first, batch)
         if frozen is None:
-            raise ConfigError("this step needs the frozen params (the LoRA base, or the DPO "
-                              "reference): call step(state_or_params, batch, frozen_params)")
+            raise ConfigError("this step needs the frozen base params (LoRA) or reference params "
+                              "(DPO): call step(state_or_adapters, batch, frozen_params)")
         return jitted(first, batch, frozen)
 
     call.jitted = jitted
