@@ -162,9 +162,8 @@ def test_loss_metrics_and_gradients_equal_trl_dpo_trainer(tiny_hf_dir, tmp_path,
             np.testing.assert_allclose(float(metrics[name]), trl_metrics[name], rtol=1e-5, atol=1e-6,
                                        err_msg=name)
         ours = dict(params_to_hf(config, jax.device_get(grads)))
-        for name, theirs in trl_grads.items():
-            scale = max(float(np.abs(theirs).max()), 1e-12)
-            assert np.abs(ours[name] - theirs).max() <= 1e-4 * scale + 1e-7, (name, accumulation)
+        for name, theirs in trl_grads.items():  # gradients up to ~1.3 in size; measured <= 5e-7 apart
+            assert np.abs(ours[name] - theirs).max() <= 1e-5, (name, accumulation)
 
 
 def test_pairs_are_packed_whole_as_consecutive_segments():
