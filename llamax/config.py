@@ -356,6 +356,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     "llama3.1_405b": dict(_LLAMA31, **_shape(16384, 53248, 126, 128, 8)),
     "llama3.2_1b": dict(_LLAMA32, **_shape(2048, 8192, 16, 32, 8, head_dim=64)),
     "llama3.2_3b": dict(_LLAMA32, **_shape(3072, 8192, 28, 24, 8, head_dim=128)),
+    # SmolLM2-135M(-Instruct), the Llama-architecture model behind the GGUF tests and README example.
+    "smollm2_135m": dict(vocab_size=49152, **_shape(576, 1536, 30, 9, 3), rms_norm_eps=1e-5, rope_theta=100000.0,
+                         max_position_embeddings=8192, tie_word_embeddings=True),
     # Small sizes for tests, the CPU demo and benchmarks.
     "tiny": dict(vocab_size=256, **_shape(64, 176, 2, 4, 2), max_position_embeddings=512),
     "demo": dict(vocab_size=2048, **_shape(256, 688, 4, 4, 2), max_position_embeddings=512),

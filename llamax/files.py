@@ -3,6 +3,7 @@
   cache_dir           the user's cache folder for things built once (never the working directory)
   atomic_write_text   a small file (JSON, config) written to a sibling and renamed into place
   atomic_output_dir   a whole output folder staged beside its destination, renamed at the end
+  atomic_output_file  the same for a one-file output (a .gguf)
   contiguous_bytes    the C-order bytes of an array (fast for transposed views)
 """
 from __future__ import annotations
@@ -80,7 +81,7 @@ def _remove_stale_staging(path: Path) -> None:
         owner_host, pid = owner[0], int(owner[1])
         if owner_host == host and not _process_alive(pid):
             logger.warning("removing %s, the staging folder of a writer (pid %d) that died", candidate, pid)
-            shutil.rmtree(candidate, ignore_errors=True)
+            shutil.rmtree(candidate, ignore_errors=True) if candidate.is_dir() else candidate.unlink(missing_ok=True)
         else:
             logger.warning("%s is the staging folder of another writer (%s, pid %d) still at work or on "
                            "another host; remove it by hand if that writer is gone", candidate, owner_host, pid)
@@ -116,6 +117,28 @@ def atomic_output_dir(path: str | os.PathLike, *, overwrite: bool = False) -> It
         os.replace(staging, path)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+@contextlib.contextmanager
+def atomic_output_file(path: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
+    """`atomic_output_dir` for a one-file output (a .gguf): yields a temporary sibling file that
+    replaces `path` on success and is deleted on any error (or by the next writer, if killed)."""
+    path = check_destination(path, overwrite).absolute()
+    if path.is_dir():
+        raise CheckpointError(f"{path} is a folder; give a file name for the output (e.g. model.gguf)")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_staging(path)
+    handle, name = tempfile.mkstemp(prefix=f"{_staging_prefix(path)}{socket.gethostname()}-{os.getpid()}-",
+                                    dir=path.parent)
+    os.close(handle)
+    staging = Path(name)
+    staging.chmod(0o666 & ~_umask())  # mkstemp makes 0600 files; the output follows the umask
+    try:
+        yield staging
+        os.replace(staging, path)
+    except BaseException:
+        staging.unlink(missing_ok=True)
         raise
 
 

@@ -8,7 +8,6 @@ import textwrap
 import time
 from pathlib import Path
 
-import pytest
 
 from llamax.files import atomic_output_dir, cache_dir
 

@@ -231,6 +231,11 @@ def test_gin_errors_exit_2_with_a_clear_message(shared, tmp_path):
                                 "float, got 'abc' (str)"]),
     ("train.run.model_config={'a': 1}", 2, ["train.run.model_config must be a ModelConfig, got {'a': 1}"]),
     ("LEARNING_RATE=-1", 1, ["--gin.LEARNING_RATE=-1: OptimConfig.learning_rate must be >= 0"]),
+    # Both used to escape as raw TypeError / RecursionError from inside gin.
+    ("fit.TrainConfig.log_every=%LOG_EVRY", 2, ["--gin.fit.TrainConfig.log_every=%LOG_EVRY: macro LOG_EVRY "
+                                                "is not defined"]),
+    ("config.ModelConfig.rope_scaling=@config.ModelConfig()", 2,
+     ["calls a configurable inside its own arguments", "--gin.config.ModelConfig.rope_scaling=@config.ModelConfig()"]),
 ])
 def test_binding_mistakes_name_the_binding_in_one_line(binding, code, messages, tmp_path, capsys):
     from experiments import train as train_cli

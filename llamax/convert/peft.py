@@ -87,6 +87,11 @@ def save_peft(config: ModelConfig, lora: LoraConfig, adapters: Mapping, path: st
     `base_model_name_or_path` (PEFT loads the adapter onto whatever base it is given)."""
     from safetensors.numpy import save_file
 
+    from llamax.dtypes import parse_dtype
+
+    if str(dtype).lower() == "q8_0":
+        raise ConfigError("dtype q8_0 only applies to GGUF output; write PEFT adapters as bf16, fp32 or fp16")
+    out_dtype = parse_dtype(dtype)
     check_adapters(config, lora, adapters)
     check_destination(path, overwrite)
     tensors = {}
@@ -95,10 +100,8 @@ def save_peft(config: ModelConfig, lora: LoraConfig, adapters: Mapping, path: st
         name = f"{PREFIX}.{layer}.{BLOCKS[projection]}.{projection}"
         tensors[f"{name}.lora_A.weight"] = np.ascontiguousarray(a.reshape(-1, rank).T)  # [rank, in]
         tensors[f"{name}.lora_B.weight"] = np.ascontiguousarray(b.reshape(rank, -1).T)  # [out, rank]
-    if dtype is not None:
-        from llamax.dtypes import parse_dtype
-
-        tensors = {k: v.astype(parse_dtype(dtype)) for k, v in tensors.items()}
+    if out_dtype is not None:
+        tensors = {k: v.astype(out_dtype) for k, v in tensors.items()}
     with atomic_output_dir(path, overwrite=overwrite) as staging:
         save_file(tensors, str(staging / ADAPTER_WEIGHTS), metadata={"format": "pt"})
         base = None if base_model is None else str(base_model)

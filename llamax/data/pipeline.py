@@ -41,11 +41,13 @@ class DataConfig:
 
     `sft_template` ('checkpoint', 'llama2', 'llama3', 'plain') switches to prompt/response data
     whose loss covers response tokens only; for preference data it renders the pairs (None:
-    text pairs). `train`: a source, or a mixture `[(source, weight), ...]`. `text_key`: the JSONL
-    field / Parquet column of pretraining text. `shuffle_window`: see `LoaderConfig`.
+    text pairs). `tokenizer`: a tokenizer file or folder; None takes the tokenizer of the
+    checkpoint the run starts from (`fit`'s `init_from`). `train`: a source, or a mixture
+    `[(source, weight), ...]`. `text_key`: the JSONL field / Parquet column of pretraining text.
+    `shuffle_window`: see `LoaderConfig`.
     """
 
-    tokenizer: str
+    tokenizer: str | None = None
     train: str | tuple | list = SHAKESPEARE
     validation: str | None = SHAKESPEARE
     train_split: str = "train"

@@ -55,6 +55,7 @@ class LoraConfig:
         if isinstance(self.targets, str):
             object.__setattr__(self, "targets", (self.targets,))
         object.__setattr__(self, "targets", tuple(self.targets))
+        object.__setattr__(self, "dtype", float_dtype_name(self.dtype, "LoraConfig.dtype"))
         check_field_types(self)
         check_int(self.rank, "LoraConfig.rank", 1, "typical values are 4 to 64")
         if not self.alpha > 0:
@@ -69,7 +70,6 @@ class LoraConfig:
                                   f"the model{hint}; valid targets: {', '.join(LORA_TARGETS)}")
         if len(set(self.targets)) != len(self.targets):
             raise ConfigError(f"LoraConfig.targets lists a projection twice: {self.targets}")
-        object.__setattr__(self, "dtype", float_dtype_name(self.dtype, "LoraConfig.dtype"))
 
     @property
     def scale(self) -> float:

@@ -56,6 +56,8 @@ class OptimConfig:
     opt_state_dtype: str = "float32"
 
     def __post_init__(self):
+        object.__setattr__(self, "opt_state_dtype",
+                           float_dtype_name(self.opt_state_dtype, "OptimConfig.opt_state_dtype"))
         check_field_types(self)
         if not self.learning_rate >= 0:
             raise ConfigError(f"OptimConfig.learning_rate must be >= 0, got {self.learning_rate}")
@@ -79,8 +81,6 @@ class OptimConfig:
         if self.clip_norm is not None and self.clip_norm < 0:
             raise ConfigError(f"OptimConfig.clip_norm must be > 0, or 0/None to disable; got {self.clip_norm}")
         check_int(self.grad_accum_steps, "OptimConfig.grad_accum_steps", 1)
-        object.__setattr__(self, "opt_state_dtype",
-                           float_dtype_name(self.opt_state_dtype, "OptimConfig.opt_state_dtype"))
 
     def replace(self, **changes: Any) -> "OptimConfig":
         return dataclasses.replace(self, **changes)
