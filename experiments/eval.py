@@ -60,7 +60,7 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict[str, Any]:
 
     step = checkpoint_step(args.checkpoint, args.step)
     tokenizer = checkpoint_tokenizer(args.checkpoint, args.tokenizer,
-                                     vocab_size=read_config(args.checkpoint).vocab_size)
+                                     vocab_size=read_config(args.checkpoint, base=args.base).vocab_size)
     config, params = load_any(args.checkpoint, step=step, base=args.base)
     data = DataConfig(tokenizer=args.tokenizer, train=args.data, validation=args.data,
                       validation_split=args.split, tfds_data_dir=args.tfds_data_dir,

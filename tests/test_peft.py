@@ -14,12 +14,14 @@ from peft import PeftModel, get_peft_model
 from transformers import LlamaForCausalLM
 
 from data_fixtures import small_tokenizer  # noqa: F401 (fixture)
+from experiments import eval as eval_cli
 from experiments import export_lora
 from finetune_fixtures import (TINY, compilation_cache_dir, save_hf_model,  # noqa: F401 (fixtures)
                                tiny_hf_dir)
 from hf_models import hf_logits
 from llamax.convert.hf import load_hf
-from llamax.convert.hub import load_any
+from llamax.convert.hub import load_any, save_any
+from llamax.convert.identity import identity_of
 from llamax.convert.peft import load_peft, save_peft
 from llamax.errors import ConfigError
 from llamax.model import Llama
@@ -144,4 +146,35 @@ def test_lora_run_starts_from_a_peft_adapter_and_exports_peft(tiny_hf_dir, tmp_p
     assert np.abs(hf_logits(model, TOKENS) - ours).max() < 1e-4
 
 
+def test_eval_cli_evaluates_a_peft_adapter_as_its_merged_export(tiny_hf_dir, tmp_path, small_tokenizer,  # noqa: F811
+                                                                  capsys):
+    """experiments.eval --checkpoint ADAPTER [--base BASE]: the tokenizer and config come from the
+    base the adapter names, and the perplexity is the merged HF export's."""
+    config, params = load_hf(tiny_hf_dir)
+    base = save_any(config, params, tmp_path / "base", "hf", identity=identity_of(small_tokenizer.path))
+    peft_made_adapter(base, tmp_path / "peft")
+    merged_config, merged = load_any(tmp_path / "peft")
+    save_any(merged_config, merged, tmp_path / "merged", "hf", identity=identity_of(small_tokenizer.path))
+    settings = ["--seq_len", "32", "--batch_size", "8", "--max_batches", "1"]
+    perplexities = []
+    for checkpoint in (["--checkpoint", str(tmp_path / "peft")],  # tokenizer and base: its base's
+                       ["--checkpoint", str(tmp_path / "peft"), "--base", str(base),
+                        "--tokenizer", str(small_tokenizer.path)],
+                       ["--checkpoint", str(tmp_path / "merged")], ["--checkpoint", str(base)]):
+        assert eval_cli.main([*checkpoint, *settings]) == 0
+        perplexities.append(json.loads(capsys.readouterr().out)["perplexity"])
+    adapter, adapter_with_base, merged_export, base_only = perplexities
+    assert adapter == pytest.approx(merged_export, rel=1e-5)
+    assert adapter_with_base == pytest.approx(merged_export, rel=1e-5)
+    assert abs(base_only - merged_export) > 1e-3 * merged_export  # the adapter is really applied
 
+
+def test_peft_export_refuses_q8_0_and_a_tokenizer_with_nothing_written(tiny_hf_dir, tmp_path, capsys):  # noqa: F811
+    config, _ = load_hf(tiny_hf_dir)
+    lora = LoraConfig(rank=4)
+    with pytest.raises(ConfigError, match="q8_0 only applies to GGUF"):
+        save_peft(config, lora, random_adapters(config, lora), tmp_path / "adapter", dtype="q8_0")
+    assert export_lora.main(["--run", str(tmp_path / "run"), "--out", str(tmp_path / "adapter"),
+                             "--format", "peft", "--tokenizer", str(tiny_hf_dir)]) == 1
+    assert "--tokenizer does not apply to --format peft" in capsys.readouterr().err
+    assert not (tmp_path / "adapter").exists()

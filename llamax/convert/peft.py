@@ -237,6 +237,17 @@ def save_run_peft(run: str | os.PathLike, path: str | os.PathLike, *, step: int 
                      base_model=base_model or run_dir.init_from())
 
 
+def peft_base(path: str | os.PathLike, base: str | os.PathLike | None = None) -> Path:
+    """The base checkpoint of a PEFT adapter folder: `base`, else its `base_model_name_or_path`
+    when that is a local checkpoint; CheckpointError asking for --base otherwise."""
+    _, raw = read_peft_config(path)
+    base = base or raw.get("base_model_name_or_path")
+    if not base or not Path(base).exists():
+        raise CheckpointError(f"PEFT adapter {path} needs its base weights: pass them (--base); its "
+                              f"base_model_name_or_path {base!r} is not a local folder")
+    return Path(base)
+
+
 def merge_peft(path: str | os.PathLike, base: str | os.PathLike | None = None,
                **config_overrides: Any) -> tuple[ModelConfig, dict]:
     """(config, params) of a PEFT adapter folder merged into its base: `base`, or the adapter's
@@ -244,11 +255,6 @@ def merge_peft(path: str | os.PathLike, base: str | os.PathLike | None = None,
     from llamax.convert.hub import load_any
     from llamax.model.lora import merge_lora
 
-    _, raw = read_peft_config(path)
-    base = base or raw.get("base_model_name_or_path")
-    if not base or not Path(base).exists():
-        raise CheckpointError(f"PEFT adapter {path} needs its base weights: pass them (--base); its "
-                              f"base_model_name_or_path {base!r} is not a local folder")
-    config, params = load_any(base, **config_overrides)
+    config, params = load_any(peft_base(path, base), **config_overrides)
     lora, adapters = load_peft(path, config)
     return config, merge_lora(config, params, adapters, lora)
