@@ -130,12 +130,12 @@ def trl_trainer(folder, tmp_path, loss: str, beta: float):
     return DPOTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("loss,accumulation", [("sigmoid", 2), ("ipo", 1)])
-def test_loss_metrics_and_gradients_equal_trl_dpo_trainer(tiny_hf_dir, tmp_path, loss, accumulation):  # noqa: F811
-    beta = 0.3
+def trl_parity(hf_dir, work_dir, loss: str, accumulations, beta: float = 0.3) -> dict[int, dict]:
+    """TRL's DPOTrainer.compute_loss vs llamax's DPO objective on the same nudged tiny HF model and
+    12 pairs of token ids: per gradient-accumulation count, the loss, metrics and gradients of
+    both (benchmarks/dpo_trl_parity.py records these)."""
     pairs = token_pairs(TINY.vocab_size, 12)
-    trainer = trl_trainer(tiny_hf_dir, tmp_path, loss, beta)
+    trainer = trl_trainer(hf_dir, work_dir, loss, beta)
     # A policy that differs from the reference, the same in both: every weight nudged.
     generator = torch.Generator().manual_seed(1)
     with torch.no_grad():
@@ -148,22 +148,35 @@ def test_loss_metrics_and_gradients_equal_trl_dpo_trainer(tiny_hf_dir, tmp_path,
     trl_metrics = {name: trainer._metrics["train"][name][-1] for name in DPO_METRICS}
     trl_grads = {name: p.grad.numpy() for name, p in trainer.model.named_parameters()}
 
-    config, reference = load_hf(tiny_hf_dir)
+    config, reference = load_hf(hf_dir)
     params = hf_to_params(config, {name: value.detach().numpy()
                                    for name, value in trainer.model.state_dict().items()})
     mesh = make_mesh(get_mesh_preset("fsdp"))
-    for accumulation in {1, accumulation}:  # micro-batches accumulate to the same gradient
+    results = {}
+    for accumulation in accumulations:  # micro-batches accumulate to the same gradient
         setup = make_train_setup(config, OptimConfig(grad_accum_steps=accumulation), mesh,
                                  objective=DPO(beta=beta, loss=loss))
         metrics, grads = setup.loss_and_grads(params, llamax_batch(pairs), reference)
-        assert float(metrics["pairs"]) == len(pairs)
-        np.testing.assert_allclose(float(metrics["loss"]), float(trl_loss.detach()), rtol=1e-5, atol=1e-6)
-        for name in DPO_METRICS:
-            np.testing.assert_allclose(float(metrics[name]), trl_metrics[name], rtol=1e-5, atol=1e-6,
-                                       err_msg=name)
         ours = dict(params_to_hf(config, jax.device_get(grads)))
-        for name, theirs in trl_grads.items():  # gradients up to ~1.3 in size; measured <= 5e-7 apart
-            assert np.abs(ours[name] - theirs).max() <= 1e-5, (name, accumulation)
+        results[accumulation] = {
+            "pairs": float(metrics["pairs"]), "loss": float(metrics["loss"]), "trl_loss": float(trl_loss.detach()),
+            "metrics": {name: float(metrics[name]) for name in DPO_METRICS}, "trl_metrics": trl_metrics,
+            "grad_max_abs_diff": {name: float(np.abs(ours[name] - theirs).max()) for name, theirs in trl_grads.items()},
+            "grad_max_abs": max(float(np.abs(theirs).max()) for theirs in trl_grads.values())}
+    return results
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("loss,accumulation", [("sigmoid", 2), ("ipo", 1)])
+def test_loss_metrics_and_gradients_equal_trl_dpo_trainer(tiny_hf_dir, tmp_path, loss, accumulation):  # noqa: F811
+    for result in trl_parity(tiny_hf_dir, tmp_path, loss, sorted({1, accumulation})).values():
+        assert result["pairs"] == 12
+        np.testing.assert_allclose(result["loss"], result["trl_loss"], rtol=1e-5, atol=1e-6)
+        for name in DPO_METRICS:
+            np.testing.assert_allclose(result["metrics"][name], result["trl_metrics"][name], rtol=1e-5,
+                                       atol=1e-6, err_msg=name)
+        # Gradients up to ~1.3 in size; measured <= 5e-7 apart.
+        assert max(result["grad_max_abs_diff"].values()) <= 1e-5, result["grad_max_abs_diff"]
 
 
 def test_pairs_are_packed_whole_as_consecutive_segments():
