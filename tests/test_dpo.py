@@ -133,7 +133,7 @@ def trl_trainer(folder, tmp_path, loss: str, beta: float):
 def trl_parity(hf_dir, work_dir, loss: str, accumulations, beta: float = 0.3) -> dict[int, dict]:
     """TRL's DPOTrainer.compute_loss vs llamax's DPO objective on the same nudged tiny HF model and
     12 pairs of token ids: per gradient-accumulation count, the loss, metrics and gradients of
-    both (benchmarks/dpo_trl_parity.py records these)."""
+    both (benchmarks/finetune_parity.py records these)."""
     pairs = token_pairs(TINY.vocab_size, 12)
     trainer = trl_trainer(hf_dir, work_dir, loss, beta)
     # A policy that differs from the reference, the same in both: every weight nudged.
