@@ -33,6 +33,7 @@ _EXPORTS = {
     "FORMATS": "hub", "convert": "hub", "detect_format": "hub", "load_any": "hub", "save_any": "hub",
     "read_config": "hub", "CheckpointIdentity": "identity", "read_identity": "identity",
     "identity_of": "identity", "checkpoint_tokenizer": "identity",
+    "save_peft": "peft", "load_peft": "peft",
 }
 __all__ = sorted(_EXPORTS)
 
