@@ -1,16 +1,39 @@
-"""Multi-host setup through `jax.distributed` (TPU pods, GPU clusters, CPU processes).
+"""Process setup before JAX touches devices: multi-host `jax.distributed` (TPU pods, GPU
+clusters, CPU processes) and the choice of backends on hosts without accelerators.
 
 Call `initialize(...)` once per process before anything touches devices. Every process then
 sees the global mesh; `jax.process_index()` picks its slice of each batch (see llamax.data).
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 from typing import Mapping
 
 import jax
 
 ENV_PREFIX = "LLAMAX_"
+GPU_PLUGINS = ("jax_cuda12_plugin", "jax_cuda13_plugin", "jax_rocm60_plugin", "jax_rocm7_plugin")
+
+
+def use_cpu_without_accelerators() -> bool:
+    """Makes the CPU JAX's only backend when nothing else could work here. Returns True if it did.
+
+    With libtpu installed (the `tpu` extra, e.g. for `experiments.compile`) JAX tries it on its
+    first device query even on a host without TPU chips: about 0.1 s, and half a dozen libtpu
+    warnings on stderr. This skips that when the user chose no platforms (JAX_PLATFORMS),
+    this host has no TPU chip and no GPU plugin is installed, i.e. when the CPU is what JAX would
+    end up with anyway. Call before the first device query.
+    """
+    from jax._src import hardware_utils, xla_bridge  # private: the checks JAX itself makes
+
+    if (jax.config.jax_platforms is not None or xla_bridge.backends_are_initialized()
+            or importlib.util.find_spec("libtpu") is None
+            or any(importlib.util.find_spec(plugin) for plugin in GPU_PLUGINS)
+            or hardware_utils.num_available_tpu_chips_and_device_id()[0] > 0):
+        return False
+    jax.config.update("jax_platforms", "cpu")
+    return True
 
 
 def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
@@ -36,7 +59,9 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
 
 def initialize_from_options(options: Mapping[str, str]) -> bool:
     """`initialize` from command-line options, falling back to LLAMAX_* environment variables:
-    coordinator_address, num_processes, process_id, distributed (auto)."""
+    coordinator_address, num_processes, process_id, distributed (auto). Before it, a host
+    without accelerators gets the CPU as its only backend (`use_cpu_without_accelerators`)."""
+    use_cpu_without_accelerators()
     def get(name: str) -> str | None:
         return options.get(name) or os.environ.get(ENV_PREFIX + name.upper())
 
