@@ -67,7 +67,8 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["llamax", "llamax.*", "experiments", "experiments.*"]),
     install_requires=CORE,
-    extras_require={"convert": CONVERT, "tpu": TPU, "test": TEST + CONVERT, "all": TEST + CONVERT},
+    extras_require={"convert": CONVERT, "tpu": TPU, "test": TEST + CONVERT + TPU,
+                    "all": TEST + CONVERT + TPU},
     entry_points={"console_scripts": [
         "llamax-train = experiments.train:main",
         "llamax-convert = experiments.convert:main",

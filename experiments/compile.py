@@ -2,7 +2,8 @@
 
     python -m experiments.compile --gin_file=configs/models/llama3_8b.gin \\
         --gin_file=configs/runs/pretrain.gin --gin_file=configs/meshes/tpu_v5p_128.gin \\
-        --topology v5p-128 [--num_slices K] [--json report.json] [--dump_hlo DIR] [--gin.X=V ...]
+        --topology v5p-128 [--num_slices K] [--json report.json] [--dump_hlo DIR] \\
+        [--programs train_step] [--gin.X=V ...]
 
 Takes the gin files and `--gin.X=V` bindings of `experiments.train`, builds the run's mesh on the
 compile-only devices of --topology (v4-N, v5e-N, v5p-N, v6e-N; --num_slices K for multi-slice
@@ -43,6 +44,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--num_slices", type=int, default=1)
     parser.add_argument("--json", dest="json_path")
     parser.add_argument("--dump_hlo")
+    parser.add_argument("--programs", default="init,train_step,eval_step",
+                        help="comma-separated subset of init,train_step,eval_step")
     return parser
 
 
@@ -135,7 +138,8 @@ def _compile_and_report(run: dict, topology, args: argparse.Namespace) -> int:
                 f"{mesh_config.num_slices} or set MeshConfig.dcn_data={args.num_slices}")
         report = compile_run(model_config, optim_config, mesh_config, train_config.batch_size,
                              train_config.seq_len, topology, args.num_slices,
-                             lora_config=run.get("lora_config"), dump_hlo=args.dump_hlo)
+                             lora_config=run.get("lora_config"), dump_hlo=args.dump_hlo,
+                             programs=tuple(args.programs.split(",")))
     except ValueError as error:  # ConfigError and every llamax error: one line, no traceback
         print(f"error: {type(error).__name__}: {str(error).splitlines()[0]}", file=sys.stderr)
         return 2

@@ -174,6 +174,23 @@ def test_cli_bad_input_is_one_line_exit_2(tmp_path):
         assert result.stderr.startswith("error:")
 
 
+def test_cpu_hosts_skip_the_libtpu_probe():
+    """With libtpu installed and no TPU chip, a process that calls use_cpu_without_accelerators
+    (experiments.train does) never loads libtpu: CPU devices, nothing on stderr."""
+    code = ("from llamax.distributed import use_cpu_without_accelerators as use_cpu\n"
+            "chose = use_cpu()\nimport jax\nprint(chose, jax.devices()[0].platform)")
+    env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS" and not k.startswith("TPU_")}
+    result = subprocess.run([sys.executable, "-c", code], env=dict(env, PYTHONPATH=str(REPO)),
+                            capture_output=True, text=True, timeout=120)
+    has_libtpu = importlib.util.find_spec("libtpu") is not None
+    assert result.stdout.split() == [str(has_libtpu), "cpu"], result.stderr
+    assert result.stderr == ""
+    chosen = subprocess.run([sys.executable, "-c", code], env=dict(env, PYTHONPATH=str(REPO),
+                                                                    JAX_PLATFORMS="cpu"),
+                            capture_output=True, text=True, timeout=120)
+    assert chosen.stdout.split()[0] == "False"  # the user's choice is left alone
+
+
 def test_knobs_follow_what_overflowed():
     """Without compiling: a report whose train step overflowed in temporaries."""
     from llamax.aot.compile import CompileReport, ProgramReport

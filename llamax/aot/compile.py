@@ -25,6 +25,7 @@ import jax
 
 from llamax.aot.topology import Topology, compile_only_devices, libtpu_version
 from llamax.config import ModelConfig
+from llamax.errors import ConfigError
 from llamax.data.packing import BATCH_DTYPES
 from llamax.model.lora import LoraConfig
 from llamax.sharding import (LOGICAL_AXIS_RULES, MeshConfig, batch_sharding, check_batch_size,
@@ -220,8 +221,9 @@ def _programs(model_config: ModelConfig, optim_config: OptimConfig, mesh: jax.sh
                               state_shardings)
 
     unknown = set(names) - {"init", "train_step", "eval_step"}
-    if unknown:
-        raise ValueError(f"unknown programs {sorted(unknown)}; choose from init, train_step, eval_step")
+    if unknown or "train_step" not in names:
+        raise ConfigError(f"programs {list(names)}: choose among init, train_step, eval_step; "
+                          "train_step is always needed (the report is about it)")
     state = _with_shardings(abstract_train_state(model_config, optim_config, lora_config),
                             state_shardings(model_config, optim_config, mesh, LOGICAL_AXIS_RULES, lora_config))
     data = batch_sharding(mesh)
