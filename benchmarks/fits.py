@@ -123,6 +123,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from llamax.aot.topology import Topology, libtpu_version
 
+    load_at_start, started = os.getloadavg(), datetime.datetime.now().isoformat(timespec="minutes")
     rows = []
     if args.mode == "fits":
         for preset in args.presets:
@@ -145,8 +146,9 @@ def main(argv: list[str] | None = None) -> None:
             rows.append(dict(_row(report), model=preset))
         columns = ["model", "topology", "seq", "attention", "remat", "fits", "arguments_gib",
                    "temp_gib", "host_temp_gib", "total_gib", "compile_s"]
-    record = dict(mode=args.mode, date=datetime.date.today().isoformat(), libtpu=libtpu_version(),
-                  host=platform.node(), cpu=_cpu_model(), load_average=os.getloadavg(), rows=rows)
+    record = dict(mode=args.mode, started=started, libtpu=libtpu_version(), cpu=_cpu_model(),
+                  cores=os.cpu_count(), load_average_start=load_at_start,
+                  load_average_end=os.getloadavg(), rows=rows)
     path = Path(args.json or REPO / "benchmarks" / f"tpu-{args.mode}.json")
     path.write_text(json.dumps(record, indent=2) + "\n")
     print(markdown(rows, columns))
