@@ -23,7 +23,6 @@ import argparse
 import copy
 import json
 import sys
-import tokenize
 from pathlib import Path
 
 # Macros a run file may leave to the command line, with stand-ins: they name files and step
@@ -50,26 +49,24 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _run_bindings(gin_files: list[str], bindings: list[str]) -> dict:
-    """The configs `train.run` would get, without evaluating the data (tokenizers, files)."""
+    """The configs `train.run` would get, without evaluating the data (tokenizers, files).
+    Raises GinError (a ConfigError) naming the bad file or binding."""
+    from experiments import gin_config, train
+
+    gin_config.parse(gin_files, bindings, required=())
     import gin
 
-    from experiments import train
-    from experiments.train import REPO_ROOT, _resolve
-
-    gin.add_config_file_search_path(str(REPO_ROOT))
-    gin.add_config_file_search_path(str(REPO_ROOT / "configs"))
-    gin.parse_config_files_and_bindings([_resolve(f) for f in gin_files], bindings,
-                                        finalize_config=False)
+    defined, _ = gin_config.macros()
     for macro, stand_in in PLACEHOLDER_MACROS.items():
-        try:
-            gin.query_parameter(f"%{macro}")
-        except ValueError:  # not defined: the stand-in keeps gin's check of all macros quiet
+        if macro not in defined:
             gin.parse_config(f"{macro} = {stand_in}")
-    gin.finalize()  # now reports any other undefined macro
     run = gin.get_bindings(train.run, resolve_references=False)
     # Deep-copying a gin reference evaluates it: only the configs compiling needs.
-    return {name: copy.deepcopy(run[name]) for name in
-            ("model_config", "optim_config", "mesh_config", "train_config", "lora_config") if name in run}
+    try:
+        return {name: copy.deepcopy(run[name]) for name in
+                ("model_config", "optim_config", "mesh_config", "train_config", "lora_config") if name in run}
+    except gin_config.GIN_ERRORS as error:
+        raise gin_config.GinError(gin_config.explain_gin_error(error)) from error
 
 
 def gin_flag(setting: str, value) -> str:
@@ -103,16 +100,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     configure_compile_only_host(topology)  # before anything initializes JAX's backends
-
-    from experiments.train import explain_gin_error
-
     try:
         run = _run_bindings(args.gin_file, bindings)
-    except SystemExit as error:  # a gin file that is not there
+    except ConfigError as error:  # GinError too: the file or binding and the fix, one line
         print(f"error: {error}", file=sys.stderr)
-        return 2
-    except (ValueError, KeyError, TypeError, SyntaxError, tokenize.TokenError, RecursionError) as error:
-        print(f"error: {explain_gin_error(error).splitlines()[0]}", file=sys.stderr)
         return 2
     return _compile_and_report(run, topology, args)
 

@@ -28,8 +28,7 @@ from llamax.config import ModelConfig
 from llamax.errors import ConfigError
 from llamax.data.packing import BATCH_DTYPES
 from llamax.model.lora import LoraConfig
-from llamax.sharding import (LOGICAL_AXIS_RULES, MeshConfig, batch_sharding, check_batch_size,
-                             make_mesh, param_shardings, replicated)
+from llamax.sharding import MeshConfig, check_batch_size, make_mesh, replicated
 from llamax.train.flops import flops_per_token, peak_flops_per_device
 from llamax.train.optim import OptimConfig
 
@@ -215,39 +214,27 @@ def compile_run(model_config: ModelConfig, optim_config: OptimConfig, mesh_confi
 def _programs(model_config: ModelConfig, optim_config: OptimConfig, mesh: jax.sharding.Mesh,
               batch_size: int, seq_len: int, lora_config: LoraConfig | None,
               names: tuple[str, ...]) -> dict[str, tuple[Callable, tuple]]:
-    """name -> (jitted function, abstract arguments): the one place that knows how the training
-    API builds a run's programs."""
-    from llamax.train import (abstract_train_state, make_eval_step, make_init, make_train_step,
-                              state_shardings)
+    """name -> (jitted function, abstract arguments), from the run's one `TrainSetup`."""
+    from llamax.model.llama import abstract_params
+    from llamax.train import make_train_setup
 
     unknown = set(names) - {"init", "train_step", "eval_step"}
     if unknown or "train_step" not in names:
         raise ConfigError(f"programs {list(names)}: choose among init, train_step, eval_step; "
                           "train_step is always needed (the report is about it)")
-    state = _with_shardings(abstract_train_state(model_config, optim_config, lora_config),
-                            state_shardings(model_config, optim_config, mesh, LOGICAL_AXIS_RULES, lora_config))
-    data = batch_sharding(mesh)
-    batch = {key: jax.ShapeDtypeStruct((batch_size, seq_len), dtype, sharding=data)
+    setup = make_train_setup(model_config, optim_config, mesh, lora_config=lora_config)
+    state = setup.abstract_state  # ShapeDtypeStructs with their shardings
+    batch = {key: jax.ShapeDtypeStruct((batch_size, seq_len), dtype, sharding=setup.batch_sharding)
              for key, dtype in BATCH_DTYPES.items()}
     # LoRA steps read the frozen base params as one more argument, loaded in param_dtype.
-    frozen = () if lora_config is None else (_with_shardings(
-        jax.eval_shape(lambda: _random_params(model_config)), param_shardings(model_config, mesh)),)
+    frozen = () if setup.frozen_shardings is None else (
+        _with_shardings(abstract_params(model_config)[0], setup.frozen_shardings),)
     key = jax.ShapeDtypeStruct((), jax.eval_shape(lambda: jax.random.key(0)).dtype,
                                sharding=replicated(mesh))
-    builders = {
-        "init": lambda: (make_init(model_config, optim_config, mesh, lora_config=lora_config), (key,)),
-        "train_step": lambda: (make_train_step(model_config, optim_config, mesh,
-                                               lora_config=lora_config).jitted, (state, batch, *frozen)),
-        "eval_step": lambda: (make_eval_step(model_config, mesh, lora_config=lora_config).jitted,
-                              (state.params, batch, *frozen)),
-    }
-    return {name: builders[name]() for name in names}
-
-
-def _random_params(model_config: ModelConfig) -> Any:
-    from llamax.model.llama import init_params
-
-    return init_params(model_config, jax.random.key(0))
+    programs = {"init": (setup.init, (key,)),
+                "train_step": (setup.train_step.jitted, (state, batch, *frozen)),
+                "eval_step": (setup.eval_step.jitted, (state.params, batch, *frozen))}
+    return {name: programs[name] for name in names}
 
 
 def _with_shardings(abstract: Any, shardings: Any) -> Any:
