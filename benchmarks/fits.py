@@ -7,11 +7,12 @@
 Every compile is the command-line tool in its own process (a model's gin file, pretrain.gin and
 --gin bindings), so what is measured is exactly what a user runs. Common settings: bf16 compute,
 fp32 master weights and Adam moments, one sequence per data-parallel rank (global batch = chips),
-pure FSDP (fsdp=-1) unless stated.
+FSDP over the chips left after tensor parallelism (fsdp=-1; tensor 1 unless stated).
 
   fits       per preset and TPU generation, the smallest listed slice whose train step fits at
-             seq 8192 with remat 'full' (then 4096, 2048 if none does); slices whose sharded
-             state alone would fill HBM are skipped without compiling
+             seq 8192 with remat 'full' (then 4096, 2048 if none does), trying each --tensors
+             size on a slice before the next; slices whose sharded state alone would fill HBM
+             are skipped without compiling. Every attempt is kept in the JSON
   attention  the XLA attention path (query blocks unrolled: seq/128 per layer) against the
              splash kernel at one size: compile time and per-chip temp memory
   remat      every remat policy at one size: per-chip temp (HBM) and host_temp (offloaded)
@@ -72,19 +73,30 @@ def _state_bytes(preset: str) -> int:
     return 12 * get_preset(preset).num_params()
 
 
-def search_fits(preset: str, generation: str, seqs=(8192, 4096, 2048)) -> dict | None:
-    """The smallest slice of `generation` (then the longest seq) whose train step fits."""
+def search_fits(preset: str, generation: str, seqs=(8192, 4096, 2048), tensors=(1,)) -> tuple[dict | None, list]:
+    """(the report of the smallest slice of `generation`, then the longest seq, whose train step
+    fits with one of the `tensors` sizes, tried in order on each slice; every attempt)."""
     from llamax.aot.topology import GENERATIONS
+    from llamax.config import get_preset
 
-    spec = GENERATIONS[generation]
+    spec, kv_heads = GENERATIONS[generation], get_preset(preset).num_kv_heads
+    attempts = []
     for seq in seqs:
         for chips in sorted(spec.shapes):
             if chips < 4 or _state_bytes(preset) / chips > 0.9 * spec.hbm_bytes:
                 continue  # the state alone would not fit: no compile needed to know
-            report = run_tool(preset, f"{generation}-{chips * spec.cores_per_chip}", seq, batch=chips)
-            if report["fits"]:
-                return report
-    return None
+            for tensor in tensors:
+                if kv_heads % tensor or chips % tensor:
+                    continue
+                report = run_tool(preset, f"{generation}-{chips * spec.cores_per_chip}", seq,
+                                  batch=chips // tensor, mesh={"fsdp": -1, "tensor": tensor})
+                oom = report["programs"]["train_step"]["out_of_memory"]
+                attempts.append(dict(topology=report["topology"], seq=seq, tensor=tensor, fits=report["fits"],
+                                     total_gib=_gib(report["per_device_bytes"]["total"]),
+                                     compiler=oom["message"] if oom else None, wall_s=report["wall_s"]))
+                if report["fits"]:
+                    return report, attempts
+    return None, attempts
 
 
 def _row(report: dict) -> dict:
@@ -118,6 +130,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--preset")
     parser.add_argument("--topology")
     parser.add_argument("--seq", type=int, default=8192)
+    parser.add_argument("--tensors", type=int, nargs="+", default=[1],
+                        help="fits: tensor-parallel sizes to try on each slice, in order")
     parser.add_argument("--json")
     args = parser.parse_args(argv)
 
@@ -128,11 +142,12 @@ def main(argv: list[str] | None = None) -> None:
     if args.mode == "fits":
         for preset in args.presets:
             for generation in args.generations:
-                report = search_fits(preset, generation)
-                rows.append(dict(_row(report), model=preset) if report else
-                            dict(model=preset, topology=f"no {generation} slice listed", fits=False))
-        columns = ["model", "topology", "mesh", "seq", "remat", "attention", "total_gib", "hbm_gib",
-                   "compile_s"]
+                report, attempts = search_fits(preset, generation, tensors=tuple(args.tensors))
+                rows.append(dict(_row(report), model=preset, attempts=attempts) if report else
+                            dict(model=preset, topology=f"no {generation} slice listed", fits=False,
+                                 attempts=attempts))
+        columns = ["model", "topology", "mesh", "seq", "global_batch", "remat", "attention", "total_gib",
+                   "hbm_gib", "compile_s"]
     else:
         preset = args.preset or ("llama3.2_1b" if args.mode == "attention" else "llama3_8b")
         topology = Topology.parse(args.topology or ("v5e-16" if args.mode == "attention" else "v5p-128"))
