@@ -8,12 +8,17 @@ GQA everywhere, rope_theta 5e5), Llama-3.1 (llama3 rope scaling, 128k context) a
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import logging
 import math
 from typing import Any, Mapping
 
 import jax.numpy as jnp
 
-from llamax.errors import ConfigError, check_int, is_int
+from llamax.dtypes import float_dtype_name
+from llamax.errors import ConfigError, check_field_types, check_int, is_int
+
+logger = logging.getLogger(__name__)
 
 REMAT_POLICIES = ("none", "full", "dots", "dots_with_no_batch_dims", "save_qkv_projections",
                   "save_projections", "offload_projections", "offload_dots_with_no_batch_dims")
@@ -37,7 +42,9 @@ class ModelConfig:
     """Architecture and numerics of one LLaMA-family model.
 
     `dtype` is the compute dtype (activations, matmul inputs); `param_dtype` is the dtype of the
-    stored (master) weights. bf16 compute with fp32 params is the usual training setting.
+    stored (master) weights. bf16 compute with fp32 params is the usual training setting. Both
+    take a dtype object (`jnp.bfloat16`) or a name ('bfloat16', 'bf16', 'fp32', ...) and are
+    stored as the canonical name; non-float dtypes are refused.
     """
 
     vocab_size: int
@@ -63,11 +70,15 @@ class ModelConfig:
     attention_block_size: int = 128
 
     def __post_init__(self):
+        # One canonical name per dtype: jnp.bfloat16, 'bf16' and 'bfloat16' are the same config.
+        for name in ("dtype", "param_dtype"):
+            object.__setattr__(self, name, float_dtype_name(getattr(self, name), f"ModelConfig.{name}"))
         if isinstance(self.rope_scaling, Mapping):
             try:
                 object.__setattr__(self, "rope_scaling", RopeScaling(**self.rope_scaling))
             except TypeError as exc:
                 raise ConfigError(f"rope_scaling={dict(self.rope_scaling)!r} is not a RopeScaling: {exc}") from exc
+        check_field_types(self)
         if self.head_dim == 0:
             _check_positive_ints(self, ("hidden_size", "num_heads"))
             if self.num_heads <= 0 or self.hidden_size % self.num_heads:
@@ -97,14 +108,6 @@ class ModelConfig:
                 "(grouped-query attention shares each kv head among num_heads // num_kv_heads heads)")
         if self.head_dim % 2:
             raise ConfigError(f"head_dim={self.head_dim} must be even for rotary embeddings")
-        for name in ("dtype", "param_dtype"):
-            if not isinstance(getattr(self, name), str):
-                raise ConfigError(f"ModelConfig.{name} must be a dtype name such as 'bfloat16', "
-                                  f"got {getattr(self, name)!r}")
-            try:
-                jnp.dtype(getattr(self, name))
-            except TypeError as exc:
-                raise ConfigError(f"ModelConfig.{name}={getattr(self, name)!r} is not a dtype") from exc
         if not isinstance(self.remat_policy, str) or self.remat_policy not in REMAT_POLICIES:
             raise ConfigError(f"remat_policy={self.remat_policy!r}; expected one of {REMAT_POLICIES}")
         if not isinstance(self.attention_impl, str) or self.attention_impl not in ATTENTION_IMPLS:
@@ -206,6 +209,7 @@ class ModelConfig:
             tie_word_embeddings=hf.get("tie_word_embeddings", False),  # validated: must be a bool
             initializer_range=hf.get("initializer_range", 0.02),
         )
+        _warn_about_look_alike_keys(hf)
         for flag in ("attention_bias", "mlp_bias"):
             if hf.get(flag):
                 raise ConfigError(f"config.json sets {flag}=true; llamax LLaMA layers have no biases")
@@ -248,6 +252,25 @@ class ModelConfig:
             "mlp_bias": False,
             "torch_dtype": "float32" if self.param_dtype == "float32" else "bfloat16",
         }
+
+
+# The config.json keys `from_hf` reads: a key one typo away from one of these is probably meant
+# to be it, and silently falling back to the default would give a model of another shape.
+HF_KEYS_READ = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                "num_attention_heads", "num_key_value_heads", "head_dim", "rms_norm_eps", "rope_theta",
+                "rope_scaling", "rope_parameters", "max_position_embeddings", "tie_word_embeddings",
+                "initializer_range", "hidden_act", "attention_bias", "mlp_bias", "model_type")
+
+
+def _warn_about_look_alike_keys(hf: Mapping[str, Any]) -> None:
+    for key in hf:
+        if key in HF_KEYS_READ:
+            continue
+        close = [known for known in difflib.get_close_matches(key, HF_KEYS_READ, n=1, cutoff=0.85)
+                 if known not in hf]
+        if close:
+            logger.warning("config.json has %r, which llamax does not read; did you mean %r? (it is "
+                           "absent, so its default is used)", key, close[0])
 
 
 def _rope_scaling_from_hf(scaling: Mapping[str, Any] | None) -> RopeScaling | None:
@@ -334,6 +357,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     "llama3.1_405b": dict(_LLAMA31, **_shape(16384, 53248, 126, 128, 8)),
     "llama3.2_1b": dict(_LLAMA32, **_shape(2048, 8192, 16, 32, 8, head_dim=64)),
     "llama3.2_3b": dict(_LLAMA32, **_shape(3072, 8192, 28, 24, 8, head_dim=128)),
+    # SmolLM2-135M(-Instruct), the Llama-architecture model behind the GGUF tests and README example.
+    "smollm2_135m": dict(vocab_size=49152, **_shape(576, 1536, 30, 9, 3), rms_norm_eps=1e-5, rope_theta=100000.0,
+                         max_position_embeddings=8192, tie_word_embeddings=True),
     # Small sizes for tests, the CPU demo and benchmarks.
     "tiny": dict(vocab_size=256, **_shape(64, 176, 2, 4, 2), max_position_embeddings=512),
     "demo": dict(vocab_size=2048, **_shape(256, 688, 4, 4, 2), max_position_embeddings=512),

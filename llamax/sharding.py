@@ -24,7 +24,7 @@ from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from llamax.config import ModelConfig
-from llamax.errors import ConfigError, check_int, is_int
+from llamax.errors import ConfigError, check_field_types, check_int, is_int
 from llamax.model.llama import abstract_params
 
 logger = logging.getLogger(__name__)
@@ -83,6 +83,7 @@ class MeshConfig:
     dcn_tensor: int = 1
 
     def __post_init__(self):
+        check_field_types(self)
         ici = self.ici_shape
         for name, size in zip(MESH_AXES, ici):
             if size != -1 or not is_int(size):

@@ -149,7 +149,7 @@ def test_merged_export_loads_in_transformers_and_meta_round_trips(trained, base_
     (dict(targets=("attention",)), r"valid targets: q_proj, k_proj, v_proj, o_proj, gate_proj"),
     (dict(rank=0), "rank must be an integer >= 1, got 0"),
     (dict(rank=-4), "rank must be an integer >= 1, got -4"),
-    (dict(rank=True), "rank must be an integer >= 1, got True"),
+    (dict(rank=True), "rank must be an int, got True"),
     (dict(alpha=0.0), "alpha must be > 0"),
 ])
 def test_bad_lora_config_is_a_config_error(fields, match):

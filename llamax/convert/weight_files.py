@@ -94,10 +94,17 @@ class SafetensorsFile:
         begin, end = entry["data_offsets"]
         shape = tuple(entry["shape"])
         expected = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
-        if end - begin != expected or self.data_start + end > self.file_size:
+        if end - begin != expected:
             raise CheckpointError(
-                f"{self.path}: tensor {name!r} should span {expected} bytes at offset {begin}, but the "
-                f"file holds bytes {begin}..{end} of {self.file_size - self.data_start}: truncated or corrupt")
+                f"{self.path}: the header gives tensor {name!r} bytes {begin}..{end} ({end - begin} "
+                f"bytes), but its shape {shape} and dtype {entry.get('dtype')} need {expected}: the "
+                "header is corrupt")
+        available = self.file_size - self.data_start
+        if end > available:
+            raise CheckpointError(
+                f"{self.path}: tensor {name!r} needs bytes {begin}..{end} of the data section, but the "
+                f"file holds only {max(available, 0)} bytes of data: it is truncated (copy or download "
+                "it again)")
         return np.memmap(self.path, dtype=dtype, mode="r", offset=self.data_start + begin, shape=shape)
 
 

@@ -26,7 +26,7 @@ import jax
 import numpy as np
 
 from llamax.data import chat_templates, packing, sft
-from llamax.errors import ConfigError, DataError
+from llamax.errors import ConfigError, DataError, check_field_types
 
 STATE_VERSION = 1
 
@@ -61,6 +61,9 @@ class LoaderConfig:
     process_count: int | None = None
     num_threads: int = 2
     prefetch: int = 256
+
+    def __post_init__(self):
+        check_field_types(self)
 
 
 class _Encode:

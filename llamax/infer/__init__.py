@@ -1,6 +1,8 @@
 """Using a trained model: generation and evaluation.
 
-  generate.py  prefill + jitted decode loop over a KV cache (greedy, top-k/top-p, ragged prompts)
+  generate.py  prefill + jitted decode loop over a KV cache (greedy, top-k/top-p, ragged prompts,
+               stop at any of several ids)
+  checks.py    what generation accepts (settings, prompts, stop ids), checked without weights
   evaluate.py  perplexity over packed batches
 """
 from __future__ import annotations

@@ -4,14 +4,15 @@ Ragged prompts are left-padded into one batch: padding carries segment id 0 (so 
 attends to it) and every row gets its own RoPE positions (0, 1, ... from its first real token),
 so each prompt continues exactly as it would alone. The decode loop is a `lax.while_loop` that
 keeps all tokens on device (one host transfer per call) and exits early once every row has
-produced `eos_id`.
+produced a stop id: `eos_id` or any of `stop_ids` (Llama-3-Instruct ends a turn with `<|eot_id|>`
+and a document with `<|end_of_text|>`; pass a tokenizer's `stop_ids`).
 
 Compilation is cached per (batch bucket, prompt-length bucket, max_new_tokens, sampler): batch
 sizes round up to a power of two and prompt lengths to a power of two (>= 16, then multiples of
 256), so prompts of similar length reuse one executable.
 
-Returned sequences follow `transformers.generate`: new tokens only, up to and *including* the
-first `eos_id`; nothing after it.
+Returned sequences follow `transformers.generate` (whose `eos_token_id` may be a list): new
+tokens only, up to and *including* the first stop id; nothing after it.
 """
 from __future__ import annotations
 
@@ -26,13 +27,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from llamax.config import ModelConfig
-from llamax.errors import ConfigError, DataError
+from llamax.infer.checks import all_stop_ids, check_generate_args
 from llamax.model.llama import KVCache, Llama
 
 Array = jax.Array
 Rules = Sequence[tuple[str, Any]]
 
 CACHE_AXES = ("layers", "batch", "length", "act_kv_heads", "head_dim")
+STOP_IDS_BUCKET = 8  # stop-id arrays are padded to a multiple of this, so most share one executable
 
 
 class Sampler(NamedTuple):
@@ -52,54 +54,10 @@ class DecodeState:
     tokens: Array  # [batch, max_new_tokens] int32 new tokens (-1 = not produced)
     last: Array  # [batch] int32: the token produced at step - 1, fed next
     positions: Array  # [batch] int32: RoPE position of `last`
-    done: Array  # [batch] bool: row has produced eos (or is batch padding)
+    done: Array  # [batch] bool: row has produced a stop id (or is batch padding)
 
 
-# ---- input checks and padding ---------------------------------------------------------------
-
-def check_generate_args(config: ModelConfig, prompts: Sequence[Sequence[int]], max_new_tokens: int,
-                        temperature: float, top_k: int | None, top_p: float | None,
-                        eos_id: int | None) -> list[np.ndarray]:
-    """Validates generation inputs; returns the prompts as int32 arrays.
-
-    Raises DataError for bad prompts and ConfigError for bad settings (both ValueErrors).
-    """
-    if isinstance(prompts, np.ndarray) and prompts.ndim == 2:  # [batch, seq]: equal lengths
-        prompts = list(prompts)
-    if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence) or len(prompts) == 0:
-        raise DataError("prompts must be a non-empty list of token-id lists, e.g. [[1, 15, 27]]; "
-                        f"got {prompts!r:.80}")
-    if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens <= 0:
-        raise ConfigError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
-    if not temperature >= 0:
-        raise ConfigError(f"temperature must be >= 0 (0 = greedy), got {temperature!r}")
-    if top_k is not None and (not isinstance(top_k, (int, np.integer))
-                              or not 0 < top_k <= config.vocab_size):
-        raise ConfigError(f"top_k must be in [1, vocab_size={config.vocab_size}] or None, got {top_k!r}")
-    if top_p is not None and not 0 < top_p <= 1:
-        raise ConfigError(f"top_p must be in (0, 1] or None, got {top_p!r}")
-    if eos_id is not None and not 0 <= eos_id < config.vocab_size:
-        raise ConfigError(f"eos_id={eos_id} is outside the model vocabulary [0, {config.vocab_size})")
-    arrays = []
-    for i, prompt in enumerate(prompts):
-        ids = np.asarray(prompt)
-        if ids.ndim != 1 or ids.size == 0 or not np.issubdtype(ids.dtype, np.integer):
-            raise DataError(f"prompt {i} must be a non-empty 1-D list of int token ids, got "
-                            f"{prompt!r:.80}; encode text with a tokenizer first (and add <s>)")
-        if ids.min() < 0 or ids.max() >= config.vocab_size:
-            bad = int(ids.max() if ids.max() >= config.vocab_size else ids.min())
-            raise DataError(
-                f"prompt {i} holds token id {bad}, outside the model vocabulary "
-                f"[0, {config.vocab_size}); the tokenizer does not match the model (check that "
-                "tokenizer.vocab_size <= ModelConfig.vocab_size)")
-        if ids.size + max_new_tokens > config.max_position_embeddings:
-            raise DataError(
-                f"prompt {i} has {ids.size} tokens; with max_new_tokens={max_new_tokens} that is "
-                f"{ids.size + max_new_tokens} > max_position_embeddings="
-                f"{config.max_position_embeddings}. Shorten the prompt or ask for fewer tokens")
-        arrays.append(ids.astype(np.int32))
-    return arrays
-
+# ---- padding ------------------------------------------------------------------------------
 
 def bucket_length(length: int) -> int:
     """Padded prompt length: next power of two >= 16 up to 256, then the next multiple of 256."""
@@ -213,9 +171,14 @@ def decode_step(config: ModelConfig, params: Any, tokens: Array, positions: Arra
     return logits[:, 0], cache
 
 
+def _is_stop(token: Array, stop_ids: Array) -> Array:
+    """[batch] bool: whether each token (tokens: [batch]) is one of stop_ids ([num_stop], -1 pads)."""
+    return jnp.any(token[:, None] == stop_ids[None, :], axis=-1)
+
+
 def _start(config: ModelConfig, sampler: Sampler, max_new_tokens: int, params: Any, tokens: Array,
            positions: Array, segment_ids: Array, num_real: Array, key: Array, temperature: Array,
-           eos_id: Array) -> DecodeState:
+           stop_ids: Array) -> DecodeState:
     """Prefill and sample the first new token."""
     batch, prompt_len = tokens.shape
     logits, cache = prefill(config, params, tokens, positions, segment_ids, prompt_len + max_new_tokens)
@@ -223,18 +186,18 @@ def _start(config: ModelConfig, sampler: Sampler, max_new_tokens: int, params: A
     padding_row = jnp.arange(batch) >= num_real
     out = jnp.full((batch, max_new_tokens), -1, jnp.int32).at[:, 0].set(first)
     return DecodeState(step=jnp.ones((), jnp.int32), cache=cache, tokens=out, last=first,
-                       positions=positions[:, -1] + 1, done=padding_row | (first == eos_id))
+                       positions=positions[:, -1] + 1, done=padding_row | _is_stop(first, stop_ids))
 
 
 def _advance(config: ModelConfig, sampler: Sampler, params: Any, state: DecodeState, key: Array,
-             temperature: Array, eos_id: Array) -> DecodeState:
+             temperature: Array, stop_ids: Array) -> DecodeState:
     """One decode step: feed `last`, sample the next token; finished rows record -1."""
     logits, cache = decode_step(config, params, state.last, state.positions, state.cache)
     token = sample_tokens(logits, jax.random.fold_in(key, state.step), temperature, sampler)
     recorded = jnp.where(state.done, -1, token)
     out = jax.lax.dynamic_update_slice(state.tokens, recorded[:, None], (0, state.step))
     return DecodeState(step=state.step + 1, cache=cache, tokens=out, last=token,
-                       positions=state.positions + 1, done=state.done | (token == eos_id))
+                       positions=state.positions + 1, done=state.done | _is_stop(token, stop_ids))
 
 
 @functools.lru_cache(maxsize=64)
@@ -242,13 +205,13 @@ def _compiled_generate(config: ModelConfig, sampler: Sampler, max_new_tokens: in
                        mesh: Any, rules: Any):
     """The jitted prefill + while_loop; one per static key (jit adds one executable per shape)."""
 
-    def run(params, tokens, positions, segment_ids, num_real, key, temperature, eos_id):
+    def run(params, tokens, positions, segment_ids, num_real, key, temperature, stop_ids):
         decode_config, params = decoding_config(config), unstack_layers(config, params)
         state = _start(decode_config, sampler, max_new_tokens, params, tokens, positions, segment_ids,
-                       num_real, key, temperature, eos_id)
+                       num_real, key, temperature, stop_ids)
         state = jax.lax.while_loop(
             lambda s: (s.step < max_new_tokens) & ~jnp.all(s.done),
-            lambda s: _advance(decode_config, sampler, params, s, key, temperature, eos_id), state)
+            lambda s: _advance(decode_config, sampler, params, s, key, temperature, stop_ids), state)
         return state.tokens
 
     return jax.jit(run)
@@ -266,10 +229,20 @@ def _compiled_stream(config: ModelConfig, sampler: Sampler, max_new_tokens: int,
 
 # ---- public API -----------------------------------------------------------------------------
 
+def _stop_array(stops: Sequence[int]) -> np.ndarray:
+    """[k * STOP_IDS_BUCKET] int32: the stop ids padded with -1 (a token no model produces)."""
+    size = max(1, -(-len(stops) // STOP_IDS_BUCKET)) * STOP_IDS_BUCKET
+    array = np.full(size, -1, np.int32)
+    array[:len(stops)] = stops
+    return array
+
+
 def _prepare(config, params, prompts, max_new_tokens, temperature, top_k, top_p, seed, eos_id,
-             mesh, rules):
+             stop_ids, mesh, rules):
     """Shared setup of generate/generate_stream: checks, static key, padded device inputs."""
-    arrays = check_generate_args(config, prompts, max_new_tokens, temperature, top_k, top_p, eos_id)
+    arrays = check_generate_args(config, prompts, max_new_tokens, temperature, top_k, top_p, eos_id,
+                                 stop_ids)
+    stops = all_stop_ids(eos_id, stop_ids)
     sampler = Sampler(greedy=temperature == 0, top_k=None if temperature == 0 else top_k,
                       top_p=None if temperature == 0 or top_p == 1 else top_p)
     data_parallel = 1
@@ -285,8 +258,8 @@ def _prepare(config, params, prompts, max_new_tokens, temperature, top_k, top_p,
     length = bucket_length(max(len(a) for a in arrays))
     tokens, positions, segment_ids = left_pad(arrays, length, batch)
     dynamic = (params, tokens, positions, segment_ids, np.int32(len(arrays)), jax.random.key(seed),
-               np.float32(temperature or 1.0), np.int32(-1 if eos_id is None else eos_id))
-    return sampler, mesh, rules, dynamic
+               np.float32(temperature or 1.0), _stop_array(stops))
+    return sampler, mesh, rules, dynamic, stops
 
 
 @contextlib.contextmanager
@@ -307,63 +280,65 @@ def _param_shardings(config: ModelConfig, mesh: jax.sharding.Mesh, rules: Rules)
 
 def generate(config: ModelConfig, params: Any, prompts: Sequence[Sequence[int]], max_new_tokens: int,
              *, temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
-             seed: int = 0, eos_id: int | None = None, mesh: jax.sharding.Mesh | None = None,
-             rules: Rules | None = None) -> list[list[int]]:
+             seed: int = 0, eos_id: int | None = None, stop_ids: Sequence[int] = (),
+             mesh: jax.sharding.Mesh | None = None, rules: Rules | None = None) -> list[list[int]]:
     """Continues each prompt by up to `max_new_tokens` tokens.
 
     Args:
       config, params: the model (params as from `init_params`/`load_hf`; pass device arrays to
         avoid a host-to-device copy per call).
       prompts: token-id lists of any lengths (include <s> yourself).
-      max_new_tokens: tokens to generate per prompt (fewer if eos comes first).
+      max_new_tokens: tokens to generate per prompt (fewer if a stop id comes first).
       temperature: 0 is greedy (argmax); > 0 samples from softmax(logits / temperature).
       top_k, top_p: keep only the k likeliest tokens / the smallest nucleus of probability
         >= top_p before sampling (ignored when greedy).
       seed: sampling seed; the same seed, prompts and settings give the same samples.
       eos_id: stop a row once it produces this token (the token is returned).
+      stop_ids: more ids that stop a row, like eos_id (pass `tokenizer.stop_ids`: Llama-3-Instruct
+        ends turns with `<|eot_id|>`, ChatML models with `<|im_end|>`).
       mesh, rules: run sharded: params are placed by the logical-axis `rules` (default
         `llamax.sharding.LOGICAL_AXIS_RULES`) and the batch is split over the data axes.
 
     Returns:
-      The new tokens of each prompt, in order: up to and including the first eos_id.
+      The new tokens of each prompt, in order: up to and including the first stop id.
     """
-    sampler, mesh, rules, dynamic = _prepare(config, params, prompts, max_new_tokens, temperature,
-                                             top_k, top_p, seed, eos_id, mesh, rules)
+    sampler, mesh, rules, dynamic, stops = _prepare(config, params, prompts, max_new_tokens, temperature,
+                                                    top_k, top_p, seed, eos_id, stop_ids, mesh, rules)
     with _sharding_context(mesh, rules):
         tokens = _compiled_generate(config, sampler, max_new_tokens, mesh, rules)(*dynamic)
     tokens = np.asarray(jax.device_get(tokens))  # [batch, max_new_tokens]; the one host sync
-    return [_until_eos(row, eos_id) for row in tokens[:len(prompts)]]
+    return [_until_stop(row, stops) for row in tokens[:len(prompts)]]
 
 
-def _until_eos(row: np.ndarray, eos_id: int | None) -> list[int]:
+def _until_stop(row: np.ndarray, stops: Sequence[int]) -> list[int]:
+    """The produced tokens of one row, cut after its first stop id."""
     row = row[row >= 0].tolist()
-    if eos_id is not None and eos_id in row:
-        row = row[:row.index(eos_id) + 1]
-    return row
+    ends = [index for index, token in enumerate(row) if token in stops]
+    return row[:ends[0] + 1] if ends else row
 
 
 def generate_stream(config: ModelConfig, params: Any, prompt: Sequence[int], max_new_tokens: int,
                     *, temperature: float = 0.0, top_k: int | None = None,
                     top_p: float | None = None, seed: int = 0, eos_id: int | None = None,
-                    mesh: jax.sharding.Mesh | None = None, rules: Rules | None = None
-                    ) -> Iterator[int]:
+                    stop_ids: Sequence[int] = (), mesh: jax.sharding.Mesh | None = None,
+                    rules: Rules | None = None) -> Iterator[int]:
     """Like `generate` for one prompt, but yields each new token as soon as it is sampled.
 
     Syncs with the host once per token (use `generate` for throughput). With the same arguments
     it yields exactly `generate(config, params, [prompt], ...)[0]`.
     """
-    sampler, mesh, rules, dynamic = _prepare(config, params, [prompt], max_new_tokens, temperature,
-                                             top_k, top_p, seed, eos_id, mesh, rules)
+    sampler, mesh, rules, dynamic, stops = _prepare(config, params, [prompt], max_new_tokens, temperature,
+                                                    top_k, top_p, seed, eos_id, stop_ids, mesh, rules)
     unstack, start, advance = _compiled_stream(config, sampler, max_new_tokens, mesh, rules)
-    key, temperature_, eos_ = dynamic[5:]
+    key, temperature_, stop_array = dynamic[5:]
     with _sharding_context(mesh, rules):  # entered per call: the caller runs between yields
         params = unstack(dynamic[0])
         state = start(params, *dynamic[1:])
     for step in range(max_new_tokens):
         if step:
             with _sharding_context(mesh, rules):
-                state = advance(params, state, key, temperature_, eos_)
+                state = advance(params, state, key, temperature_, stop_array)
         token = int(state.last[0])  # the per-token host sync
         yield token
-        if token == eos_id:
+        if token in stops:
             return

@@ -54,6 +54,17 @@ from llamax.train.checkpoint_tree import (as_abstract, check_compatible, host_ab
 
 logger = logging.getLogger(__name__)
 
+
+class _QuietReadOnlyNote(logging.Filter):
+    """Drops orbax's note that a reader's directory is read only: every evaluation, export and
+    resume check opens one, and the note reads like a problem."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Given directory is read only")
+
+
+logging.getLogger("absl").addFilter(_QuietReadOnlyNote())
+
 PyTree = Any
 STATE_ITEM = "state"
 EXTRAS_ITEM = "extras"
@@ -87,8 +98,9 @@ class Checkpointer:
                 f"Checkpoint directory {self._directory} does not exist; expected the "
                 "`checkpoints` folder of a training run (it holds one sub-directory per step)."
             )
+        # A reader keeps every step and saves none (what orbax would otherwise set, with a warning).
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=keep, save_interval_steps=save_interval_steps,
+            max_to_keep=None if read_only else keep, save_interval_steps=0 if read_only else save_interval_steps,
             enable_async_checkpointing=async_save, read_only=read_only, create=not read_only,
         )
         self._manager = ocp.CheckpointManager(

@@ -12,7 +12,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from llamax.errors import ConfigError, check_int
+from llamax.dtypes import float_dtype_name
+from llamax.errors import ConfigError, check_field_types, check_int
 from llamax.tree_paths import path_names
 
 DECAYS = ("cosine", "linear", "constant")
@@ -55,6 +56,9 @@ class OptimConfig:
     opt_state_dtype: str = "float32"
 
     def __post_init__(self):
+        object.__setattr__(self, "opt_state_dtype",
+                           float_dtype_name(self.opt_state_dtype, "OptimConfig.opt_state_dtype"))
+        check_field_types(self)
         if not self.learning_rate >= 0:
             raise ConfigError(f"OptimConfig.learning_rate must be >= 0, got {self.learning_rate}")
         if self.decay not in DECAYS:
@@ -77,10 +81,6 @@ class OptimConfig:
         if self.clip_norm is not None and self.clip_norm < 0:
             raise ConfigError(f"OptimConfig.clip_norm must be > 0, or 0/None to disable; got {self.clip_norm}")
         check_int(self.grad_accum_steps, "OptimConfig.grad_accum_steps", 1)
-        try:
-            jnp.dtype(self.opt_state_dtype)
-        except TypeError as exc:
-            raise ConfigError(f"OptimConfig.opt_state_dtype={self.opt_state_dtype!r} is not a dtype") from exc
 
     def replace(self, **changes: Any) -> "OptimConfig":
         return dataclasses.replace(self, **changes)
