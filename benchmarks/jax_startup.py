@@ -6,7 +6,8 @@ Each measurement is a fresh interpreter (this one's: run it once from a venv wit
 once from one with it) timing `import jax`, the first `jax.devices()`, and counting the lines the
 process wrote to stderr, for three setups: JAX_PLATFORMS unset, JAX_PLATFORMS=cpu (what
 tests/conftest.py sets), and unset but calling `llamax.distributed.use_cpu_without_accelerators()`
-first (what `experiments.train` does). Minimum over repeats.
+first, and unset but importing the `experiments` package first (what every CLI does). The
+device-query column includes the setup line. Minimum over repeats.
 """
 from __future__ import annotations
 
@@ -34,6 +35,7 @@ SETUPS = {
     "JAX_PLATFORMS=cpu": ({"JAX_PLATFORMS": "cpu"}, ""),
     "unset + use_cpu_without_accelerators()": (
         {}, "from llamax.distributed import use_cpu_without_accelerators; use_cpu_without_accelerators()"),
+    "unset + import experiments (any CLI)": ({}, "import experiments"),
 }
 
 
@@ -52,16 +54,29 @@ def measure(setup: str, repeats: int) -> dict:
                 platform=runs[0][2], stderr_lines=max(r[3] for r in runs), repeats=repeats)
 
 
+def _version(package: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return None
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--json")
     args = parser.parse_args(argv)
+    load_start = os.getloadavg()
     rows = [measure(setup, args.repeats) for setup in SETUPS]
     for row in rows:
         print(json.dumps(row))
     if args.json:
-        Path(args.json).write_text(json.dumps(dict(rows=rows, load_average=os.getloadavg()), indent=2) + "\n")
+        cpu = subprocess.run("lscpu | grep 'Model name'", shell=True, capture_output=True, text=True).stdout
+        record = dict(rows=rows, cpu=cpu.split(":", 1)[-1].strip(), cores=os.cpu_count(), jax=_version("jax"),
+                      libtpu=_version("libtpu"), load_average_start=load_start, load_average_end=os.getloadavg())
+        Path(args.json).write_text(json.dumps(record, indent=2) + "\n")
     return rows
 
 

@@ -66,7 +66,7 @@ def _run_bindings(gin_files: list[str], bindings: list[str]) -> dict:
         return {name: copy.deepcopy(run[name]) for name in
                 ("model_config", "optim_config", "mesh_config", "train_config", "lora_config") if name in run}
     except gin_config.GIN_ERRORS as error:
-        raise gin_config.GinError(gin_config.explain_gin_error(error)) from error
+        raise gin_config.GinError(gin_config.name_the_binding(gin_config.explain_gin_error(error), bindings)) from error
 
 
 def gin_flag(setting: str, value) -> str:

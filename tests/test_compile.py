@@ -191,6 +191,16 @@ def test_cpu_hosts_skip_the_libtpu_probe():
     assert chosen.stdout.split()[0] == "False"  # the user's choice is left alone
 
 
+def test_clis_stay_on_the_cpu_quietly():
+    """Every CLI (any experiments.* module) on a host without accelerators: CPU devices and an
+    empty stderr, libtpu installed or not (importing the experiments package does it)."""
+    code = "import experiments.sample\nimport jax\nprint(jax.devices()[0].platform)"
+    env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS" and not k.startswith("TPU_")}
+    result = subprocess.run([sys.executable, "-c", code], env=dict(env, PYTHONPATH=str(REPO)),
+                            capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert (result.stdout.strip(), result.stderr) == ("cpu", "")
+
+
 def test_knobs_follow_what_overflowed():
     """Without compiling: a report whose train step overflowed in temporaries."""
     from llamax.aot.compile import CompileReport, ProgramReport
