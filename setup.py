@@ -73,8 +73,9 @@ setup(
                                     "configs", "configs.*"]),
     package_data={"configs": ["*/*.gin", "*/*.py"]},
     install_requires=CORE,
+    # xprof: TensorBoard's profile plugin (and its own server) for PROFILE_STEPS traces.
     extras_require={"convert": CONVERT, "tpu": TPU, "test": TEST + CONVERT + TPU,
-                    "all": TEST + CONVERT + TPU},
+                    "all": TEST + CONVERT + TPU, "profile": ["xprof==2.24.2"]},
     entry_points={"console_scripts": [
         "llamax-train = experiments.train:main",
         "llamax-convert = experiments.convert:main",

@@ -5,7 +5,7 @@
 Each measurement is a fresh interpreter (this one's: run it once from a venv without libtpu and
 once from one with it) timing `import jax`, the first `jax.devices()`, and counting the lines the
 process wrote to stderr, for three setups: JAX_PLATFORMS unset, JAX_PLATFORMS=cpu (what
-tests/conftest.py sets), and unset but calling `llamax.distributed.use_cpu_without_accelerators()`
+tests/conftest.py sets), and unset but calling `llamax.backends.use_cpu_without_accelerators()`
 first, and unset but importing the `experiments` package first (what every CLI does). The
 device-query column includes the setup line. Minimum over repeats.
 """
@@ -34,7 +34,7 @@ SETUPS = {
     "JAX_PLATFORMS unset": ({}, ""),
     "JAX_PLATFORMS=cpu": ({"JAX_PLATFORMS": "cpu"}, ""),
     "unset + use_cpu_without_accelerators()": (
-        {}, "from llamax.distributed import use_cpu_without_accelerators; use_cpu_without_accelerators()"),
+        {}, "from llamax.backends import use_cpu_without_accelerators; use_cpu_without_accelerators()"),
     "unset + import experiments (any CLI)": ({}, "import experiments"),
 }
 

@@ -176,8 +176,8 @@ def test_cli_bad_input_is_one_line_exit_2(tmp_path):
 
 def test_cpu_hosts_skip_the_libtpu_probe():
     """With libtpu installed and no TPU chip, a process that calls use_cpu_without_accelerators
-    (experiments.train does) never loads libtpu: CPU devices, nothing on stderr."""
-    code = ("from llamax.distributed import use_cpu_without_accelerators as use_cpu\n"
+    (every CLI does) never loads libtpu: CPU devices, nothing on stderr."""
+    code = ("from llamax.backends import use_cpu_without_accelerators as use_cpu\n"
             "chose = use_cpu()\nimport jax\nprint(chose, jax.devices()[0].platform)")
     env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS" and not k.startswith("TPU_")}
     result = subprocess.run([sys.executable, "-c", code], env=dict(env, PYTHONPATH=str(REPO)),
