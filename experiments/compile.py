@@ -25,6 +25,8 @@ import json
 import sys
 from pathlib import Path
 
+from experiments.cli import fail
+
 # Macros a run file may leave to the command line, with stand-ins: they name files and step
 # counts, none changes a compiled program's shapes.
 PLACEHOLDER_MACROS = {"MODEL_DIR": "'/nonexistent/llamax-compile'", "TRAIN_STEPS": "1000000",
@@ -87,9 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     bindings = [a[len("--gin."):] for a in argv if a.startswith("--gin.")]
     args, unknown = _parser().parse_known_args([a for a in argv if not a.startswith("--gin.")])
     if unknown or not args.gin_file:
-        print(f"error: {'unexpected arguments ' + ' '.join(unknown) if unknown else 'pass --gin_file=...'}"
-              "; see python -m experiments.compile --help", file=sys.stderr)
-        return 2
+        return fail(f"{'unexpected arguments ' + ' '.join(unknown) if unknown else 'pass --gin_file=...'}"
+                    "; see python -m experiments.compile --help", code=2)
 
     from llamax.aot.topology import Topology, configure_compile_only_host
     from llamax.errors import ConfigError
@@ -97,14 +98,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         topology = Topology.parse(args.topology)
     except ConfigError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+        return fail(error, code=2)
     configure_compile_only_host(topology)  # before anything initializes JAX's backends
     try:
         run = _run_bindings(args.gin_file, bindings)
     except ConfigError as error:  # GinError too: the file or binding and the fix, one line
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+        return fail(error, code=2)
     return _compile_and_report(run, topology, args)
 
 
@@ -116,9 +115,8 @@ def _compile_and_report(run: dict, topology, args: argparse.Namespace) -> int:
 
     model_config, train_config = run.get("model_config"), run.get("train_config")
     if model_config is None or train_config is None:
-        print("error: the gin files bind no train.run model_config/train_config; include a model "
-              "file and a run file (e.g. configs/runs/pretrain.gin)", file=sys.stderr)
-        return 2
+        return fail("the gin files bind no train.run model_config/train_config; include a model "
+                    "file and a run file (e.g. configs/runs/pretrain.gin)", code=2)
     optim_config = run.get("optim_config") or OptimConfig()
     mesh_config = run.get("mesh_config") or MeshConfig()
     try:
@@ -132,8 +130,7 @@ def _compile_and_report(run: dict, topology, args: argparse.Namespace) -> int:
                              lora_config=run.get("lora_config"), dump_hlo=args.dump_hlo,
                              programs=tuple(args.programs.split(",")))
     except ValueError as error:  # ConfigError and every llamax error: one line, no traceback
-        print(f"error: {type(error).__name__}: {str(error).splitlines()[0]}", file=sys.stderr)
-        return 2
+        return fail(f"{type(error).__name__}: {error}", code=2)
     print(format_report(report))
     knobs = [] if report.fits else memory_knobs(report, model_config, optim_config)
     if knobs:
