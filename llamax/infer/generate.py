@@ -4,43 +4,48 @@ Ragged prompts are left-padded into one batch: padding carries segment id 0 (so 
 attends to it) and every row gets its own RoPE positions (0, 1, ... from its first real token),
 so each prompt continues exactly as it would alone. The decode loop is a `lax.while_loop` that
 keeps all tokens on device (one host transfer per call) and exits early once every row has
-produced `eos_id`.
+produced an `eos_id` (one id or several, e.g. Llama-3's `<|eot_id|>` and `<|end_of_text|>`).
+
+With a `stop` callback (stop strings, say) the loop runs in chunks of `check_every` tokens; between
+chunks the host asks `stop` about every unfinished row and ends the rows it names, so a batch
+whose answers are short does not decode all `max_new_tokens`. Chunking never changes the tokens:
+row r's step-s sample always draws with the same key.
+
+Sharded (`mesh=`) generation runs on every process of a multi-process mesh: each process passes
+the same prompts and gets every row back.
 
 Compilation is cached per (batch bucket, prompt-length bucket, max_new_tokens, sampler): batch
 sizes round up to a power of two and prompt lengths to a power of two (>= 16, then multiples of
 256), so prompts of similar length reuse one executable.
 
 Returned sequences follow `transformers.generate`: new tokens only, up to and *including* the
-first `eos_id`; nothing after it.
+first eos id; nothing after it.
 """
 from __future__ import annotations
 
 import contextlib
 import functools
-from typing import Any, Iterator, NamedTuple, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
 
 from llamax.config import ModelConfig
-from llamax.errors import ConfigError, DataError
+from llamax.errors import ConfigError
+from llamax.infer.batching import (EosIds, bucket_batch, bucket_length, check_generate_args,  # noqa: F401
+                                   eos_ids, left_pad)
+from llamax.infer.sampling import Sampler, filter_logits, sample_tokens  # noqa: F401 (re-exported)
 from llamax.model.llama import KVCache, Llama
 
 Array = jax.Array
 Rules = Sequence[tuple[str, Any]]
+StopFn = Callable[[int, list[int]], bool]
 
 CACHE_AXES = ("layers", "batch", "length", "act_kv_heads", "head_dim")
-
-
-class Sampler(NamedTuple):
-    """Static sampling settings (part of the compile key). Greedy ignores top_k/top_p."""
-
-    greedy: bool
-    top_k: int | None
-    top_p: float | None
 
 
 @flax.struct.dataclass
@@ -53,118 +58,6 @@ class DecodeState:
     last: Array  # [batch] int32: the token produced at step - 1, fed next
     positions: Array  # [batch] int32: RoPE position of `last`
     done: Array  # [batch] bool: row has produced eos (or is batch padding)
-
-
-# ---- input checks and padding ---------------------------------------------------------------
-
-def check_generate_args(config: ModelConfig, prompts: Sequence[Sequence[int]], max_new_tokens: int,
-                        temperature: float, top_k: int | None, top_p: float | None,
-                        eos_id: int | None) -> list[np.ndarray]:
-    """Validates generation inputs; returns the prompts as int32 arrays.
-
-    Raises DataError for bad prompts and ConfigError for bad settings (both ValueErrors).
-    """
-    if isinstance(prompts, np.ndarray) and prompts.ndim == 2:  # [batch, seq]: equal lengths
-        prompts = list(prompts)
-    if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence) or len(prompts) == 0:
-        raise DataError("prompts must be a non-empty list of token-id lists, e.g. [[1, 15, 27]]; "
-                        f"got {prompts!r:.80}")
-    if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens <= 0:
-        raise ConfigError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
-    if not temperature >= 0:
-        raise ConfigError(f"temperature must be >= 0 (0 = greedy), got {temperature!r}")
-    if top_k is not None and (not isinstance(top_k, (int, np.integer))
-                              or not 0 < top_k <= config.vocab_size):
-        raise ConfigError(f"top_k must be in [1, vocab_size={config.vocab_size}] or None, got {top_k!r}")
-    if top_p is not None and not 0 < top_p <= 1:
-        raise ConfigError(f"top_p must be in (0, 1] or None, got {top_p!r}")
-    if eos_id is not None and not 0 <= eos_id < config.vocab_size:
-        raise ConfigError(f"eos_id={eos_id} is outside the model vocabulary [0, {config.vocab_size})")
-    arrays = []
-    for i, prompt in enumerate(prompts):
-        ids = np.asarray(prompt)
-        if ids.ndim != 1 or ids.size == 0 or not np.issubdtype(ids.dtype, np.integer):
-            raise DataError(f"prompt {i} must be a non-empty 1-D list of int token ids, got "
-                            f"{prompt!r:.80}; encode text with a tokenizer first (and add <s>)")
-        if ids.min() < 0 or ids.max() >= config.vocab_size:
-            bad = int(ids.max() if ids.max() >= config.vocab_size else ids.min())
-            raise DataError(
-                f"prompt {i} holds token id {bad}, outside the model vocabulary "
-                f"[0, {config.vocab_size}); the tokenizer does not match the model (check that "
-                "tokenizer.vocab_size <= ModelConfig.vocab_size)")
-        if ids.size + max_new_tokens > config.max_position_embeddings:
-            raise DataError(
-                f"prompt {i} has {ids.size} tokens; with max_new_tokens={max_new_tokens} that is "
-                f"{ids.size + max_new_tokens} > max_position_embeddings="
-                f"{config.max_position_embeddings}. Shorten the prompt or ask for fewer tokens")
-        arrays.append(ids.astype(np.int32))
-    return arrays
-
-
-def bucket_length(length: int) -> int:
-    """Padded prompt length: next power of two >= 16 up to 256, then the next multiple of 256."""
-    if length <= 256:
-        return max(16, 1 << (length - 1).bit_length())
-    return -(-length // 256) * 256
-
-
-def bucket_batch(batch: int, multiple_of: int = 1) -> int:
-    """Padded batch size: next power of two, rounded up to a multiple of `multiple_of`."""
-    size = 1 << (batch - 1).bit_length()
-    return -(-size // multiple_of) * multiple_of
-
-
-def left_pad(prompts: Sequence[np.ndarray], length: int, batch: int | None = None
-             ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Right-aligns prompts in a [batch, length] grid.
-
-    Returns (tokens, positions, segment_ids), each [batch, length] int32: padding has token 0,
-    position 0 and segment 0; real tokens have positions 0..len-1 and segment 1. Rows past
-    len(prompts) (batch padding) hold a single token 0.
-    """
-    batch = batch or len(prompts)
-    tokens = np.zeros((batch, length), np.int32)
-    segment_ids = np.zeros((batch, length), np.int32)
-    for row in range(batch):
-        prompt = prompts[row] if row < len(prompts) else np.zeros(1, np.int32)
-        tokens[row, length - len(prompt):] = prompt
-        segment_ids[row, length - len(prompt):] = 1
-    positions = np.maximum(np.cumsum(segment_ids, axis=1) - 1, 0).astype(np.int32)
-    return tokens, positions, segment_ids
-
-
-# ---- sampling -------------------------------------------------------------------------------
-
-def filter_logits(logits: Array, top_k: int | None = None, top_p: float | None = None) -> Array:
-    """Sets logits outside the top-k set and outside the top-p nucleus to -inf.
-
-    The nucleus is the smallest set of most likely tokens whose probability reaches `top_p`
-    (the most likely token is always kept), as in transformers' TopPLogitsWarper; top-k is
-    applied first. logits: [..., vocab] float32.
-    """
-    if top_k is not None:
-        kth_largest = jax.lax.top_k(logits, top_k)[0][..., -1:]  # [..., 1]
-        logits = jnp.where(logits < kth_largest, -jnp.inf, logits)
-    if top_p is not None and top_p < 1:
-        sorted_logits = jnp.sort(logits, axis=-1)  # [..., vocab] ascending
-        # Tail mass (this token and every less likely one), summed from the small end: a sum from
-        # the top rounds to 1.0 in float32 before the last tokens when top_p is close to 1.
-        tail_mass = jnp.cumsum(jax.nn.softmax(sorted_logits, axis=-1), axis=-1)
-        dropped = tail_mass <= 1.0 - top_p  # the least likely tokens outside the nucleus
-        num_dropped = jnp.minimum(jnp.sum(dropped, axis=-1, keepdims=True), logits.shape[-1] - 1)
-        threshold = jnp.take_along_axis(sorted_logits, num_dropped, axis=-1)  # [..., 1]
-        logits = jnp.where(logits < threshold, -jnp.inf, logits)
-    return logits
-
-
-def sample_tokens(logits: Array, key: Array, temperature: Array, sampler: Sampler) -> Array:
-    """Next tokens [batch] from logits [batch, vocab]; row r draws with fold_in(key, r), so a
-    row's sample does not depend on what else is in the batch."""
-    if sampler.greedy:
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    logits = filter_logits(logits / temperature, sampler.top_k, sampler.top_p)
-    row_keys = jax.vmap(lambda row: jax.random.fold_in(key, row))(jnp.arange(logits.shape[0]))
-    return jax.vmap(jax.random.categorical)(row_keys, logits).astype(jnp.int32)
 
 
 # ---- model calls ----------------------------------------------------------------------------
@@ -215,7 +108,7 @@ def decode_step(config: ModelConfig, params: Any, tokens: Array, positions: Arra
 
 def _start(config: ModelConfig, sampler: Sampler, max_new_tokens: int, params: Any, tokens: Array,
            positions: Array, segment_ids: Array, num_real: Array, key: Array, temperature: Array,
-           eos_id: Array) -> DecodeState:
+           eos: Array) -> DecodeState:
     """Prefill and sample the first new token."""
     batch, prompt_len = tokens.shape
     logits, cache = prefill(config, params, tokens, positions, segment_ids, prompt_len + max_new_tokens)
@@ -223,18 +116,23 @@ def _start(config: ModelConfig, sampler: Sampler, max_new_tokens: int, params: A
     padding_row = jnp.arange(batch) >= num_real
     out = jnp.full((batch, max_new_tokens), -1, jnp.int32).at[:, 0].set(first)
     return DecodeState(step=jnp.ones((), jnp.int32), cache=cache, tokens=out, last=first,
-                       positions=positions[:, -1] + 1, done=padding_row | (first == eos_id))
+                       positions=positions[:, -1] + 1, done=padding_row | _is_eos(first, eos))
+
+
+def _is_eos(tokens: Array, eos: Array) -> Array:
+    """tokens [batch] -> [batch] bool: the token is one of the eos ids `eos` [num_eos] (-1 = none)."""
+    return jnp.any(tokens[:, None] == eos[None, :], axis=-1)
 
 
 def _advance(config: ModelConfig, sampler: Sampler, params: Any, state: DecodeState, key: Array,
-             temperature: Array, eos_id: Array) -> DecodeState:
+             temperature: Array, eos: Array) -> DecodeState:
     """One decode step: feed `last`, sample the next token; finished rows record -1."""
     logits, cache = decode_step(config, params, state.last, state.positions, state.cache)
     token = sample_tokens(logits, jax.random.fold_in(key, state.step), temperature, sampler)
     recorded = jnp.where(state.done, -1, token)
     out = jax.lax.dynamic_update_slice(state.tokens, recorded[:, None], (0, state.step))
     return DecodeState(step=state.step + 1, cache=cache, tokens=out, last=token,
-                       positions=state.positions + 1, done=state.done | (token == eos_id))
+                       positions=state.positions + 1, done=state.done | _is_eos(token, eos))
 
 
 @functools.lru_cache(maxsize=64)
@@ -242,29 +140,59 @@ def _compiled_generate(config: ModelConfig, sampler: Sampler, max_new_tokens: in
                        mesh: Any, rules: Any):
     """The jitted prefill + while_loop; one per static key (jit adds one executable per shape)."""
 
-    def run(params, tokens, positions, segment_ids, num_real, key, temperature, eos_id):
+    def run(params, tokens, positions, segment_ids, num_real, key_data, temperature, eos):
         decode_config, params = decoding_config(config), unstack_layers(config, params)
+        key = jax.random.wrap_key_data(key_data)
         state = _start(decode_config, sampler, max_new_tokens, params, tokens, positions, segment_ids,
-                       num_real, key, temperature, eos_id)
+                       num_real, key, temperature, eos)
         state = jax.lax.while_loop(
             lambda s: (s.step < max_new_tokens) & ~jnp.all(s.done),
-            lambda s: _advance(decode_config, sampler, params, s, key, temperature, eos_id), state)
+            lambda s: _advance(decode_config, sampler, params, s, key, temperature, eos), state)
         return state.tokens
 
-    return jax.jit(run)
+    return jax.jit(run, out_shardings=_replicated(mesh))
 
 
 @functools.lru_cache(maxsize=64)
 def _compiled_stream(config: ModelConfig, sampler: Sampler, max_new_tokens: int, mesh: Any, rules: Any):
-    """(unstack, start, advance): params are converted to the decoding layout once per call."""
+    """(unstack, start, advance, extend, peek): the decode loop in pieces. Params are converted to
+    the decoding layout once per call; `extend` runs the loop up to a given step; `peek` copies
+    (step, tokens, done) to every process."""
     decode_config = decoding_config(config)
     unstack = jax.jit(functools.partial(unstack_layers, config))
-    start = jax.jit(functools.partial(_start, decode_config, sampler, max_new_tokens))
-    advance = jax.jit(functools.partial(_advance, decode_config, sampler), donate_argnums=(1,))
-    return unstack, start, advance
+
+    def start(params, tokens, positions, segment_ids, num_real, key_data, temperature, eos):
+        return _start(decode_config, sampler, max_new_tokens, params, tokens, positions, segment_ids,
+                      num_real, jax.random.wrap_key_data(key_data), temperature, eos)
+
+    def advance(params, state, key_data, temperature, eos):
+        return _advance(decode_config, sampler, params, state, jax.random.wrap_key_data(key_data),
+                        temperature, eos)
+
+    def extend(params, state, until_step, stopped, key_data, temperature, eos):
+        state = state.replace(done=state.done | stopped)  # rows the host ended (stop strings)
+        return jax.lax.while_loop(lambda s: (s.step < until_step) & ~jnp.all(s.done),
+                                  lambda s: advance(params, s, key_data, temperature, eos), state)
+
+    peek = jax.jit(lambda state: (state.step, state.tokens, state.done), out_shardings=_replicated(mesh))
+    return (unstack, jax.jit(start), jax.jit(advance, donate_argnums=(1,)),
+            jax.jit(extend, donate_argnums=(1,)), peek)
 
 
 # ---- public API -----------------------------------------------------------------------------
+
+def _replicated(mesh: jax.sharding.Mesh | None) -> NamedSharding | None:
+    return None if mesh is None else NamedSharding(mesh, PartitionSpec())
+
+
+def _on_mesh(value: np.ndarray, mesh: jax.sharding.Mesh | None) -> Any:
+    """A host value every process holds alike, as a global replicated array when the mesh spans
+    several processes (jit refuses host arrays there); unchanged otherwise."""
+    if mesh is None or jax.process_count() == 1:
+        return value
+    value = np.asarray(value)
+    return jax.make_array_from_callback(value.shape, _replicated(mesh), lambda index: value[index])
+
 
 def _prepare(config, params, prompts, max_new_tokens, temperature, top_k, top_p, seed, eos_id,
              mesh, rules):
@@ -283,10 +211,10 @@ def _prepare(config, params, prompts, max_new_tokens, temperature, top_k, top_p,
         rules = None
     batch = bucket_batch(len(arrays), data_parallel)
     length = bucket_length(max(len(a) for a in arrays))
-    tokens, positions, segment_ids = left_pad(arrays, length, batch)
-    dynamic = (params, tokens, positions, segment_ids, np.int32(len(arrays)), jax.random.key(seed),
-               np.float32(temperature or 1.0), np.int32(-1 if eos_id is None else eos_id))
-    return sampler, mesh, rules, dynamic
+    host = (*left_pad(arrays, length, batch), np.int32(len(arrays)),
+            np.asarray(jax.random.key_data(jax.random.key(seed))), np.float32(temperature or 1.0),
+            np.asarray(eos_ids(eos_id) or (-1,), np.int32))
+    return sampler, mesh, rules, (params, *(_on_mesh(value, mesh) for value in host))
 
 
 @contextlib.contextmanager
@@ -307,8 +235,8 @@ def _param_shardings(config: ModelConfig, mesh: jax.sharding.Mesh, rules: Rules)
 
 def generate(config: ModelConfig, params: Any, prompts: Sequence[Sequence[int]], max_new_tokens: int,
              *, temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
-             seed: int = 0, eos_id: int | None = None, mesh: jax.sharding.Mesh | None = None,
-             rules: Rules | None = None) -> list[list[int]]:
+             seed: int = 0, eos_id: EosIds = None, stop: StopFn | None = None, check_every: int = 16,
+             mesh: jax.sharding.Mesh | None = None, rules: Rules | None = None) -> list[list[int]]:
     """Continues each prompt by up to `max_new_tokens` tokens.
 
     Args:
@@ -320,31 +248,57 @@ def generate(config: ModelConfig, params: Any, prompts: Sequence[Sequence[int]],
       top_k, top_p: keep only the k likeliest tokens / the smallest nucleus of probability
         >= top_p before sampling (ignored when greedy).
       seed: sampling seed; the same seed, prompts and settings give the same samples.
-      eos_id: stop a row once it produces this token (the token is returned).
+      eos_id: stop a row once it produces this token, or any of these tokens (it is returned).
+      stop: `stop(row, new_tokens) -> bool`, asked on the host every `check_every` tokens about
+        each unfinished row (its new tokens so far); True ends that row. The row's result is
+        what it had generated by then (up to `check_every - 1` tokens past the point `stop`
+        looks for: cut them yourself, e.g. at the stop string).
       mesh, rules: run sharded: params are placed by the logical-axis `rules` (default
         `llamax.sharding.LOGICAL_AXIS_RULES`) and the batch is split over the data axes.
 
     Returns:
-      The new tokens of each prompt, in order: up to and including the first eos_id.
+      The new tokens of each prompt, in order: up to and including the first eos id.
     """
+    if stop is not None and (not isinstance(check_every, int) or check_every < 1):
+        raise ConfigError(f"check_every must be a positive integer, got {check_every!r}")
     sampler, mesh, rules, dynamic = _prepare(config, params, prompts, max_new_tokens, temperature,
                                              top_k, top_p, seed, eos_id, mesh, rules)
     with _sharding_context(mesh, rules):
-        tokens = _compiled_generate(config, sampler, max_new_tokens, mesh, rules)(*dynamic)
-    tokens = np.asarray(jax.device_get(tokens))  # [batch, max_new_tokens]; the one host sync
+        if stop is None:
+            tokens = _compiled_generate(config, sampler, max_new_tokens, mesh, rules)(*dynamic)
+            tokens = np.asarray(jax.device_get(tokens))  # [batch, max_new_tokens]; the one host sync
+        else:
+            tokens = _generate_in_chunks(config, sampler, max_new_tokens, mesh, rules, dynamic,
+                                         len(prompts), eos_id, stop, check_every)
     return [_until_eos(row, eos_id) for row in tokens[:len(prompts)]]
 
 
-def _until_eos(row: np.ndarray, eos_id: int | None) -> list[int]:
+def _generate_in_chunks(config, sampler, max_new_tokens, mesh, rules, dynamic, num_prompts, eos_id,
+                        stop, check_every) -> np.ndarray:
+    """The decode loop `check_every` steps at a time; between chunks `stop` ends rows on the host."""
+    unstack, start, _, extend, peek = _compiled_stream(config, sampler, max_new_tokens, mesh, rules)
+    params, key_eos = unstack(dynamic[0]), dynamic[5:]
+    state = start(params, *dynamic[1:])
+    stopped = np.zeros(dynamic[1].shape[0], bool)  # [batch] rows ended by `stop`
+    step = 1
+    while True:
+        state = extend(params, state, _on_mesh(np.int32(min(step + check_every - 1, max_new_tokens)), mesh),
+                       _on_mesh(stopped, mesh), *key_eos)
+        step, tokens, done = (np.asarray(x) for x in jax.device_get(peek(state)))
+        for row in range(num_prompts):
+            if not (done[row] or stopped[row]):
+                stopped[row] = bool(stop(row, _until_eos(tokens[row], eos_id)))
+        if step >= max_new_tokens or np.all(done | stopped):
+            return tokens
+
+
+def _until_eos(row: np.ndarray, eos_id: EosIds) -> list[int]:
     row = row[row >= 0].tolist()
-    if eos_id is not None and eos_id in row:
-        row = row[:row.index(eos_id) + 1]
-    return row
-
-
+    ends = [i for i, token in enumerate(row) if token in eos_ids(eos_id)]
+    return row[:ends[0] + 1] if ends else row
 def generate_stream(config: ModelConfig, params: Any, prompt: Sequence[int], max_new_tokens: int,
                     *, temperature: float = 0.0, top_k: int | None = None,
-                    top_p: float | None = None, seed: int = 0, eos_id: int | None = None,
+                    top_p: float | None = None, seed: int = 0, eos_id: EosIds = None,
                     mesh: jax.sharding.Mesh | None = None, rules: Rules | None = None
                     ) -> Iterator[int]:
     """Like `generate` for one prompt, but yields each new token as soon as it is sampled.
@@ -354,7 +308,7 @@ def generate_stream(config: ModelConfig, params: Any, prompt: Sequence[int], max
     """
     sampler, mesh, rules, dynamic = _prepare(config, params, [prompt], max_new_tokens, temperature,
                                              top_k, top_p, seed, eos_id, mesh, rules)
-    unstack, start, advance = _compiled_stream(config, sampler, max_new_tokens, mesh, rules)
+    unstack, start, advance, _, _ = _compiled_stream(config, sampler, max_new_tokens, mesh, rules)
     key, temperature_, eos_ = dynamic[5:]
     with _sharding_context(mesh, rules):  # entered per call: the caller runs between yields
         params = unstack(dynamic[0])
@@ -365,5 +319,5 @@ def generate_stream(config: ModelConfig, params: Any, prompt: Sequence[int], max
                 state = advance(params, state, key, temperature_, eos_)
         token = int(state.last[0])  # the per-token host sync
         yield token
-        if token == eos_id:
+        if token in eos_ids(eos_id):
             return
