@@ -42,6 +42,13 @@ CONVERT = [
     "transformers==5.23.0",
 ]
 
+# lm-evaluation-harness: the `llamax` model backend, experiments.lm_eval, EVAL_TASKS in training.
+# It pulls datasets/evaluate/pandas/scikit-learn etc. (none of the pins above change; it does
+# move python-dateutil to 2.9.0.post0, which typepy[datetime] needs).
+EVAL = [
+    "lm-eval==0.4.13",
+]
+
 TEST = [
     "pytest==9.2.0",
     "hypothesis==6.170.15",
@@ -58,7 +65,8 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["llamax", "llamax.*", "experiments", "experiments.*"]),
     install_requires=CORE,
-    extras_require={"convert": CONVERT, "test": TEST + CONVERT, "all": TEST + CONVERT},
+    extras_require={"convert": CONVERT, "eval": EVAL, "test": TEST + CONVERT + EVAL,
+                    "all": TEST + CONVERT + EVAL},
     entry_points={"console_scripts": [
         "llamax-train = experiments.train:main",
         "llamax-convert = experiments.convert:main",
@@ -67,5 +75,6 @@ setup(
         "llamax-sweep = experiments.sweep:main",
         "llamax-eval = experiments.eval:main",
         "llamax-export-lora = experiments.export_lora:main",
+        "llamax-lm-eval = experiments.lm_eval:main",
     ]},
 )

@@ -12,6 +12,8 @@ A training run directory (`TrainConfig.model_dir`):
       metrics.jsonl       one JSON object per logged step (`llamax.train.metrics`)
       tensorboard/        TensorBoard event files
       checkpoints/<step>/ orbax training checkpoints (`llamax.train.checkpoint`)
+      lm_eval/step_<N>/   lm-eval results of checkpoint N (`experiments.lm_eval`): results.json,
+                          results.md (a table), scores.png (a bar plot)
 
 A params checkpoint folder (`llamax.convert.orbax`) shares the config file:
 
@@ -47,6 +49,7 @@ TENSORBOARD_DIR = "tensorboard"
 CHECKPOINTS_DIR = "checkpoints"
 TOKENIZER_DIR = "tokenizer"
 PARAMS_DIR = "params"
+LM_EVAL_DIR = "lm_eval"
 # Files that make up a tokenizer, copied into a run (any that exist beside the tokenizer given).
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json",
                    "special_tokens_map.json", "generation_config.json", "chat_template.jinja")
@@ -126,6 +129,10 @@ class RunDir:
     @property
     def config_file(self) -> Path:
         return self.path / CONFIG_FILE
+
+    def lm_eval_dir(self, step: int) -> Path:
+        """Where the lm-eval results of checkpoint `step` are written."""
+        return self.path / LM_EVAL_DIR / f"step_{step}"
 
     def exists(self) -> bool:
         return is_run_dir(self.path)
