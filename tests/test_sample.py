@@ -73,6 +73,30 @@ def test_rows_stop_at_eos_like_transformers(gqa):
     assert generate(config, params, prompts, NEW, eos_id=free[0][0])[0] == [free[0][0]]
 
 
+def test_several_eos_ids_and_a_stop_callback_cut_rows_as_the_plain_loop_would(gqa):
+    _, config, params = gqa
+    prompts = _prompts(config.vocab_size)
+    free = generate(config, params, prompts, NEW)
+    eos_ids = (free[0][4], free[1][6])  # a row stops at the first of either
+    for row, ours in zip(free, generate(config, params, prompts, NEW, eos_id=eos_ids)):
+        ends = [i for i, token in enumerate(row) if token in eos_ids]
+        assert ours == (row[:ends[0] + 1] if ends else row)
+    # The host asks `stop` every 3 tokens; row 0 ends once it holds 4, i.e. at the check after 6.
+    asked = []
+
+    def stop(row, tokens):
+        asked.append((row, len(tokens)))
+        return row == 0 and len(tokens) >= 4
+
+    chunked = generate(config, params, prompts, NEW, stop=stop, check_every=3)
+    assert chunked[0] == free[0][:6] and chunked[1:] == free[1:]
+    assert asked[:3] == [(0, 3), (1, 3), (2, 3)] and (0, 9) not in asked
+    # Chunking never changes a sample: row r's step-s draw uses the same key either way.
+    sampled = dict(temperature=1.0, top_p=0.9, seed=3)
+    assert generate(config, params, prompts, NEW, stop=lambda row, tokens: False, check_every=2, **sampled) == \
+        generate(config, params, prompts, NEW, **sampled)
+
+
 def test_kv_cache_logits_equal_full_forward_across_prefill_and_decode(gqa):
     _, config, params = gqa
     params = jax.jit(functools.partial(unstack_layers, config))(params)

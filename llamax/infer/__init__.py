@@ -1,14 +1,21 @@
 """Using a trained model: generation and evaluation.
 
-  generate.py  prefill + jitted decode loop over a KV cache (greedy, top-k/top-p, ragged prompts)
-  evaluate.py  perplexity over packed batches
+  generate.py        prefill + jitted decode loop over a KV cache (greedy, top-k/top-p, ragged
+                     prompts, several eos ids, host stop callbacks)
+  sampling.py        next-token choice: greedy, temperature, top-k, top-p
+  batching.py        prompt checks, shape buckets, left padding
+  evaluate.py        perplexity over packed batches
+  scoring.py         `SequenceScorer`: loglikelihood + is_greedy of continuations, batched, sharded
+  lm_eval_backend.py `LlamaxLM`: the lm-evaluation-harness model (registered by `llamax.lm_eval`)
+  lm_eval_tasks.py   running lm-eval tasks: flat metrics, table, plot, the training `TaskEvaluator`
 """
 from __future__ import annotations
 
 import importlib
 
 _EXPORTS = {"generate": "generate", "generate_stream": "generate",
-            "evaluate_perplexity": "evaluate"}
+            "evaluate_perplexity": "evaluate", "SequenceScorer": "scoring",
+            "LlamaxLM": "lm_eval_backend", "run_tasks": "lm_eval_tasks"}
 __all__ = sorted(_EXPORTS)
 
 

@@ -20,7 +20,7 @@ from typing import Any, Sequence
 
 import jax
 
-from llamax.errors import ConfigError
+from llamax.errors import ConfigError, DataError
 
 PREFIX = "lm_eval"
 DEFAULT_INCLUDE_PATH = Path(__file__).resolve().parents[2] / "configs" / "lm_eval"
@@ -60,13 +60,23 @@ def run_tasks(lm, tasks: Sequence[str], *, include_path=None, limit: int | float
               num_fewshot: int | None = None, log_samples: bool = False, bootstrap_iters: int = 100_000,
               manager=None) -> dict | None:
     """`lm_eval.simple_evaluate` of `tasks` with `lm` (a `LlamaxLM`): lm-eval's result dict on
-    process 0, None on the others. `manager`: a `task_manager(...)` to reuse."""
+    process 0, None on the others. `manager`: a `task_manager(...)` to reuse. DataError for a
+    task without documents (lm-eval would fail on it with an IndexError after scoring the rest)."""
     import lm_eval
 
+    tasks = [tasks] if isinstance(tasks, str) else list(tasks)
     manager = manager or task_manager(tasks, include_path)
-    return lm_eval.simple_evaluate(model=lm, tasks=[tasks] if isinstance(tasks, str) else list(tasks),
-                                   limit=limit, num_fewshot=num_fewshot, log_samples=log_samples,
-                                   bootstrap_iters=bootstrap_iters, task_manager=manager)
+    loaded = manager.load(tasks)
+    for name, task in loaded["tasks"].items():
+        if len(task.eval_docs) == 0:
+            raise DataError(f"lm-eval task {name} has no documents (empty task file?): its "
+                            f"{task.config.test_split or task.config.validation_split} split is empty; "
+                            f"check its data ({task.config.dataset_path or task.config.dataset_kwargs})")
+    # The loaded tasks go in as they are (no second load), unless a group needs its aggregation.
+    specs = tasks if loaded["groups"] else list(loaded["tasks"].values())
+    return lm_eval.simple_evaluate(model=lm, tasks=specs, limit=limit, num_fewshot=num_fewshot,
+                                   log_samples=log_samples, bootstrap_iters=bootstrap_iters,
+                                   task_manager=manager)
 
 
 def scores(results: dict) -> list[dict[str, Any]]:

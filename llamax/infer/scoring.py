@@ -52,6 +52,19 @@ def score_batch(config: ModelConfig, params: Any, tokens: Array, targets: Array,
             jnp.all(jnp.where(scored, greedy, True), axis=-1))
 
 
+@functools.lru_cache(maxsize=16)
+def _compiled_scorer(config: ModelConfig, mesh: jax.sharding.Mesh, rules: Rules):
+    """The jitted `score_batch` of one model on one mesh (shared by every scorer of them; jit
+    adds one executable per batch shape)."""
+    def run(params, tokens, targets, scored, segment_ids):
+        with nn.logical_axis_rules(rules):
+            return score_batch(config, params, tokens, targets, scored, segment_ids)
+
+    rows, replicated = batch_sharding(mesh, rules), NamedSharding(mesh, PartitionSpec())
+    return jax.jit(run, in_shardings=(param_shardings(config, mesh, rules), rows, rows, rows, rows),
+                   out_shardings=(replicated, replicated))
+
+
 class SequenceScorer:
     """Scores token sequences on a mesh; see the module docstring.
 
@@ -75,21 +88,14 @@ class SequenceScorer:
         self.max_length = max_length or config.max_position_embeddings
         self.param_shardings = param_shardings(self.config, self.mesh, self.rules)
         self._rows = batch_sharding(self.mesh, self.rules)
-        self._replicated = NamedSharding(self.mesh, PartitionSpec())
 
     def place(self, params: Any) -> Any:
         """The params sharded on the mesh (a no-op for params already placed so)."""
         return jax.device_put(params, self.param_shardings)
 
-    @functools.cached_property
+    @property
     def _compiled(self):
-        def run(params, tokens, targets, scored, segment_ids):
-            with nn.logical_axis_rules(self.rules):
-                return score_batch(self.config, params, tokens, targets, scored, segment_ids)
-
-        rows = self._rows
-        return jax.jit(run, in_shardings=(self.param_shardings, rows, rows, rows, rows),
-                       out_shardings=(self._replicated, self._replicated))
+        return _compiled_scorer(self.config, self.mesh, self.rules)
 
     def score(self, params: Any, sequences: Sequence[Sequence[int]], num_scored: Sequence[int]
               ) -> list[tuple[float, bool]]:
@@ -104,16 +110,22 @@ class SequenceScorer:
             if len(sequence) - 1 > self.max_length:
                 raise DataError(f"sequence {index} has {len(sequence)} tokens: the model would read "
                                 f"{len(sequence) - 1} > max_length={self.max_length}")
-        order = sorted(range(len(sequences)), key=lambda i: -len(sequences[i]))  # longest first
-        results: list[tuple[float, bool] | None] = [None] * len(sequences)
+        # Equal requests are scored once (lm-eval repeats some, e.g. to even out processes).
+        unique: dict[tuple[tuple[int, ...], int], int] = {}
+        slots = [unique.setdefault((tuple(s), int(c)), len(unique)) for s, c in zip(sequences, num_scored)]
+        keys = list(unique)
+        order = sorted(range(len(keys)), key=lambda i: -len(keys[i][0]))  # longest first
+        pending = []  # every batch is dispatched before the first result is read back
         with self.mesh:
             for start in range(0, len(order), self.batch_rows):
                 chunk = order[start:start + self.batch_rows]
-                arrays = self._pad([sequences[i] for i in chunk], [num_scored[i] for i in chunk])
-                log_probs, greedy = jax.device_get(self._compiled(params, *arrays))
-                for row, index in enumerate(chunk):
-                    results[index] = (float(log_probs[row]), bool(greedy[row]))
-        return results
+                arrays = self._pad([keys[i][0] for i in chunk], [keys[i][1] for i in chunk])
+                pending.append((chunk, self._compiled(params, *arrays)))
+        results: list[tuple[float, bool]] = [(0.0, False)] * len(keys)
+        for chunk, (log_probs, greedy) in jax.device_get(pending):
+            for row, index in enumerate(chunk):
+                results[index] = (float(log_probs[row]), bool(greedy[row]))
+        return [results[slot] for slot in slots]
 
     def _pad(self, sequences: list[Sequence[int]], num_scored: list[int]) -> list[Array]:
         """Right-padded [batch_rows, bucket] global arrays: tokens, targets, scored, segment_ids."""
