@@ -194,21 +194,28 @@ def test_bad_model_args_are_named(lm_eval_hf_dir):
 
 
 def test_scorer_matches_a_direct_forward_pass(lm_eval_hf_dir):
-    """The batching (sorting, bucketed right padding, dedup, fixed rows) changes no number."""
+    """Batching (sorting, bucketed padding, fixed rows, dedup) and the shared-context path (one
+    context, several continuations, through a KV cache) change no number."""
     from llamax.infer.scoring import SequenceScorer
 
     config, params = load_any(lm_eval_hf_dir)
     rng = np.random.RandomState(0)
-    sequences = [rng.randint(0, 1024, n).tolist() for n in (5, 40, 17, 3, 40, 90)]
-    sequences[4] = sequences[1]  # a duplicate
-    counts = [2, 10, 1, 2, 10, 30]
+    tokens = lambda n: rng.randint(0, 1024, n).tolist()  # noqa: E731
+    shared_context, one_token_context = tokens(21), tokens(9)
+    greedy_next = int(np.asarray(Llama(config).apply({"params": params}, np.asarray([one_token_context])))[0, -1].argmax())
+    requests = [(tokens(3), tokens(2)), (tokens(30), tokens(10)), (tokens(16), tokens(1)),
+                (shared_context, tokens(4)), (shared_context, tokens(1)), (shared_context, tokens(12)),
+                (one_token_context, [greedy_next]), (one_token_context, tokens(1)), (tokens(60), tokens(30))]
+    requests.append(requests[1])  # a duplicate
     scorer = SequenceScorer(config, batch_size=3, max_length=MAX_LENGTH)
-    scored = scorer.score(scorer.place(params), sequences, counts)
-    for sequence, count, (log_prob, greedy) in zip(sequences, counts, scored):
-        logits = np.asarray(Llama(config).apply({"params": params}, np.asarray([sequence[:-1]])))[0]
-        log_probs = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
-            - logits.max(-1, keepdims=True)
-        targets = np.asarray(sequence[1:])
-        expected = log_probs[np.arange(len(targets)), targets][-count:].sum()
-        assert log_prob == pytest.approx(expected, abs=1e-4)
+    scored = scorer.score(scorer.place(params), requests)
+    for (context, continuation), (log_prob, greedy) in zip(requests, scored, strict=True):
+        sequence = np.asarray(context + continuation)
+        logits = np.asarray(Llama(config).apply({"params": params}, sequence[None, :-1]))[0]
+        shifted = logits - logits.max(-1, keepdims=True)
+        log_probs = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+        targets = sequence[1:]
+        count = len(continuation)
+        assert log_prob == pytest.approx(log_probs[np.arange(len(targets)), targets][-count:].sum(), abs=1e-4)
         assert greedy == bool(np.all(logits.argmax(-1)[-count:] == targets[-count:]))
+    assert scored[6][1]  # the shared path recognises the greedy token

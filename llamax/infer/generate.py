@@ -282,8 +282,8 @@ def _generate_in_chunks(config, sampler, max_new_tokens, mesh, rules, dynamic, n
     stopped = np.zeros(dynamic[1].shape[0], bool)  # [batch] rows ended by `stop`
     step = 1
     while True:
-        state = extend(params, state, _on_mesh(np.int32(min(step + check_every - 1, max_new_tokens)), mesh),
-                       _on_mesh(stopped, mesh), *key_eos)
+        until = min((step // check_every + 1) * check_every, max_new_tokens)  # the next multiple: > step
+        state = extend(params, state, _on_mesh(np.int32(until), mesh), _on_mesh(stopped, mesh), *key_eos)
         step, tokens, done = (np.asarray(x) for x in jax.device_get(peek(state)))
         for row in range(num_prompts):
             if not (done[row] or stopped[row]):

@@ -198,21 +198,19 @@ class LlamaxLM(TemplateLM):
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
         """requests: [((context, continuation) or None, context tokens, continuation tokens)]."""
-        sequences, counts = [], []
+        pairs = []
         for strings, context, continuation in requests:
-            sequence = list(context) + list(continuation)
-            if len(sequence) > self.max_length + 1:
-                if not self.truncate_left:
-                    raise DataError(_too_long("context + continuation", strings, len(sequence),
+            length = len(context) + len(continuation)
+            if length > self.max_length + 1:
+                if not self.truncate_left or len(continuation) > self.max_length:
+                    raise DataError(_too_long("context + continuation", strings, length,
                                               f"max_length + 1 = {self.max_length + 1}"))
-                sequence = sequence[-(self.max_length + 1):]
-            sequences.append(sequence)
-            counts.append(len(continuation))
-        everyone = _allgather_objects((sequences, counts))  # every process scores the union
-        start = sum(len(seqs) for seqs, _ in everyone[:self.rank])
-        results = self.scorer.score(self.params, [s for seqs, _ in everyone for s in seqs],
-                                    [c for _, cs in everyone for c in cs])
-        return results[start:start + len(sequences)]
+                context = context[length - self.max_length - 1:]  # as the hf backend cuts it
+            pairs.append((list(context), list(continuation)))
+        everyone = _allgather_objects(pairs)  # every process scores the union
+        start = sum(len(part) for part in everyone[:self.rank])
+        results = self.scorer.score(self.params, [pair for part in everyone for pair in part])
+        return results[start:start + len(pairs)]
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
         """Each text's total loglikelihood, scored in windows exactly as lm-eval's hf backend."""
