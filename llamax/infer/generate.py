@@ -194,6 +194,14 @@ def _on_mesh(value: np.ndarray, mesh: jax.sharding.Mesh | None) -> Any:
     return jax.make_array_from_callback(value.shape, _replicated(mesh), lambda index: value[index])
 
 
+def _eos_array(ids: tuple[int, ...]) -> np.ndarray:
+    """The eos ids padded with -1 to a multiple of 8, so any eos set of up to 8 ids (Llama-3.1
+    has 3) shares one executable."""
+    array = np.full(max(8, -(-len(ids) // 8) * 8), -1, np.int32)
+    array[:len(ids)] = ids
+    return array
+
+
 def _prepare(config, params, prompts, max_new_tokens, temperature, top_k, top_p, seed, eos_id,
              mesh, rules):
     """Shared setup of generate/generate_stream: checks, static key, padded device inputs."""
@@ -213,7 +221,7 @@ def _prepare(config, params, prompts, max_new_tokens, temperature, top_k, top_p,
     length = bucket_length(max(len(a) for a in arrays))
     host = (*left_pad(arrays, length, batch), np.int32(len(arrays)),
             np.asarray(jax.random.key_data(jax.random.key(seed))), np.float32(temperature or 1.0),
-            np.asarray(eos_ids(eos_id) or (-1,), np.int32))
+            _eos_array(eos_ids(eos_id)))
     return sampler, mesh, rules, (params, *(_on_mesh(value, mesh) for value in host))
 
 

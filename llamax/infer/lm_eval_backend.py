@@ -36,7 +36,7 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
 from llamax.config import ModelConfig
 from llamax.dtypes import float_dtype_name
-from llamax.errors import ConfigError, DataError
+from llamax.errors import CheckpointError, ConfigError, DataError
 from llamax.infer.generate import generate
 from llamax.infer.scoring import SequenceScorer
 from llamax.sharding import MESH_PRESETS, MeshConfig, Rules, make_mesh
@@ -97,13 +97,17 @@ class LlamaxLM(TemplateLM):
         from llamax.convert.hub import load_any
         from llamax.run_dir import checkpoint_step
 
+        if not os.path.exists(checkpoint):
+            raise CheckpointError(f"checkpoint {checkpoint} does not exist")
+        # Everything that can be wrong with the arguments fails before the weights are read.
         dtype = float_dtype_name(dtype, "dtype")
-        options = _check_options(options)  # fail on a typo before loading anything
+        options = _check_options(options)
+        mesh = parse_mesh(mesh)
         tokenizer = load_checkpoint_tokenizer(checkpoint, tokenizer)
         self.step = checkpoint_step(checkpoint, None if step is None else int(step))
         config, params = load_any(checkpoint, step=self.step, base=base, dtype=dtype, param_dtype=dtype)
         self.checkpoint = str(checkpoint)
-        self._setup(config, params, tokenizer, parse_mesh(mesh), None, batch_size, max_length, **options)
+        self._setup(config, params, tokenizer, mesh, None, batch_size, max_length, **options)
 
     @classmethod
     def from_params(cls, config: ModelConfig, params: Any, tokenizer: Any, *,
