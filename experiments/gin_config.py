@@ -10,10 +10,11 @@ import difflib
 import inspect
 import re
 import tokenize
+import typing
 from pathlib import Path
 from typing import Sequence
 
-from llamax.errors import ConfigError
+from llamax.errors import ConfigError, describe_type, type_matches
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 REQUIRED_MACROS = ("MODEL_DIR", "TRAIN_STEPS", "CHECKPOINT_EVERY", "LOG_EVERY")
@@ -99,15 +100,31 @@ def check_macro_bindings(bindings: Sequence[str], gin_files: Sequence[str]) -> N
 
 def parse(gin_files: Sequence[str], bindings: Sequence[str], *,
           required: Sequence[str] = REQUIRED_MACROS) -> None:
-    """Parses gin files and bindings, then checks them: unknown macros, missing required macros.
-    Raises GinError with one line that names the problem and the nearest valid name."""
+    """Parses gin files and bindings into a fresh config, then checks them: unknown macros, values
+    of the wrong type, missing required macros. Raises GinError with one line that names the
+    binding, the problem and the nearest valid name."""
     gin = _gin()
     resolved = [resolve_gin_file(f) for f in gin_files]
+    gin.clear_config()
     try:
         gin.parse_config_files_and_bindings(resolved, [], finalize_config=False)
         check_macro_bindings(bindings, gin_files)
-        gin.parse_config_files_and_bindings([], list(bindings), finalize_config=False)
+        for binding in bindings:  # one at a time, so an error names its binding
+            try:
+                gin.parse_config_files_and_bindings([], [binding], finalize_config=False)
+            except GIN_ERRORS as error:
+                hint = _quoting_hint(binding)
+                problem = "not a gin value (values are Python literals)" if hint else explain_gin_error(error)
+                raise GinError(f"--gin.{binding}: {problem}{hint}") from error
+        check_binding_types(bindings)
         defined, _ = macros()
+        for binding in bindings:  # `X=%NAME` with NAME never defined fails only when X is used
+            for name in re.findall(r"%(\w+)", binding.partition("=")[2]):
+                if name not in defined:
+                    close = difflib.get_close_matches(name, sorted(defined), n=1)
+                    hint = f"; did you mean %{close[0]}?" if close else ""
+                    raise GinError(f"--gin.{binding}: macro {name} is not defined by the gin files "
+                                   f"or another binding{hint}")
         for macro in required:
             if macro not in defined:
                 raise GinError(f"missing required gin macro {macro}: define it in your run file or "
@@ -116,6 +133,103 @@ def parse(gin_files: Sequence[str], bindings: Sequence[str], *,
         raise
     except GIN_ERRORS as error:
         raise GinError(explain_gin_error(error)) from error
+
+
+def _quoting_hint(binding: str) -> str:
+    """For an unquoted string value, the quoting that makes it one (gin values are Python literals)."""
+    name, _, value = binding.partition("=")
+    value = value.strip()
+    if not value or value[0] in "'\"@%([{" or value in ("True", "False", "None"):
+        return ""
+    try:
+        float(value)
+        return ""
+    except ValueError:
+        return f"; a string needs quotes inside the shell's: --gin.{name.strip()}=\"'{value}'\""
+
+
+class _Unknown:
+    """A gin value whose Python value is not known before running (a configurable's result)."""
+
+
+def _value(value: object, depth: int = 0) -> tuple[object, list[str]]:
+    """(the Python value a gin binding value stands for, the macros it went through)."""
+    gin = _gin()
+    if isinstance(value, gin.config.ConfigurableReference) and depth < 20:
+        scope, _, selector = value.scoped_selector.rpartition("/")
+        if selector == "gin.macro":
+            resolved, via = _value(gin.config._CONFIG.get((scope, "gin.macro"), {}).get("value", _Unknown),  # noqa: SLF001
+                                   depth + 1)
+            return resolved, [scope, *via]
+        return _Unknown, []
+    return value, []
+
+
+def _parameter_types(selector: str) -> dict[str, object]:
+    gin = _gin()
+    try:
+        wrapped = gin.config._REGISTRY.get_match(selector).wrapped  # noqa: SLF001
+        return typing.get_type_hints(wrapped)
+    except Exception:  # noqa: BLE001 - a configurable without usable annotations is not checked
+        return {}
+
+
+def check_binding_types(bindings: Sequence[str] = ()) -> None:
+    """GinError for a bound value that does not fit the annotated type of the parameter it sets,
+    naming the command-line binding it came from: `--gin.LEARNING_RATE="'abc'"` sets
+    optim.OptimConfig.learning_rate, which must be a float."""
+    gin = _gin()
+    given = {b.split("=", 1)[0].strip(): b for b in bindings}
+    for (scope, selector), params in list(gin.config._CONFIG.items()):  # noqa: SLF001
+        if selector == "gin.macro":
+            continue
+        hints = _parameter_types(selector)
+        for param, bound in params.items():
+            value, via = _value(bound)
+            annotation = hints.get(param)
+            if value is _Unknown or annotation is None or type_matches(value, annotation):
+                continue
+            target = f"{selector.split('.')[-2] + '.' if '.' in selector else ''}{selector.split('.')[-1]}.{param}"
+            source = next((given[m] for m in via if m in given), given.get(target))
+            where = f"--gin.{source}: " if source else (f"macro {via[0]}: " if via else "")
+            raise GinError(f"{where}{target} must be {describe_type(annotation)}, got {value!r} "
+                           f"({type(value).__name__}){_quoting_hint(source) if source else ''}")
+
+
+def name_the_binding(message: str, bindings: Sequence[str]) -> str:
+    """`message` (a ConfigError naming a config field, e.g. 'OptimConfig.learning_rate must be
+    >= 0') prefixed with the command-line binding that set that field, when one did."""
+    gin = _gin()
+    field = re.search(r"\b([A-Z]\w*Config)\.(\w+)", message)
+    if not field:
+        return message
+    given = {b.split("=", 1)[0].strip(): b for b in bindings}
+    for (_, selector), params in list(gin.config._CONFIG.items()):  # noqa: SLF001
+        if selector.split(".")[-1] != field.group(1) or field.group(2) not in params:
+            continue
+        _, via = _value(params[field.group(2)])
+        names = [*via, f"{selector.split('.')[-2]}.{field.group(1)}.{field.group(2)}"]
+        source = next((given[name] for name in names if name in given), None)
+        if source:
+            return f"--gin.{source}: {message}"
+    return message
+
+
+def gin_call_error(error: BaseException, bindings: Sequence[str]) -> str | None:
+    """One line for an error that calling gin's configured functions raised because of the
+    configuration (a self-referencing binding, a configurable called without its arguments);
+    None for any other error, which is a bug to show in full."""
+    calls = [f"--gin.{b}" for b in bindings if re.search(r"@[\w.]+\(\)", b)]
+    if isinstance(error, RecursionError):
+        return ("the gin configuration calls a configurable inside its own arguments, which never "
+                f"ends (a value such as '@config.ModelConfig()' bound where ModelConfig reads it){': ' if calls else ''}"
+                f"{', '.join(calls)}")
+    message = str(error)
+    if isinstance(error, TypeError) and "In call to configurable" in message:
+        where = re.search(r"In call to configurable '([\w.]+)'", message)
+        return (f"{message.splitlines()[0]} (calling gin configurable {where.group(1)})"
+                f"{'; check ' + ', '.join(calls) if calls else ''}")
+    return None
 
 
 def explain_gin_error(error: BaseException) -> str:

@@ -10,16 +10,17 @@ Fine-tuning: INIT_FROM (HF, Meta or orbax folder) gives the starting weights, a 
 binding trains LoRA adapters of them instead (configs/runs/sft.gin, docs/finetuning.md).
 Multi-host: pass --coordinator_address/--num_processes/--process_id (or set the LLAMAX_*
 environment variables); on TPU pods `--distributed` alone lets JAX find its peers.
+Compiled programs are cached in the user's cache folder, so a rerun starts fast:
+`--compilation_cache=PATH` moves the cache, `--compilation_cache=off` turns it off (or set
+LLAMAX_COMPILATION_CACHE).
 """
 from __future__ import annotations
 
-import os
 import sys
-import tempfile
-from pathlib import Path
 
 from experiments import gin_config
 from llamax.config import ModelConfig
+from llamax.data.corpus import shakespeare_tokenizer  # noqa: F401 (gin: train.shakespeare_tokenizer)
 from llamax.data.pipeline import DataConfig
 from llamax.errors import ConfigError
 from llamax.infer.lm_eval_tasks import DownstreamConfig
@@ -27,26 +28,6 @@ from llamax.model.lora import LoraConfig
 from llamax.sharding import MeshConfig
 from llamax.train.fit import FitResult, TrainConfig, fit
 from llamax.train.optim import OptimConfig
-
-
-def shakespeare_tokenizer(vocab_size: int = 2048, directory: str = "runs/tokenizers") -> str:
-    """Path of a BPE tokenizer trained on the bundled corpus's train split; trained (a few
-    seconds, deterministic) the first time it is asked for."""
-    from llamax.data.corpus import write_corpus
-    from llamax.tokenizer import train_tokenizer
-
-    out = Path(directory) / f"shakespeare-{vocab_size}" / "tokenizer.model"
-    if not out.exists():
-        # Several processes (multi-host on a shared disk, or runs started together) can get here
-        # at once: each trains in a private folder and renames the result into place, so none
-        # reads a half-written corpus or model. Training is deterministic: any rename may win.
-        out.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=out.parent) as private:
-            text = write_corpus(Path(private) / "corpus", "txt")["train"]
-            trained = train_tokenizer([text], Path(private) / out.name, vocab_size=vocab_size)
-            os.replace(trained.path.with_suffix(".vocab"), out.with_suffix(".vocab"))
-            os.replace(trained.path, out)
-    return str(out)
 
 
 def run(model_config: ModelConfig, optim_config: OptimConfig, mesh_config: MeshConfig,
@@ -84,8 +65,10 @@ def main(argv: list[str] | None = None) -> int:
         gin_files, bindings, options = gin_config.split_args(argv)
         if not gin_files:
             raise gin_config.GinError("pass at least one --gin_file=... (e.g. configs/runs/tiny.gin)")
+        from llamax import compilation_cache
         from llamax.distributed import initialize_from_options
 
+        compilation_cache.enable(options.get("compilation_cache"))
         initialize_from_options(options)
         gin_config.parse(gin_files, bindings)
         import gin
@@ -100,11 +83,17 @@ def main(argv: list[str] | None = None) -> int:
     try:
         runner()
     except ValueError as error:  # every llamax.errors type too: one clear line, no traceback
-        print(f"error: {type(error).__name__}: {gin_config.explain_gin_error(error)}", file=sys.stderr)
+        message = gin_config.name_the_binding(gin_config.explain_gin_error(error), bindings)
+        print(f"error: {type(error).__name__}: {message}", file=sys.stderr)
         return 1
-    except (TypeError, RecursionError) as error:  # a binding of the wrong type reached a config
-        print(f"error: invalid gin binding: {type(error).__name__}: {gin_config.explain_gin_error(error)}",
-              file=sys.stderr)
+    except OSError as error:  # a path that cannot be read or written: the path and the problem
+        print(f"error: {type(error).__name__}: {error}", file=sys.stderr)
+        return 1
+    except (TypeError, RecursionError) as error:
+        message = gin_config.gin_call_error(error, bindings)
+        if message is None:
+            raise
+        print(f"error: {message}", file=sys.stderr)
         return 2
     return 0
 

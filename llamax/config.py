@@ -8,12 +8,17 @@ GQA everywhere, rope_theta 5e5), Llama-3.1 (llama3 rope scaling, 128k context) a
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import logging
 import math
 from typing import Any, Mapping
 
 import jax.numpy as jnp
 
-from llamax.errors import ConfigError
+from llamax.dtypes import float_dtype_name
+from llamax.errors import ConfigError, check_field_types, check_int, is_int
+
+logger = logging.getLogger(__name__)
 
 REMAT_POLICIES = ("none", "full", "dots", "dots_with_no_batch_dims", "save_projections")
 ATTENTION_IMPLS = ("xla", "cudnn")
@@ -36,7 +41,9 @@ class ModelConfig:
     """Architecture and numerics of one LLaMA-family model.
 
     `dtype` is the compute dtype (activations, matmul inputs); `param_dtype` is the dtype of the
-    stored (master) weights. bf16 compute with fp32 params is the usual training setting.
+    stored (master) weights. bf16 compute with fp32 params is the usual training setting. Both
+    take a dtype object (`jnp.bfloat16`) or a name ('bfloat16', 'bf16', 'fp32', ...) and are
+    stored as the canonical name; non-float dtypes are refused.
     """
 
     vocab_size: int
@@ -62,11 +69,15 @@ class ModelConfig:
     attention_block_size: int = 128
 
     def __post_init__(self):
+        # One canonical name per dtype: jnp.bfloat16, 'bf16' and 'bfloat16' are the same config.
+        for name in ("dtype", "param_dtype"):
+            object.__setattr__(self, name, float_dtype_name(getattr(self, name), f"ModelConfig.{name}"))
         if isinstance(self.rope_scaling, Mapping):
             try:
                 object.__setattr__(self, "rope_scaling", RopeScaling(**self.rope_scaling))
             except TypeError as exc:
                 raise ConfigError(f"rope_scaling={dict(self.rope_scaling)!r} is not a RopeScaling: {exc}") from exc
+        check_field_types(self)
         if self.head_dim == 0:
             _check_positive_ints(self, ("hidden_size", "num_heads"))
             if self.num_heads <= 0 or self.hidden_size % self.num_heads:
@@ -96,23 +107,12 @@ class ModelConfig:
                 "(grouped-query attention shares each kv head among num_heads // num_kv_heads heads)")
         if self.head_dim % 2:
             raise ConfigError(f"head_dim={self.head_dim} must be even for rotary embeddings")
-        for name in ("dtype", "param_dtype"):
-            if not isinstance(getattr(self, name), str):
-                raise ConfigError(f"ModelConfig.{name} must be a dtype name such as 'bfloat16', "
-                                  f"got {getattr(self, name)!r}")
-            try:
-                jnp.dtype(getattr(self, name))
-            except TypeError as exc:
-                raise ConfigError(f"ModelConfig.{name}={getattr(self, name)!r} is not a dtype") from exc
         if not isinstance(self.remat_policy, str) or self.remat_policy not in REMAT_POLICIES:
             raise ConfigError(f"remat_policy={self.remat_policy!r}; expected one of {REMAT_POLICIES}")
         if not isinstance(self.attention_impl, str) or self.attention_impl not in ATTENTION_IMPLS:
             raise ConfigError(
                 f"attention_impl={self.attention_impl!r}; expected one of {ATTENTION_IMPLS}")
-        block = self.attention_block_size
-        if not isinstance(block, int) or isinstance(block, bool) or block < 0:
-            raise ConfigError(f"ModelConfig.attention_block_size must be an int >= 0 (0 = no "
-                              f"blocking), got {block!r}")
+        check_int(self.attention_block_size, "ModelConfig.attention_block_size", 0, "0 = no blocking")
 
     @property
     def compute_dtype(self) -> jnp.dtype:
@@ -208,6 +208,7 @@ class ModelConfig:
             tie_word_embeddings=hf.get("tie_word_embeddings", False),  # validated: must be a bool
             initializer_range=hf.get("initializer_range", 0.02),
         )
+        _warn_about_look_alike_keys(hf)
         for flag in ("attention_bias", "mlp_bias"):
             if hf.get(flag):
                 raise ConfigError(f"config.json sets {flag}=true; llamax LLaMA layers have no biases")
@@ -252,6 +253,25 @@ class ModelConfig:
         }
 
 
+# The config.json keys `from_hf` reads: a key one typo away from one of these is probably meant
+# to be it, and silently falling back to the default would give a model of another shape.
+HF_KEYS_READ = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                "num_attention_heads", "num_key_value_heads", "head_dim", "rms_norm_eps", "rope_theta",
+                "rope_scaling", "rope_parameters", "max_position_embeddings", "tie_word_embeddings",
+                "initializer_range", "hidden_act", "attention_bias", "mlp_bias", "model_type")
+
+
+def _warn_about_look_alike_keys(hf: Mapping[str, Any]) -> None:
+    for key in hf:
+        if key in HF_KEYS_READ:
+            continue
+        close = [known for known in difflib.get_close_matches(key, HF_KEYS_READ, n=1, cutoff=0.85)
+                 if known not in hf]
+        if close:
+            logger.warning("config.json has %r, which llamax does not read; did you mean %r? (it is "
+                           "absent, so its default is used)", key, close[0])
+
+
 def _rope_scaling_from_hf(scaling: Mapping[str, Any] | None) -> RopeScaling | None:
     if not scaling:
         return None
@@ -289,9 +309,7 @@ def is_finite_number(value: Any) -> bool:
 
 def _check_positive_ints(config: Any, names: tuple[str, ...]) -> None:
     for name in names:
-        value = getattr(config, name)
-        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-            raise ConfigError(f"ModelConfig.{name} must be a positive integer, got {value!r}")
+        check_int(getattr(config, name), f"ModelConfig.{name}", 1)
 
 
 def _check_rope_scaling(scaling: Any) -> None:
@@ -299,8 +317,7 @@ def _check_rope_scaling(scaling: Any) -> None:
         raise ConfigError(f"rope_scaling must be a RopeScaling or None, got {scaling!r}")
     numbers = (scaling.factor, scaling.low_freq_factor, scaling.high_freq_factor)
     context = scaling.original_max_position_embeddings
-    if (not all(is_finite_number(v) and v > 0 for v in numbers) or isinstance(context, bool)
-            or not isinstance(context, int) or context <= 0):
+    if not all(is_finite_number(v) and v > 0 for v in numbers) or not is_int(context) or context <= 0:
         raise ConfigError(f"rope_scaling={scaling} needs factors > 0 and a positive integer "
                           "original_max_position_embeddings")
     if not scaling.high_freq_factor > scaling.low_freq_factor:
@@ -339,6 +356,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     "llama3.1_405b": dict(_LLAMA31, **_shape(16384, 53248, 126, 128, 8)),
     "llama3.2_1b": dict(_LLAMA32, **_shape(2048, 8192, 16, 32, 8, head_dim=64)),
     "llama3.2_3b": dict(_LLAMA32, **_shape(3072, 8192, 28, 24, 8, head_dim=128)),
+    # SmolLM2-135M(-Instruct), the Llama-architecture model behind the GGUF tests and README example.
+    "smollm2_135m": dict(vocab_size=49152, **_shape(576, 1536, 30, 9, 3), rms_norm_eps=1e-5, rope_theta=100000.0,
+                         max_position_embeddings=8192, tie_word_embeddings=True),
     # Small sizes for tests, the CPU demo and benchmarks.
     "tiny": dict(vocab_size=256, **_shape(64, 176, 2, 4, 2), max_position_embeddings=512),
     "demo": dict(vocab_size=2048, **_shape(256, 688, 4, 4, 2), max_position_embeddings=512),

@@ -45,7 +45,10 @@ def dtype_name(dtype: Any) -> str:
 
 def float_dtype_name(dtype: Any, what: str = "dtype") -> str:
     """`dtype_name` for a floating dtype; ConfigError naming `what` for ints, bools, etc."""
-    name = dtype_name(dtype)
+    try:
+        name = dtype_name(dtype)
+    except ConfigError as error:
+        raise ConfigError(f"{what}={dtype!r}: {error}") from None
     if name not in FLOAT_DTYPES:
         raise ConfigError(f"{what}={dtype!r} is {name}, not a floating dtype; weights and "
                           f"activations need one of {', '.join(FLOAT_DTYPES)} (e.g. 'bfloat16')")

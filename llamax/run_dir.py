@@ -8,7 +8,8 @@ A training run directory (`TrainConfig.model_dir`):
       init_from.json      {"path": ...}: the weights the run started from (absent: random init)
       config.gin          the operative config of the command that trained it
       outcome.json        how the last command that trained it ended: {"status", "step", ...}
-      tokenizer/          a copy of the tokenizer the run was trained with
+      tokenizer/          a copy of the tokenizer the run was trained with (`write_tokenizer`)
+      special_ids.json    the BOS / EOS (stop) / PAD ids of its model, kept for exports
       metrics.jsonl       one JSON object per logged step (`llamax.train.metrics`)
       tensorboard/        TensorBoard event files
       checkpoints/<step>/ orbax training checkpoints (`llamax.train.checkpoint`)
@@ -17,7 +18,11 @@ A training run directory (`TrainConfig.model_dir`):
 
 A params checkpoint folder (`llamax.convert.orbax`) shares the config file:
 
-    <folder>/model_config.json + <folder>/params/
+    <folder>/model_config.json + <folder>/params/ [+ tokenizer/ + special_ids.json]
+
+Both keep the tokenizer of the model they hold (`write_tokenizer`, `tokenizer_dir`,
+`read_special_ids`), so sample/eval/export find it without a --tokenizer flag and an HF export
+keeps the model's bos/eos/pad ids (`llamax.tokenizer.SpecialIds`).
 
 Nothing is written into a run directory until the run has passed its checks (`RunDir.commit`),
 so a run that fails validation leaves the folder as it was and its corrected rerun is accepted.
@@ -50,9 +55,7 @@ CHECKPOINTS_DIR = "checkpoints"
 TOKENIZER_DIR = "tokenizer"
 PARAMS_DIR = "params"
 LM_EVAL_DIR = "lm_eval"
-# Files that make up a tokenizer, copied into a run (any that exist beside the tokenizer given).
-TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json",
-                   "special_tokens_map.json", "generation_config.json", "chat_template.jinja")
+SPECIAL_IDS_FILE = "special_ids.json"
 
 
 # ---- model_config.json: runs and params checkpoints ---------------------------------------
@@ -156,8 +159,7 @@ class RunDir:
 
     def tokenizer(self) -> Path | None:
         """The run's copy of its tokenizer (a folder), or None for runs that recorded none."""
-        folder = self.path / TOKENIZER_DIR
-        return folder if folder.is_dir() else None
+        return tokenizer_dir(self.path)
 
     def outcome(self) -> dict | None:
         """What `write_outcome` recorded for the last training command, or None."""
@@ -207,9 +209,10 @@ class RunDir:
 
     def commit(self, model_config: ModelConfig, *, lora_config: Any = None,
                init_from: str | None = None, tokenizer: str | os.PathLike | None = None,
-               config_text: str | None = None, resuming: bool = False) -> None:
+               special_ids: Any = None, config_text: str | None = None, resuming: bool = False) -> None:
         """Records what the run is, once it passed its checks (process 0 writes; every file is
-        written atomically). A resumed run keeps the init_from.json it started with."""
+        written atomically). A resumed run keeps the init_from.json it started with.
+        `tokenizer` (a file or folder) and `special_ids` are recorded by `write_tokenizer`."""
         if jax.process_index() != 0:
             return
         self.path.mkdir(parents=True, exist_ok=True)
@@ -227,8 +230,8 @@ class RunDir:
                 atomic_write_text(init_path, json.dumps({"path": str(Path(init_from).resolve())}))
             else:
                 init_path.unlink(missing_ok=True)
-        if tokenizer is not None:
-            self._copy_tokenizer(Path(tokenizer))
+        if tokenizer is not None or special_ids is not None:
+            write_tokenizer(self.path, tokenizer, special_ids)
 
     def clear_outcome(self) -> None:
         """Forgets the recorded outcome (a launcher does this before starting a new attempt)."""
@@ -241,20 +244,49 @@ class RunDir:
             atomic_write_text(self.path / OUTCOME_FILE,
                               json.dumps({"status": status, "step": step, **details}))
 
-    def _copy_tokenizer(self, source: Path) -> None:
-        """Copies the tokenizer file (and the files that belong with it) into `<run>/tokenizer/`,
-        replacing an older copy as a whole."""
-        folder = source if source.is_dir() else source.parent
-        names = [name for name in TOKENIZER_FILES if (folder / name).is_file()]
-        if not source.is_dir() and source.name not in names:
-            names.append(source.name)
-        target = self.path / TOKENIZER_DIR
-        staging = self.path / f".{TOKENIZER_DIR}.tmp-{os.getpid()}"
+
+# ---- the tokenizer of a run or params checkpoint --------------------------------------------
+
+def write_tokenizer(folder: str | os.PathLike, tokenizer: str | os.PathLike | None,
+                    special_ids: Any = None) -> None:
+    """Records the tokenizer of the model in `folder` (a run or a params checkpoint): a copy of
+    the tokenizer file or folder in `<folder>/tokenizer/` (replacing an older copy as a whole; see
+    `llamax.tokenizer.files.copy_tokenizer_files`) and `special_ids` (a `SpecialIds`) in
+    `special_ids.json`. Either may be None: then that part is left out (and an older
+    special_ids.json removed: it described another tokenizer)."""
+    from llamax.tokenizer.files import copy_tokenizer_files
+
+    folder = Path(folder)
+    if tokenizer is not None:
+        staging = folder / f".{TOKENIZER_DIR}.tmp-{os.getpid()}"
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir()
-        for name in names:
-            shutil.copyfile(folder / name, staging / name)
-        if source.is_file() and source.name != "tokenizer.model" and source.suffix == ".model":
-            shutil.copyfile(source, staging / "tokenizer.model")  # the name loaders look for
-        shutil.rmtree(target, ignore_errors=True)
-        os.replace(staging, target)
+        try:
+            copy_tokenizer_files(tokenizer, staging)
+            shutil.rmtree(folder / TOKENIZER_DIR, ignore_errors=True)
+            os.replace(staging, folder / TOKENIZER_DIR)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    if special_ids is not None and not special_ids.empty:
+        atomic_write_text(folder / SPECIAL_IDS_FILE, json.dumps(special_ids.to_dict()))
+    else:
+        (folder / SPECIAL_IDS_FILE).unlink(missing_ok=True)
+
+
+def tokenizer_dir(folder: str | os.PathLike) -> Path | None:
+    """`<folder>/tokenizer/` when the run or params checkpoint recorded its tokenizer, else None."""
+    path = Path(folder) / TOKENIZER_DIR
+    return path if path.is_dir() else None
+
+
+def read_special_ids(folder: str | os.PathLike) -> Any:
+    """The `SpecialIds` a run or params checkpoint recorded, or None."""
+    from llamax.tokenizer.special_ids import SpecialIds
+
+    path = Path(folder) / SPECIAL_IDS_FILE
+    if not path.is_file():
+        return None
+    values = _read_json(path)
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path} must hold a JSON object of bos_id, eos_ids, pad_id")
+    return SpecialIds.from_dict(values, str(path))

@@ -24,7 +24,7 @@ from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from llamax.config import ModelConfig
-from llamax.errors import ConfigError
+from llamax.errors import ConfigError, check_field_types, check_int, is_int
 from llamax.model.llama import abstract_params
 
 logger = logging.getLogger(__name__)
@@ -83,17 +83,17 @@ class MeshConfig:
     dcn_tensor: int = 1
 
     def __post_init__(self):
+        check_field_types(self)
         ici = self.ici_shape
         for name, size in zip(MESH_AXES, ici):
-            if not isinstance(size, int) or isinstance(size, bool) or (size <= 0 and size != -1):
-                raise ConfigError(f"MeshConfig.{name} must be a positive int or -1, got {size!r}")
+            if size != -1 or not is_int(size):
+                check_int(size, f"MeshConfig.{name}", 1, "or -1 for the remaining devices")
         if ici.count(-1) > 1:
             raise ConfigError(
                 f"MeshConfig has -1 for more than one axis ({dict(zip(MESH_AXES, ici))}); "
                 "at most one axis may take 'the rest of the devices'")
         for name, size in zip(MESH_AXES, self.dcn_shape):
-            if not isinstance(size, int) or isinstance(size, bool) or size <= 0:
-                raise ConfigError(f"MeshConfig.dcn_{name} must be a positive int, got {size!r}")
+            check_int(size, f"MeshConfig.dcn_{name}", 1)
 
     @property
     def ici_shape(self) -> tuple[int, int, int]:

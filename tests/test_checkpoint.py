@@ -337,3 +337,14 @@ def test_resume_after_fallback_can_save_the_corrupt_step_again(tmp_path):
     assert extras == {"data": {"position": 2}}
     assert_bitwise_equal(restored, make_state(2))
     checkpointer.close()
+
+
+def test_opening_checkpoints_read_only_prints_no_warnings(tmp_path, caplog):
+    """Every evaluation, export and resume check opens the checkpoints read only; orbax's notes
+    about it ('Given directory is read only', 'setting max_to_keep=None') read like problems."""
+    with Checkpointer(tmp_path / "checkpoints", async_save=False) as checkpointer:
+        checkpointer.save(1, {"w": jnp.ones(3)}, {"step": 1}, force=True)
+    with caplog.at_level(logging.WARNING):
+        with Checkpointer(tmp_path / "checkpoints", read_only=True) as reader:
+            assert reader.all_steps() == [1]
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []

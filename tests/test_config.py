@@ -134,3 +134,18 @@ def test_from_hf_refuses_what_llamax_does_not_compute(tmp_path, config_class, fi
 def test_from_hf_accepts_transformers_defaults_and_swish(tmp_path):
     assert ModelConfig.from_hf(_transformers_config_json(tmp_path)).hidden_size == 32
     assert ModelConfig.from_hf(_transformers_config_json(tmp_path, hidden_act="swish")).num_layers == 1
+
+
+def test_a_look_alike_config_key_is_warned_about(caplog):
+    """A typo (`num_key_value_head`) would otherwise silently fall back to the default (MHA) and
+    surface later as a k_proj shape mismatch that never names the key."""
+    hf = {"vocab_size": 256, "hidden_size": 64, "intermediate_size": 176, "num_hidden_layers": 2,
+          "num_attention_heads": 4, "num_key_value_head": 2, "torch_dtype": "float32"}
+    with caplog.at_level("WARNING", logger="llamax.config"):
+        config = ModelConfig.from_hf(hf)
+    assert config.num_kv_heads == 4
+    assert "'num_key_value_head', which llamax does not read; did you mean 'num_key_value_heads'" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="llamax.config"):
+        ModelConfig.from_hf({**hf, "num_key_value_heads": 2})  # both present: not a typo to report
+    assert "did you mean" not in caplog.text

@@ -54,7 +54,9 @@ def test_cli_hf_to_meta_to_orbax_to_hf_is_bit_exact(tmp_path, hf_folder):
         result = _cli("--src", str(src), "--src_format", src_format, "--dst", str(dst), "--dst_format", dst_format,
                       *extra)
         assert result.returncode == 0, result.stderr
-    assert sorted(os.listdir(tmp_path / "meta")) == ["consolidated.00.pth", "consolidated.01.pth", "params.json"]
+    # Meta's format has no slot for bos/eos/pad: a generation_config.json beside params.json keeps them.
+    assert sorted(os.listdir(tmp_path / "meta")) == ["consolidated.00.pth", "consolidated.01.pth",
+                                                     "generation_config.json", "params.json"]
     _assert_same_tensors(hf_folder, tmp_path / "hf")
     tokens = np.random.RandomState(0).randint(0, 128, (1, 12))
     np.testing.assert_array_equal(hf_logits(LlamaForCausalLM.from_pretrained(tmp_path / "hf"), tokens),
@@ -113,7 +115,7 @@ def test_cli_refuses_existing_destination_unless_overwrite(tmp_path, hf_folder):
     assert len(result.stderr.strip().splitlines()) == 1
     assert (tmp_path / "dst" / "keep.txt").read_text() == "mine"
     assert _cli(*args, "--overwrite").returncode == 0
-    assert sorted(os.listdir(tmp_path / "dst")) == ["consolidated.00.pth", "params.json"]
+    assert sorted(os.listdir(tmp_path / "dst")) == ["consolidated.00.pth", "generation_config.json", "params.json"]
 
 
 @pytest.mark.parametrize("given,actual", [("meta", "hf"), ("orbax", "hf"), ("hf", "meta")])

@@ -1,4 +1,5 @@
 """Reading text / JSONL: bad input gives errors naming file, line and byte; nothing silent."""
+import json
 import logging
 
 import pytest
@@ -94,3 +95,13 @@ def test_missing_input(tmp_path):
         read_documents([tmp_path / "nope.txt"])
     with pytest.raises(DataError, match="no input files"):
         read_documents([])
+
+
+def test_sft_records_read_as_text_point_at_the_template_not_at_skipping(tmp_path):
+    """Skipping every line of an SFT file would leave nothing to evaluate: the message must name
+    the fix (an SFT template), not on_error='skip' (which experiments.eval does not even have)."""
+    path = tmp_path / "chat.jsonl"
+    path.write_text(json.dumps({"prompt": "Who art thou?", "response": "A friend."}) + "\n")
+    with pytest.raises(DataError, match=r"chat\.jsonl:1: this is an SFT record.*sft_template") as caught:
+        read_documents([path])
+    assert "skip" not in str(caught.value)

@@ -110,3 +110,35 @@ def test_eval_with_a_tokenizer_larger_than_the_model_vocab_fails_clearly(  # noq
     with pytest.raises(DataError, match="has 512 pieces but the model's vocab_size is 128"):
         eval_cli.evaluate_checkpoint(eval_cli.parse_args(
             ["--checkpoint", str(small_model), "--tokenizer", str(small_tokenizer.path)]))
+
+
+def test_eval_prints_its_result_even_when_the_run_cannot_take_it(  # noqa: F811
+        tiny_hf_dir, small_tokenizer, tmp_path, capsys):
+    """A perplexity that took minutes to compute is printed before the append to the run's
+    metrics is attempted, so a failing write (here the metrics file is a folder) loses nothing."""
+    config, params = load_any(tiny_hf_dir)
+    run_dir = make_run_dir(tmp_path / "run", config, params, step=7)
+    (run_dir / "metrics.jsonl").mkdir()
+    code = eval_cli.main(["--checkpoint", str(run_dir), "--tokenizer", str(small_tokenizer.path),
+                          "--seq_len", str(SEQ), "--batch_size", str(BATCH), "--max_batches", "1"])
+    captured = capsys.readouterr()
+    assert code == 1
+    assert json.loads(captured.out.strip().splitlines()[-1])["step"] == 7
+    assert "could not append the result to the run's metrics" in captured.err
+    assert len(captured.err.strip().splitlines()) == 1
+
+
+def test_eval_cli_takes_the_tokenizer_the_run_recorded(  # noqa: F811
+        tiny_hf_dir, small_tokenizer, tmp_path, capsys):
+    from llamax.run_dir import write_tokenizer
+
+    config, params = load_any(tiny_hf_dir)
+    run_dir = make_run_dir(tmp_path / "run", config, params, step=3)
+    args = ["--seq_len", str(SEQ), "--batch_size", str(BATCH), "--max_batches", "1"]
+    assert eval_cli.main(["--checkpoint", str(run_dir), *args]) == 1  # it recorded none (yet)
+    assert "has no tokenizer of its own" in capsys.readouterr().err
+    write_tokenizer(run_dir, small_tokenizer.path)  # what `fit` does when it commits the run
+    assert eval_cli.main(["--checkpoint", str(run_dir), *args]) == 0
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    expected = evaluate_perplexity(config, params, validation_batches(small_tokenizer, 1))
+    assert printed["loss"] == pytest.approx(expected["loss"], rel=1e-6)

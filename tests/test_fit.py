@@ -9,6 +9,7 @@ must drop).
 import logging
 import math
 import shutil
+import subprocess
 from pathlib import Path
 
 import jax
@@ -16,17 +17,17 @@ import numpy as np
 import pytest
 from jax.experimental.compilation_cache import compilation_cache
 
-from llamax.train.checkpoint import Checkpointer
 from llamax.config import get_preset
 from llamax.data.corpus import read_play, shakespeare_files
+from llamax.data.pipeline import DataConfig, eval_loader
 from llamax.errors import ConfigError, DataError
-from llamax.data.pipeline import DataConfig
-from llamax.run_dir import read_model_config
+from llamax.run_dir import RunDir, read_model_config
+from llamax.sharding import MeshConfig, get_mesh_preset
+from llamax.tokenizer import load_tokenizer, train_tokenizer
+from llamax.train.checkpoint import Checkpointer
 from llamax.train.fit import NonFiniteLossError, TrainConfig, fit
 from llamax.train.metrics import read_metrics
 from llamax.train.optim import OptimConfig
-from llamax.sharding import MeshConfig, get_mesh_preset
-from llamax.tokenizer import train_tokenizer
 
 # Reading a corrupt step makes tensorstore abandon coroutines that orbax's event loop later
 # reports as "Exception ignored ... Event loop is closed"; the error itself is handled and asserted.
@@ -242,3 +243,52 @@ def test_bad_data_is_a_clear_error_and_writes_no_checkpoint(problem, tokenizer_p
             train_config(run_dir))
     checkpoints = run_dir / "checkpoints"
     assert not checkpoints.exists() or not any(checkpoints.iterdir())
+
+
+def test_a_run_that_fails_its_checks_leaves_its_directory_untouched(tokenizer_path, tmp_path):
+    """A run refused at validation (here: the tokenizer has more pieces than the model's vocab)
+    must not commit anything, so the corrected rerun, with another model, is accepted."""
+    run_dir = tmp_path / "run"
+    with pytest.raises(DataError, match="has 512 pieces but the model's vocab_size is 256"):
+        fit(MODEL.replace(vocab_size=256), OPTIM, FSDP8, data_config(tokenizer_path, validation=None),
+            train_config(run_dir, train_steps=2))
+    assert not run_dir.exists() or list(run_dir.iterdir()) == []
+    result = fit(MODEL, OPTIM, FSDP8, data_config(tokenizer_path, validation=None),
+                 train_config(run_dir, train_steps=2, checkpoint_every=2))
+    assert result.status == "completed" and read_model_config(run_dir) == MODEL
+    assert RunDir(run_dir).outcome() == {"status": "completed", "step": 2, "loss": result.loss,
+                                         "eval_loss": None}
+
+
+def test_a_model_dir_that_is_a_file_is_one_config_error(tokenizer_path, tmp_path):
+    not_a_dir = tmp_path / "taken"
+    not_a_dir.write_text("notes")
+    with pytest.raises(ConfigError, match=rf"MODEL_DIR {not_a_dir} exists and is not a directory"):
+        fit(MODEL, OPTIM, FSDP8, data_config(tokenizer_path), train_config(not_a_dir))
+    assert not_a_dir.read_text() == "notes"
+
+
+def test_a_read_only_model_dir_is_one_config_error(tokenizer_path, tmp_path):
+    mount = tmp_path / "ro"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(mount)],
+                      capture_output=True).returncode:
+        pytest.skip("cannot mount a read-only tmpfs here (needs root)")
+    try:
+        with pytest.raises(ConfigError, match=rf"MODEL_DIR {mount / 'run'}: {mount} is not writable"):
+            fit(MODEL, OPTIM, FSDP8, data_config(tokenizer_path), train_config(mount / "run"))
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], capture_output=True)
+
+
+def test_eval_batches_zero_scores_the_whole_validation_split(tokenizer_path, tmp_path):
+    """eval_loss over the first `eval_batches` batches is a sample; 0 scores every validation token,
+    the same tokens `experiments.eval` scores with the run's seq_len and batch size."""
+    run_dir = tmp_path / "full_eval"
+    fit(MODEL, OPTIM, FSDP8, data_config(tokenizer_path),
+        train_config(run_dir, train_steps=1, checkpoint_every=1, eval_batches=0))
+    (record,) = [r for r in read_metrics(run_dir) if "eval_tokens" in r]
+    tokenizer = load_tokenizer(tokenizer_path)
+    validation = eval_loader(data_config(tokenizer_path), tokenizer, 64, 8, 0)
+    assert record["eval_tokens"] == sum(float(batch["loss_mask"].sum()) for batch in validation)
+    assert record["eval_tokens"] > 2 * 8 * 64  # more than the default 2 batches of this test

@@ -11,7 +11,7 @@ from data_fixtures import small_tokenizer  # noqa: F401  (session fixture)
 from llamax.data import BATCH_DTYPES, BATCH_KEYS, corpus
 from llamax.sharding import to_global_batch
 from llamax.data.loader import make_loader
-from llamax.errors import DataError
+from llamax.errors import ConfigError, DataError
 
 SEQ_LEN, BATCH = 64, 4
 
@@ -145,7 +145,7 @@ def test_state_from_another_setup_is_rejected(documents, small_tokenizer):
     (dict(global_batch_size=4, num_epochs=0), "num_epochs"),
 ])
 def test_bad_config(documents, small_tokenizer, kwargs, match):
-    with pytest.raises(DataError, match=match):
+    with pytest.raises(ConfigError, match=match):
         make_loader(documents, small_tokenizer, **{"seq_len": SEQ_LEN, **kwargs})
 
 
@@ -167,5 +167,5 @@ def test_empty_documents_are_skipped(small_tokenizer):
     assert segments(loader) == [tuple(small_tokenizer.encode("hello there", eos=True))]
     with pytest.raises(DataError, match="all 2 documents are empty"):
         make_loader(["", " "], small_tokenizer, seq_len=SEQ_LEN, global_batch_size=1)
-    with pytest.raises(DataError, match="unknown sft_template"):
+    with pytest.raises(ConfigError, match="unknown sft_template"):
         make_loader(["x"], small_tokenizer, seq_len=SEQ_LEN, global_batch_size=1, sft_template="x")

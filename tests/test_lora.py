@@ -147,8 +147,9 @@ def test_merged_export_loads_in_transformers_and_meta_round_trips(trained, base_
 @pytest.mark.parametrize("fields, match", [
     (dict(targets=("q_proj", "qq_proj")), r"'qq_proj'.*did you mean 'q_proj'.*valid targets: q_proj"),
     (dict(targets=("attention",)), r"valid targets: q_proj, k_proj, v_proj, o_proj, gate_proj"),
-    (dict(rank=0), "rank must be a positive integer, got 0"),
-    (dict(rank=-4), "rank must be a positive integer, got -4"),
+    (dict(rank=0), "rank must be an integer >= 1, got 0"),
+    (dict(rank=-4), "rank must be an integer >= 1, got -4"),
+    (dict(rank=True), "rank must be an int, got True"),
     (dict(alpha=0.0), "alpha must be > 0"),
 ])
 def test_bad_lora_config_is_a_config_error(fields, match):

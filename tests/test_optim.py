@@ -52,7 +52,7 @@ def test_weight_decay_mask_excludes_norms_only_by_default():
 
 def test_weight_decay_flag_also_excludes_embeddings():
     params = jax.eval_shape(lambda: init_params(TINY, 0))
-    mask = _flat(weight_decay_mask(params, OptimConfig(no_decay_on_norms_and_embeddings=True)))
+    mask = _flat(weight_decay_mask(params, OptimConfig(no_decay_on_embeddings=True)))
     assert not mask["['embed_tokens']['embedding']"]
     assert mask["['lm_head']['kernel']"] and mask["['layers']['mlp']['up_proj']['kernel']"]
     assert not mask["['norm']['weight']"]
@@ -94,6 +94,9 @@ def test_opt_state_dtype_sets_first_moment_dtype():
     (dict(decay="step"), "decay='step'"),
     (dict(warmup_steps=100, total_steps=100), "must exceed warmup_steps"),
     (dict(grad_accum_steps=0), "grad_accum_steps"),
+    # bool is an int in Python: `True` from a gin/JSON typo must not mean 1 micro-batch.
+    (dict(grad_accum_steps=True), "grad_accum_steps must be an int, got True"),
+    (dict(warmup_steps=False), "warmup_steps must be an int, got False"),
     (dict(min_lr_ratio=1.5), "min_lr_ratio"),
     (dict(opt_state_dtype="float33"), "not a dtype"),
     (dict(clip_norm=-1.0), "clip_norm"),

@@ -6,6 +6,7 @@ from hypothesis import strategies as st
 
 from llamax.data.packing import (BATCH_DTYPES, BATCH_KEYS, DocumentPacker, RowBuilder, as_document,
                                  pack_documents, stack_rows)
+from llamax.errors import ConfigError, DataError
 
 
 def make_documents(lengths, weight_seed=0):
@@ -114,9 +115,9 @@ def test_stack_rows_pads_with_empty_rows():
 
 
 def test_bad_arguments():
-    with pytest.raises(ValueError, match="seq_len must be >= 2"):
+    with pytest.raises(ConfigError, match="seq_len must be >= 2"):
         RowBuilder(1)
-    with pytest.raises(ValueError, match="equal length"):
+    with pytest.raises(DataError, match="equal length"):
         as_document([1, 2, 3], [1, 1])
-    with pytest.raises(ValueError, match="does not fit"):
+    with pytest.raises(DataError, match="does not fit"):
         RowBuilder(4).add(np.arange(5), np.ones(5))

@@ -73,14 +73,29 @@ def test_rows_stop_at_eos_like_transformers(gqa):
     assert generate(config, params, prompts, NEW, eos_id=free[0][0])[0] == [free[0][0]]
 
 
-def test_several_eos_ids_and_a_stop_callback_cut_rows_as_the_plain_loop_would(gqa):
+def test_rows_stop_at_any_stop_id_like_transformers_eos_list(gqa):
+    """Llama-3-Instruct stops at <|eot_id|> or <|end_of_text|>: transformers takes a list of eos ids."""
+    model, config, params = gqa
+    prompts = _prompts(config.vocab_size)
+    free = generate(config, params, prompts, NEW)
+    # Two tokens greedy decoding really produces, first seen late in rows 0 and 2.
+    stops = [next(t for i, t in enumerate(row) if i >= 4 and t not in row[:i]) for row in (free[0], free[2])]
+    stopped = generate(config, params, prompts, NEW, stop_ids=stops)
+    for prompt, ours, unstopped in zip(prompts, stopped, free):
+        assert ours == _hf_generate(model, prompt, NEW, eos_id=stops)
+        ends = [i for i, t in enumerate(unstopped) if t in stops]
+        assert ours == (unstopped[:ends[0] + 1] if ends else unstopped)
+    assert stopped[0][-1] in stops and len(stopped[0]) < NEW
+    # eos_id and stop_ids together: any of them ends a row; the stream agrees with the batch.
+    both = generate(config, params, prompts, NEW, eos_id=stops[0], stop_ids=stops[1:])
+    assert both == stopped
+    assert list(generate_stream(config, params, prompts[0], NEW, stop_ids=stops)) == stopped[0]
+
+
+def test_a_stop_callback_cuts_rows_as_the_plain_loop_would_and_keeps_samples(gqa):
     _, config, params = gqa
     prompts = _prompts(config.vocab_size)
     free = generate(config, params, prompts, NEW)
-    eos_ids = (free[0][4], free[1][6])  # a row stops at the first of either
-    for row, ours in zip(free, generate(config, params, prompts, NEW, eos_id=eos_ids)):
-        ends = [i for i, token in enumerate(row) if token in eos_ids]
-        assert ours == (row[:ends[0] + 1] if ends else row)
     # The host asks `stop` every 3 tokens; row 0 ends once it holds 4, i.e. at the check after 6.
     asked = []
 
@@ -91,10 +106,18 @@ def test_several_eos_ids_and_a_stop_callback_cut_rows_as_the_plain_loop_would(gq
     chunked = generate(config, params, prompts, NEW, stop=stop, check_every=3)
     assert chunked[0] == free[0][:6] and chunked[1:] == free[1:]
     assert asked[:3] == [(0, 3), (1, 3), (2, 3)] and (0, 9) not in asked
+    # check_every=1 asks after every token and still ends (it once looped forever).
+    assert generate(config, params, prompts, NEW, stop=lambda row, tokens: False, check_every=1) == free
+    # Stop ids and the callback together: a row ends at whichever comes first.
+    stops = [free[1][5]]
+    plain = generate(config, params, prompts, NEW, stop_ids=stops)
+    assert generate(config, params, prompts, NEW, stop_ids=stops, stop=stop, check_every=3)[1:] == plain[1:]
     # Chunking never changes a sample: row r's step-s draw uses the same key either way.
     sampled = dict(temperature=1.0, top_p=0.9, seed=3)
     assert generate(config, params, prompts, NEW, stop=lambda row, tokens: False, check_every=2, **sampled) == \
         generate(config, params, prompts, NEW, **sampled)
+    with pytest.raises(ConfigError, match="check_every"):
+        generate(config, params, prompts, NEW, stop=stop, check_every=0)
 
 
 def test_kv_cache_logits_equal_full_forward_across_prefill_and_decode(gqa):
@@ -214,6 +237,9 @@ def test_sharded_greedy_equals_unsharded(gqa, mesh_shape, axis_names, rules):
     (dict(top_k=0), ConfigError, "top_k must be in"),
     (dict(top_k=129), ConfigError, "top_k must be in"),
     (dict(eos_id=128), ConfigError, "eos_id=128 is outside"),
+    (dict(stop_ids=[2, 128]), ConfigError, "stop id 128 of stop_ids is not a token id"),
+    (dict(stop_ids=2), ConfigError, "stop_ids must be a sequence"),
+    (dict(stop_ids=[2.0]), ConfigError, "stop id 2.0"),
 ])
 def test_bad_input_raises_clear_errors(gqa, change, error, match):
     _, config, params = gqa
@@ -224,18 +250,27 @@ def test_bad_input_raises_clear_errors(gqa, change, error, match):
     assert issubclass(error, ValueError)
 
 
-def test_cli_streams_one_prompt_and_batches_several(tmp_path, capsys):
-    from experiments import sample as cli
-    from llamax.convert.orbax import save_params
+@pytest.fixture(scope="module")
+def cli_checkpoint(tmp_path_factory):
+    """An HF folder (vocab 320, context 256) with its SentencePiece tokenizer.model (300 pieces) inside."""
     from llamax.tokenizer import train_tokenizer
 
-    text = tmp_path / "text.txt"
+    root = tmp_path_factory.mktemp("cli")
+    text = root / "text.txt"
     text.write_text("\n".join(f"the quick brown fox {i} jumps over the lazy dog" for i in range(200)))
-    tokenizer = train_tokenizer([text], tmp_path / "tok" / "tokenizer.model", vocab_size=300)
+    tokenizer = train_tokenizer([text], root / "tok" / "tokenizer.model", vocab_size=300)
     model = make_hf_model("llama3_gqa", vocab_size=320)  # padded past the tokenizer's 300 pieces
     config, params = _from_hf(model)
-    save_hf(config, params, tmp_path / "hf")
-    argv = ["--checkpoint", str(tmp_path / "hf"), "--tokenizer", str(tokenizer.path),
+    save_hf(config, params, root / "hf", tokenizer=tokenizer.path)
+    return root, tokenizer, config, params
+
+
+def test_cli_streams_one_prompt_and_batches_several(cli_checkpoint, tmp_path, capsys):
+    from experiments import sample as cli
+    from llamax.convert.orbax import save_params
+
+    _, tokenizer, config, params = cli_checkpoint
+    argv = ["--checkpoint", str(cli_checkpoint[0] / "hf"), "--tokenizer", str(tokenizer.path),
             "--max_new_tokens", "6", "--prompt", "the quick"]
     assert cli.main(argv) == 0
     prompt = tokenizer.encode("the quick")
@@ -252,3 +287,52 @@ def test_cli_streams_one_prompt_and_batches_several(tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
     with pytest.raises(LlamaxError, match="top_k must be in"):
         generate(config, params, [prompt], 4, temperature=1.0, top_k=10_000)
+
+
+def _decode(tokenizer, ids):
+    return tokenizer.decode([t for t in ids if t < tokenizer.vocab_size])  # the model pads its vocab
+
+
+def test_cli_uses_the_checkpoints_own_tokenizer_for_hf_meta_and_chat(cli_checkpoint, tmp_path, capsys):
+    """No --tokenizer: the folder's tokenizer.model (copied along by convert into a Meta folder)."""
+    from experiments import sample as cli
+    from llamax.convert.hub import convert
+
+    root, tokenizer, config, params = cli_checkpoint
+    (expected,) = generate(config, params, [tokenizer.encode("the quick")], 6, stop_ids=tokenizer.stop_ids)
+    text = _decode(tokenizer, tokenizer.encode("the quick") + expected) + "\n"
+    convert(root / "hf", "hf", tmp_path / "meta", "meta", progress=False)
+    for checkpoint in (root / "hf", tmp_path / "meta"):
+        assert cli.main(["--checkpoint", str(checkpoint), "--max_new_tokens", "6", "--prompt", "the quick"]) == 0
+        assert capsys.readouterr().out == text
+    # --chat: the tokenizer's chat template (here the built-in Llama-2 one), the reply alone.
+    chat = tokenizer.apply_chat_template([{"role": "system", "content": "Be brief."},
+                                          {"role": "user", "content": "the lazy dog"}], True)
+    prompt = tokenizer.encode(chat, bos=False, allow_special=True)
+    (reply,) = generate(config, params, [prompt], 6, stop_ids=tokenizer.stop_ids)
+    assert cli.main(["--checkpoint", str(root / "hf"), "--chat", "--system", "Be brief.",
+                     "--max_new_tokens", "6", "--prompt", "the lazy dog"]) == 0
+    assert capsys.readouterr().out == _decode(tokenizer, reply) + "\n"
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--max_new_tokens", "-5"], "max_new_tokens must be a positive integer, got -5"),
+    (["--prompt", "the quick brown fox " * 200], "> max_position_embeddings=256"),
+    (["--top_p", "1.5"], "top_p must be in (0, 1]"),
+    (["--system", "Be brief."], "--system applies to --chat prompts"),
+    (["--tokenizer", "/no/such/tokenizer.model"], "'/no/such/tokenizer.model' does not exist"),
+    (["--checkpoint", "/no/such/model"], "checkpoint '/no/such/model' does not exist"),
+])
+def test_cli_checks_every_argument_before_reading_weights_or_printing(cli_checkpoint, capsys, monkeypatch,
+                                                                      extra, message):
+    from experiments import sample as cli
+
+    def never(*args, **kwargs):
+        raise AssertionError("the weights were read before the arguments were checked")
+
+    monkeypatch.setattr(cli, "load_model", never)
+    argv = ["--checkpoint", str(cli_checkpoint[0] / "hf"), "--prompt", "the quick", *extra]
+    assert cli.main(argv) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""  # nothing echoed
+    assert message in captured.err and captured.err.count("\n") == 1

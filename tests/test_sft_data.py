@@ -10,7 +10,7 @@ from llamax.data import chat_templates, sft
 from llamax.data.documents import read_documents
 from llamax.data.loader import make_loader
 from llamax.data.packing import as_document, pack_documents
-from llamax.errors import DataError
+from llamax.errors import ConfigError, DataError
 from llamax.tokenizer import HFTokenizer, load_tokenizer
 
 CONVERSATION = [
@@ -181,7 +181,7 @@ def test_checkpoint_template_through_the_loader(tmp_path, llama3_tokenizer_dir):
                          num_epochs=1, shuffle=False, sft_template="checkpoint")
     scored = [t for batch in loader for t in batch["targets"][batch["loss_mask"] == 1].tolist()]
     assert scored == [i for r in records for i in tok.encode(r["response"], bos=False) + [EOT_ID]]
-    with pytest.raises(DataError, match=r"unknown sft_template 'chatml'.*'checkpoint'"):
+    with pytest.raises(ConfigError, match=r"unknown sft_template 'chatml'.*'checkpoint'"):
         make_loader(["x"], tok, seq_len=8, global_batch_size=1, sft_template="chatml")
 
 

@@ -1,5 +1,11 @@
 """Mesh construction, the rules table, and param shardings (golden specs for FSDP+TP)."""
 import logging
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
 
 import jax
 import numpy as np
@@ -128,3 +134,27 @@ def test_batch_checks_and_sharding():
     np.testing.assert_array_equal(batch["tokens"], np.arange(32).reshape(8, 4))
     with pytest.raises(ConfigError, match="batch size 6 is not divisible by the data-parallel size 4"):
         check_batch_size(6, mesh)
+
+
+MESH_FILES = sorted((Path(__file__).resolve().parents[1] / "configs" / "meshes").glob("*.gin"))
+
+
+def _fake_devices(mesh_file: Path) -> int:
+    return int(re.search(r"# devices: (\d+)", mesh_file.read_text()).group(1))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mesh_file", [m for m in MESH_FILES if _fake_devices(m) <= 64
+                                       and "dcn_" not in m.read_text()], ids=lambda m: m.stem)
+def test_shipped_meshes_compile_without_involuntary_rematerialization(mesh_file):
+    """XLA replicates a whole tensor when it cannot reshard it ("Involuntary full
+    rematerialization", a warning, not an error): that silently costs memory and bandwidth, so a
+    shipped mesh must not trigger it (it did for the embedding lookup on cpu8)."""
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={_fake_devices(mesh_file)}",
+           "TF_CPP_MIN_LOG_LEVEL": "0", "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(root)}
+    result = subprocess.run([sys.executable, str(root / "tests" / "scripts" / "compile_on_mesh.py"),
+                             str(mesh_file)], env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "compiled on" in result.stdout
+    assert "Involuntary full rematerialization" not in result.stderr, result.stderr[-3000:]

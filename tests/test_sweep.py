@@ -347,3 +347,23 @@ def test_sweep_module_runs_as_script(tmp_path):
                           "--root", str(tmp_path), "--dry_run"], cwd=REPO, capture_output=True,
                          text=True, check=True).stdout
     assert out.count("-m experiments.train") == 3
+
+
+def test_parallel_points_start_together_from_the_first(tmp_path):
+    """--parallel 2 on two points runs both at once from the start (the first point used to run
+    alone, so a 2-point sweep ran sequentially)."""
+    starts = tmp_path / "starts.txt"
+    fake = tmp_path / "fake_python"
+    fake.write_text(f"""#!/bin/bash
+echo start >> {starts}
+for arg in "$@"; do case "$arg" in --gin.MODEL_DIR=*) dir="${{arg#--gin.MODEL_DIR=}}"; dir="${{dir//\\'/}}";; esac; done
+# Wait until both points have started: a sequential launcher would never get there.
+for i in $(seq 100); do [ "$(wc -l < {starts})" -ge 2 ] && break; sleep 0.1; done
+[ "$(wc -l < {starts})" -ge 2 ] || exit 3
+echo '{{"status": "completed", "step": 1}}' > "$dir/outcome.json"
+""")
+    fake.chmod(0o755)
+    sweep = _sweep(grid({"LEARNING_RATE": [0.001, 0.01]}), names={"LEARNING_RATE": "lr"})
+    sweeps.run_local(sweep, str(tmp_path / "root"), parallel=2, python=str(fake), echo=lambda _: None)
+    status = {row["point"]: row["status"] for row in sweeps.collect_results(sweep, str(tmp_path / "root"))}
+    assert status == {"lr=0.001": "completed", "lr=0.01": "completed"}

@@ -29,7 +29,7 @@ DETERMINISTIC_KEYS = ("loss", "grad_norm", "z_loss", "learning_rate", "scored_to
 def shared(tmp_path_factory) -> dict:
     """The module's tokenizer (trained once, before any run, so concurrent runs never race to
     train it) and the subprocess environment."""
-    from experiments.train import shakespeare_tokenizer
+    from llamax.data.corpus import shakespeare_tokenizer
 
     root = tmp_path_factory.mktemp("cli")
     tokenizers = root / "tokenizers"
@@ -218,3 +218,64 @@ def test_gin_errors_exit_2_with_a_clear_message(shared, tmp_path):
         for run in runs.values():
             run.kill()
     assert not run_dir.exists()  # nothing trained, nothing written
+
+
+@pytest.mark.parametrize("binding, code, messages", [
+    # A typo'd macro would silently train with the default number of steps.
+    ("TRAIN_STEP=5", 2, ["--gin.TRAIN_STEP: macro TRAIN_STEP is neither defined nor used",
+                         "did you mean TRAIN_STEPS?"]),
+    ("MODEL_DIR=/data/x", 2, ["--gin.MODEL_DIR=/data/x: not a gin value",
+                              "a string needs quotes inside the shell's: --gin.MODEL_DIR=\"'/data/x'\""]),
+    ("MODEL_DIR=runs_x", 2, ["--gin.MODEL_DIR=runs_x: not a gin value", "--gin.MODEL_DIR=\"'runs_x'\""]),
+    ("LEARNING_RATE='abc'", 2, ["--gin.LEARNING_RATE='abc': optim.OptimConfig.learning_rate must be a "
+                                "float, got 'abc' (str)"]),
+    ("train.run.model_config={'a': 1}", 2, ["train.run.model_config must be a ModelConfig, got {'a': 1}"]),
+    ("LEARNING_RATE=-1", 1, ["--gin.LEARNING_RATE=-1: OptimConfig.learning_rate must be >= 0"]),
+    # Both used to escape as raw TypeError / RecursionError from inside gin.
+    ("fit.TrainConfig.log_every=%LOG_EVRY", 2, ["--gin.fit.TrainConfig.log_every=%LOG_EVRY: macro LOG_EVRY "
+                                                "is not defined"]),
+    ("config.ModelConfig.rope_scaling=@config.ModelConfig()", 2,
+     ["calls a configurable inside its own arguments", "--gin.config.ModelConfig.rope_scaling=@config.ModelConfig()"]),
+])
+def test_binding_mistakes_name_the_binding_in_one_line(binding, code, messages, tmp_path, capsys):
+    from experiments import train as train_cli
+
+    run_dir = tmp_path / "run"
+    assert train_cli.main(["--gin_file=configs/runs/tiny.gin", f"--gin.MODEL_DIR='{run_dir}'",
+                           f"--gin.{binding}"]) == code
+    stderr = capsys.readouterr().err
+    for message in messages:
+        assert message in stderr, stderr
+    assert len(stderr.strip().splitlines()) == 1, stderr  # no "In call to configurable" line
+    assert not run_dir.exists()  # refused before anything was written
+
+
+def test_no_false_alarms_when_started_outside_the_repository(shared, tmp_path):
+    """gin resolves `include 'configs/...'` through the installed configs package: started from
+    another directory, a run prints no 'Path not found' errors on the way."""
+    result = subprocess.run([sys.executable, "-m", "experiments.train", "--gin_file=configs/runs/tiny.gin",
+                             "--gin.TRAIN_STEP=1"], cwd=tmp_path, env=shared["env"], capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 2 and "did you mean TRAIN_STEPS" in result.stderr
+    assert "Path not found" not in result.stderr, result.stderr
+
+
+def test_a_rerun_compiles_nothing_again(shared, tmp_path):
+    """The persistent compilation cache is on by default (LLAMAX_COMPILATION_CACHE moves it):
+    a second identical run finds every program in it and adds none."""
+    cache = tmp_path / "compiled"
+    env = {k: v for k, v in shared["env"].items() if not k.startswith("JAX_PERSISTENT")
+           and k != "JAX_COMPILATION_CACHE_DIR"}
+    env["LLAMAX_COMPILATION_CACHE"] = str(cache)
+
+    def entries() -> set[str]:
+        return {p.name for p in cache.iterdir()} if cache.exists() else set()
+
+    for attempt in ("first", "second"):
+        before = entries()
+        run = Run(train_command(shared, tmp_path / attempt, 6), env, tmp_path, attempt)
+        assert run.wait() == 0, run.stderr[-3000:]
+        if attempt == "first":
+            assert entries(), "the first run cached nothing"
+        else:
+            assert entries() == before, f"the rerun compiled again: {sorted(entries() - before)}"

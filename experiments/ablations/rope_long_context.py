@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from absl import logging as absl_logging
 
-    from experiments.train import shakespeare_tokenizer
+    from llamax.data.corpus import shakespeare_tokenizer
 
     absl_logging.set_verbosity(absl_logging.ERROR)  # orbax's read-only notices, once per variant
 

@@ -6,6 +6,10 @@ half-split rotary layout, so no q/k permutation is needed here (Meta's format ne
 
 Conversion walks the table one tensor at a time: with `WeightFolder`'s memory maps, peak host
 memory is the llamax params being built plus one tensor, never a second copy of the checkpoint.
+
+An HF folder is more than its weights: `HFWriter` also writes the model's special ids
+(`SpecialIds`: bos/eos/pad_token_id in config.json and generation_config.json, so transformers'
+`generate` stops where llamax does) and copies its tokenizer files.
 """
 from __future__ import annotations
 
@@ -21,6 +25,8 @@ from llamax.convert.weight_files import WeightFolder, safetensors_header
 from llamax.dtypes import dtype_name, numpy_dtype, parse_dtype
 from llamax.errors import CheckpointError, ConfigError
 from llamax.files import atomic_output_dir, contiguous_bytes
+from llamax.tokenizer.files import GENERATION_CONFIG, copy_tokenizer_files, read_json
+from llamax.tokenizer.special_ids import SpecialIds
 from llamax.tree_paths import get_path, set_path
 
 Tensor = np.ndarray
@@ -240,6 +246,16 @@ def load_hf(path: str | os.PathLike, **config_overrides: Any) -> tuple[ModelConf
     return config, hf_to_params(config, WeightFolder(path))
 
 
+def write_generation_config(folder: str | os.PathLike, special_ids: SpecialIds) -> Path:
+    """Writes `<folder>/generation_config.json` with `special_ids`, keeping the other settings of
+    one already there (a copied source's sampling defaults, e.g. Llama-3-Instruct's temperature)."""
+    path = Path(folder) / GENERATION_CONFIG
+    settings = read_json(path) if path.is_file() else {}
+    settings.update(special_ids.hf_fields())
+    path.write_text(json.dumps(settings, indent=2))
+    return path
+
+
 class HFWriter:
     """Writes an HF checkpoint folder from HF-named tensors arriving in any order: the one HF
     writer (`save_hf` and the conversion hub both drive it).
@@ -247,10 +263,15 @@ class HFWriter:
     The safetensors files are laid out up front (sharded above `max_shard_size` bytes, with a
     `model.safetensors.index.json`), each tensor is written at its offset as it arrives, so at
     most one tensor is held, and `config.json` records `dtype`. `close` checks every tensor came.
+    `special_ids` go into config.json and generation_config.json; the files of `tokenizer` (a
+    tokenizer file or folder) are copied in (`llamax.tokenizer.files.copy_tokenizer_files`).
     """
 
     def __init__(self, config: ModelConfig, folder: str | os.PathLike, dtype: Any,
-                 max_shard_size: int = 5 * 2**30):
+                 max_shard_size: int = 5 * 2**30, *, special_ids: SpecialIds | None = None,
+                 tokenizer: str | os.PathLike | None = None):
+        if special_ids is not None:
+            special_ids.check_vocab(config.vocab_size, "HF export")
         self.folder, self.dtype = Path(folder), numpy_dtype(dtype)
         shapes = expected_hf_shapes(config)
         files: list[list[str]] = [[]]  # tensor names per file, in table order
@@ -280,7 +301,13 @@ class HFWriter:
                 json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
         hf_config = config.to_hf()
         hf_config["torch_dtype"] = hf_config["dtype"] = dtype_name(self.dtype)
+        if special_ids is not None:
+            hf_config.update(special_ids.hf_fields())
         (self.folder / "config.json").write_text(json.dumps(hf_config, indent=2))
+        if tokenizer is not None:
+            copy_tokenizer_files(tokenizer, self.folder)
+        if special_ids is not None:
+            write_generation_config(self.folder, special_ids)
         self._pending = set(self._where)
 
     def write(self, name: str, array: np.ndarray) -> None:
@@ -302,9 +329,13 @@ class HFWriter:
 
 
 def save_hf(config: ModelConfig, params: Mapping, path: str | os.PathLike, *, dtype: Any = None,
-            max_shard_size: int = 5 * 2**30, overwrite: bool = False) -> Path:
+            max_shard_size: int = 5 * 2**30, overwrite: bool = False, special_ids: SpecialIds | None = None,
+            tokenizer: str | os.PathLike | None = None) -> Path:
     """Writes `params` as an HF checkpoint folder (safetensors + config.json) that
     `transformers.LlamaForCausalLM.from_pretrained` loads.
+
+    `special_ids` (bos/eos/pad) go into config.json and generation_config.json (without them,
+    transformers assumes LLaMA-1/2's 1 and 2); `tokenizer` (a file or folder) is copied in.
 
     Shards above `max_shard_size` bytes with a `model.safetensors.index.json`. Everything is written
     to a temporary sibling folder and renamed into place, so a failure leaves nothing half-written.
@@ -314,7 +345,8 @@ def save_hf(config: ModelConfig, params: Mapping, path: str | os.PathLike, *, dt
     check_params(config, params)
     out_dtype = parse_dtype(dtype) or np.asarray(get_path(params, ("embed_tokens", "embedding"))).dtype
     with atomic_output_dir(path, overwrite=overwrite) as staging:
-        writer = HFWriter(config, staging, out_dtype, max_shard_size)
+        writer = HFWriter(config, staging, out_dtype, max_shard_size, special_ids=special_ids,
+                          tokenizer=tokenizer)
         for name, tensor in params_to_hf(config, params):
             writer.write(name, tensor)
         writer.close()

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from llamax.config import ModelConfig, RopeScaling, is_finite_number
-from llamax.errors import CheckpointError, ConfigError
+from llamax.errors import CheckpointError, ConfigError, is_int
 
 PARAMS_FILE = "params.json"
 LLAMA3_VOCAB_SIZE = 128256
@@ -84,9 +84,8 @@ def check_params_json(params: Any, where: str = PARAMS_FILE) -> None:
         if key not in params or (params[key] is None and not required):
             continue
         value = params[key]
-        is_int = isinstance(value, int) and not isinstance(value, bool)
-        ok = {"count": is_int and value > 0,
-              "vocab": is_int and (value > 0 or value == -1),
+        ok = {"count": is_int(value) and value > 0,
+              "vocab": is_int(value) and (value > 0 or value == -1),
               "positive": is_finite_number(value) and value > 0,
               "bool": isinstance(value, bool)}[kind]
         if not ok:

@@ -88,7 +88,7 @@ def _saved_tree(tree_dir: Path) -> PyTree:
 
 def _restore(tree_dir: Path, target: PyTree) -> PyTree:
     """orbax partial restore of `target` (ShapeDtypeStructs; with sharding -> jax.Array)."""
-    from llamax.train.checkpoint import tree_restore_args  # the one builder of restore args
+    from llamax.train.checkpoint_tree import tree_restore_args  # the one builder of restore args
 
     with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as checkpointer:
         return checkpointer.restore(tree_dir, args=tree_restore_args(target, partial=True))

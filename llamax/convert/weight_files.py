@@ -17,7 +17,7 @@ import ml_dtypes
 import numpy as np
 
 from llamax.convert.pth import PthFile
-from llamax.errors import CheckpointError
+from llamax.errors import CheckpointError, is_int
 
 SAFETENSORS_DTYPES = {
     "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
@@ -94,17 +94,24 @@ class SafetensorsFile:
         begin, end = entry["data_offsets"]
         shape = tuple(entry["shape"])
         expected = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
-        if end - begin != expected or self.data_start + end > self.file_size:
+        if end - begin != expected:
             raise CheckpointError(
-                f"{self.path}: tensor {name!r} should span {expected} bytes at offset {begin}, but the "
-                f"file holds bytes {begin}..{end} of {self.file_size - self.data_start}: truncated or corrupt")
+                f"{self.path}: the header gives tensor {name!r} bytes {begin}..{end} ({end - begin} "
+                f"bytes), but its shape {shape} and dtype {entry.get('dtype')} need {expected}: the "
+                "header is corrupt")
+        available = self.file_size - self.data_start
+        if end > available:
+            raise CheckpointError(
+                f"{self.path}: tensor {name!r} needs bytes {begin}..{end} of the data section, but the "
+                f"file holds only {max(available, 0)} bytes of data: it is truncated (copy or download "
+                "it again)")
         return np.memmap(self.path, dtype=dtype, mode="r", offset=self.data_start + begin, shape=shape)
 
 
 def _check_entry(path: Path, name: str, entry: object) -> None:
     """Raises CheckpointError unless `entry` is a well-formed safetensors header entry."""
     def is_count(value: object) -> bool:
-        return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+        return is_int(value) and value >= 0
 
     ok = (isinstance(entry, dict) and isinstance(entry.get("shape"), list)
           and all(is_count(d) for d in entry["shape"]) and isinstance(entry.get("data_offsets"), list)

@@ -1,4 +1,15 @@
-"""Data: corpus, documents, packing, SFT templates and the grain loader.
+"""Data: from a named source to packed `[batch, seq_len]` batches.
+
+  pipeline.py        DataConfig (what a run reads), the train loader and eval batches
+  sources.py         where documents come from: local files or a prepared tfds dataset
+  documents.py       local .txt / .jsonl files -> documents (strict or skipping bad lines)
+  corpus.py          the bundled Shakespeare plays (train / validation split by play)
+  shakespeare_sft.py prompt/response exchanges built from the plays, for SFT demos
+  sft.py             SFT records -> tokens with per-token "is a response token" weights
+  chat_templates.py  built-in chat renderings and the checkpoint-template path for SFT
+  packing.py         documents -> rows with segment ids, positions and loss masks (numpy)
+  loader.py          the grain loader: shuffle, tokenize, pack, exact resumable state
+  text_files/        a tfds builder for local text (array_record, read without TensorFlow)
 
 Batch contract: every batch is a dict of numpy arrays, all `[batch, seq_len]`:
   tokens      int32    input token ids (0 on padding)

@@ -33,7 +33,6 @@ from typing import Callable, Sequence
 from llamax.errors import DataError
 
 ROLES = ("system", "user", "assistant")
-LLAMA3_SPECIAL = ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")
 
 
 @dataclasses.dataclass(frozen=True)

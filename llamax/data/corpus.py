@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import re
+import tempfile
 from pathlib import Path
 from typing import Literal
 
@@ -123,3 +125,25 @@ def write_corpus(out_dir: str | Path, fmt: Literal["txt", "jsonl"] = "jsonl",
                     f.write(json.dumps({"text": passage, "source": play.stem}) + "\n")
         written[split] = path
     return written
+
+
+def shakespeare_tokenizer(vocab_size: int = 2048, directory: str | None = None) -> str:
+    """Path of a BPE tokenizer trained on the corpus's train split, kept in `directory` (default
+    the user's cache, `llamax.files.cache_dir('tokenizers')`, never the working directory);
+    trained (a few seconds, deterministic) the first time it is asked for."""
+    from llamax.files import cache_dir
+    from llamax.tokenizer import train_tokenizer
+
+    root = Path(directory) if directory is not None else cache_dir("tokenizers")
+    out = root / f"shakespeare-{vocab_size}" / "tokenizer.model"
+    if not out.exists():
+        # Several processes (multi-host on a shared disk, or runs started together) can get here
+        # at once: each trains in a private folder and renames the result into place, so none
+        # reads a half-written corpus or model. Training is deterministic: any rename may win.
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=out.parent) as private:
+            text = write_corpus(Path(private) / "corpus", "txt")["train"]
+            trained = train_tokenizer([text], Path(private) / out.name, vocab_size=vocab_size)
+            os.replace(trained.path.with_suffix(".vocab"), out.with_suffix(".vocab"))
+            os.replace(trained.path, out)
+    return str(out)

@@ -85,9 +85,12 @@ def read_jsonl(path: str | os.PathLike, parse: Callable[[Any], Document | None],
             doc = parse(json.loads(line))
         except (ValueError, RecursionError) as e:  # JSONDecodeError is a ValueError; RecursionError:
             # arrays nested thousands deep exhaust the decoder's stack
+            if isinstance(e, WrongRecordKind):  # the whole file is of another kind: skipping won't do
+                raise DataError(f"{path}:{number}: {e}") from e
             if on_error == "raise":
-                raise DataError(f"{path}:{number}: {e}. Fix the line or pass on_error='skip' to "
-                                "skip malformed records (they are counted in a warning)") from e
+                raise DataError(f"{path}:{number}: {e}. Fix the line, or skip malformed records "
+                                "with on_error='skip' (DataConfig.on_error; they are counted in a "
+                                "warning)") from e
             bad += 1
             continue
         if doc is None:
@@ -101,11 +104,20 @@ def read_jsonl(path: str | os.PathLike, parse: Callable[[Any], Document | None],
     return docs
 
 
+class WrongRecordKind(ValueError):
+    """A JSONL record of another kind than the reader expects (SFT records read as text)."""
+
+
 def text_record_parser(text_key: str = "text") -> Callable[[Any], str | None]:
     """Parser for pretraining JSONL: `{text_key: "..."}` -> the text (None if blank)."""
     def parse(record: Any) -> str | None:
         if not isinstance(record, dict):
             raise ValueError(f"expected a JSON object, got {type(record).__name__}")
+        if text_key not in record and ("messages" in record or {"prompt", "response"} <= set(record)):
+            raise WrongRecordKind(
+                f"this is an SFT record (fields {sorted(record)[:8]}), read as plain text: set an SFT "
+                "template (DataConfig.sft_template; --sft_template for experiments.eval) so the "
+                "conversation is rendered and only responses are scored")
         if text_key not in record:
             raise ValueError(f"record has no {text_key!r} field (fields: {sorted(record)[:8]})")
         text = record[text_key]

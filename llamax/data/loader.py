@@ -26,7 +26,7 @@ import jax
 import numpy as np
 
 from llamax.data import chat_templates, packing, sft
-from llamax.errors import DataError
+from llamax.errors import ConfigError, DataError, check_field_types
 
 STATE_VERSION = 1
 
@@ -61,6 +61,9 @@ class LoaderConfig:
     process_count: int | None = None
     num_threads: int = 2
     prefetch: int = 256
+
+    def __post_init__(self):
+        check_field_types(self)
 
 
 class _Encode:
@@ -252,22 +255,23 @@ def make_loader(documents: Sequence[Any], tokenizer, config: LoaderConfig | None
 
 
 def _validate(config: LoaderConfig, process_index: int, process_count: int, num_docs: int) -> None:
+    """A bad knob is a ConfigError, as everywhere; missing data is a DataError."""
     if config.seq_len < 2:
-        raise DataError(f"seq_len must be >= 2, got {config.seq_len}")
+        raise ConfigError(f"LoaderConfig.seq_len must be >= 2, got {config.seq_len}")
     if config.global_batch_size <= 0 or config.global_batch_size % process_count:
-        raise DataError(f"global_batch_size={config.global_batch_size} must be a positive multiple "
-                        f"of process_count={process_count} (each process loads an equal slice)")
+        raise ConfigError(f"global_batch_size={config.global_batch_size} must be a positive multiple "
+                          f"of process_count={process_count} (each process loads an equal slice)")
     if not 0 <= process_index < process_count:
-        raise DataError(f"process_index={process_index} not in [0, {process_count})")
+        raise ConfigError(f"process_index={process_index} not in [0, {process_count})")
     if config.num_epochs is not None and config.num_epochs <= 0:
-        raise DataError(f"num_epochs must be None (forever) or positive, got {config.num_epochs}")
+        raise ConfigError(f"num_epochs must be None (forever) or positive, got {config.num_epochs}")
     if not 0 <= config.seed < 2**32:
-        raise DataError(f"seed must be in [0, 2**32), got {config.seed}")
+        raise ConfigError(f"seed must be in [0, 2**32), got {config.seed}")
+    if config.sft_template is not None and config.sft_template not in chat_templates.SFT_TEMPLATES:
+        raise ConfigError(f"unknown sft_template {config.sft_template!r}; choose one of "
+                          f"{list(chat_templates.SFT_TEMPLATES)} or None for pretraining text")
     if num_docs == 0:
         raise DataError("no documents to load")
-    if config.sft_template is not None and config.sft_template not in chat_templates.SFT_TEMPLATES:
-        raise DataError(f"unknown sft_template {config.sft_template!r}; choose one of "
-                        f"{list(chat_templates.SFT_TEMPLATES)} or None for pretraining text")
 
 
 def _plain(value: Any) -> Any:

@@ -24,6 +24,8 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
+from llamax.errors import ConfigError, DataError
+
 BATCH_KEYS = ("tokens", "targets", "segment_ids", "positions", "loss_mask")
 BATCH_DTYPES = {"tokens": np.int32, "targets": np.int32, "segment_ids": np.int32,
                 "positions": np.int32, "loss_mask": np.float32}
@@ -38,7 +40,7 @@ def as_document(tokens, weights=None) -> Document:
         weights = np.ones(tokens.shape, np.float32)
     weights = np.asarray(weights, dtype=np.float32)  # [n]
     if tokens.ndim != 1 or weights.shape != tokens.shape:
-        raise ValueError(f"a document needs 1-D tokens and weights of equal length, got shapes "
+        raise DataError(f"a document needs 1-D tokens and weights of equal length, got shapes "
                          f"{tokens.shape} and {weights.shape}")
     return tokens, weights
 
@@ -48,7 +50,7 @@ class RowBuilder:
 
     def __init__(self, seq_len: int):
         if seq_len < 2:
-            raise ValueError(f"seq_len must be >= 2 (one input and one target), got {seq_len}")
+            raise ConfigError(f"seq_len must be >= 2 (one input and one target), got {seq_len}")
         self.seq_len = seq_len
         self._row = empty_row(seq_len)
         self.used = 0
@@ -61,7 +63,7 @@ class RowBuilder:
         """Appends one segment (at most seq_len tokens) that `fits`."""
         n = len(tokens)
         if n == 0 or not self.fits(n):
-            raise ValueError(f"segment of {n} tokens does not fit: {self.used}/{self.seq_len} used")
+            raise DataError(f"segment of {n} tokens does not fit: {self.used}/{self.seq_len} used")
         start, end = self.used, self.used + n
         self.num_segments += 1
         row = self._row
@@ -105,7 +107,7 @@ class DocumentPacker:
 
     def set_document(self, tokens: np.ndarray, weights: np.ndarray, offset: int = 0) -> None:
         if offset > len(tokens):
-            raise ValueError(f"offset {offset} is past the end of a {len(tokens)}-token document")
+            raise DataError(f"offset {offset} is past the end of a {len(tokens)}-token document")
         self.document, self.offset = (tokens, weights), offset
 
     def place(self) -> bool:
@@ -144,7 +146,7 @@ def pack_documents(documents: Iterable[Document], seq_len: int,
 def stack_rows(rows: list[dict[str, np.ndarray]], batch_size: int) -> dict[str, np.ndarray]:
     """Stacks rows into a `[batch_size, seq_len]` batch, appending all-padding rows if short."""
     if not rows or len(rows) > batch_size:
-        raise ValueError(f"need 1..{batch_size} rows, got {len(rows)}")
+        raise DataError(f"need 1..{batch_size} rows, got {len(rows)}")
     seq_len = len(rows[0]["tokens"])
     rows = rows + [empty_row(seq_len) for _ in range(batch_size - len(rows))]
     return {key: np.stack([row[key] for row in rows]) for key in BATCH_KEYS}  # [batch, seq_len]

@@ -21,7 +21,7 @@ from llamax.data.corpus import shakespeare_passages
 from llamax.data.loader import Loader, LoaderConfig, make_loader
 from llamax.data.shakespeare_sft import shakespeare_sft_records
 from llamax.data.sources import open_documents
-from llamax.errors import ConfigError, DataError
+from llamax.errors import ConfigError, DataError, check_field_types
 
 SHAKESPEARE = "shakespeare"
 SHAKESPEARE_SFT = "shakespeare_sft"
@@ -31,11 +31,12 @@ SHAKESPEARE_SFT = "shakespeare_sft"
 class DataConfig:
     """Where documents come from and how they become tokens (see the module docstring).
 
-    `sft_template` ('llama2', 'llama3', 'plain') switches to prompt/response data whose loss
-    covers response tokens only.
+    `sft_template` ('checkpoint', 'llama2', 'llama3', 'plain') switches to prompt/response data
+    whose loss covers response tokens only. `tokenizer`: a tokenizer file or folder; None takes
+    the tokenizer of the checkpoint the run starts from (`fit`'s `init_from`).
     """
 
-    tokenizer: str
+    tokenizer: str | None = None
     train: str = SHAKESPEARE
     validation: str | None = SHAKESPEARE
     train_split: str = "train"
@@ -46,6 +47,9 @@ class DataConfig:
     sft_template: str | None = None
     fill_rows: bool = True
     on_error: str = "raise"
+
+    def __post_init__(self):
+        check_field_types(self)
 
 
 def open_split(data: DataConfig, source: str, split: str) -> Sequence[Any]:

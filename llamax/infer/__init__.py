@@ -1,9 +1,9 @@
 """Using a trained model: generation and evaluation.
 
   generate.py        prefill + jitted decode loop over a KV cache (greedy, top-k/top-p, ragged
-                     prompts, several eos ids, host stop callbacks)
+                     prompts, stop at any of several ids, host stop callbacks)
+  checks.py          what generation accepts (settings, prompts, stop ids), checked without weights
   sampling.py        next-token choice: greedy, temperature, top-k, top-p
-  batching.py        prompt checks, shape buckets, left padding
   evaluate.py        perplexity over packed batches
   scoring.py         `SequenceScorer`: loglikelihood + is_greedy of continuations, batched, sharded
   lm_eval_backend.py `LlamaxLM`: the lm-evaluation-harness model (registered by `llamax.lm_eval`)

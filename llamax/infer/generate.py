@@ -4,7 +4,8 @@ Ragged prompts are left-padded into one batch: padding carries segment id 0 (so 
 attends to it) and every row gets its own RoPE positions (0, 1, ... from its first real token),
 so each prompt continues exactly as it would alone. The decode loop is a `lax.while_loop` that
 keeps all tokens on device (one host transfer per call) and exits early once every row has
-produced an `eos_id` (one id or several, e.g. Llama-3's `<|eot_id|>` and `<|end_of_text|>`).
+produced a stop id: `eos_id` or any of `stop_ids` (Llama-3-Instruct ends a turn with `<|eot_id|>`
+and a document with `<|end_of_text|>`; pass a tokenizer's `stop_ids`).
 
 With a `stop` callback (stop strings, say) the loop runs in chunks of `check_every` tokens; between
 chunks the host asks `stop` about every unfinished row and ends the rows it names, so a batch
@@ -18,8 +19,8 @@ Compilation is cached per (batch bucket, prompt-length bucket, max_new_tokens, s
 sizes round up to a power of two and prompt lengths to a power of two (>= 16, then multiples of
 256), so prompts of similar length reuse one executable.
 
-Returned sequences follow `transformers.generate`: new tokens only, up to and *including* the
-first eos id; nothing after it.
+Returned sequences follow `transformers.generate` (whose `eos_token_id` may be a list): new
+tokens only, up to and *including* the first stop id; nothing after it.
 """
 from __future__ import annotations
 
@@ -36,8 +37,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from llamax.config import ModelConfig
 from llamax.errors import ConfigError
-from llamax.infer.batching import (EosIds, bucket_batch, bucket_length, check_generate_args,  # noqa: F401
-                                   eos_ids, left_pad)
+from llamax.infer.checks import all_stop_ids, check_generate_args
 from llamax.infer.sampling import Sampler, filter_logits, sample_tokens  # noqa: F401 (re-exported)
 from llamax.model.llama import KVCache, Llama
 
@@ -46,6 +46,7 @@ Rules = Sequence[tuple[str, Any]]
 StopFn = Callable[[int, list[int]], bool]
 
 CACHE_AXES = ("layers", "batch", "length", "act_kv_heads", "head_dim")
+STOP_IDS_BUCKET = 8  # stop-id arrays are padded to a multiple of this, so most share one executable
 
 
 @flax.struct.dataclass
@@ -57,7 +58,41 @@ class DecodeState:
     tokens: Array  # [batch, max_new_tokens] int32 new tokens (-1 = not produced)
     last: Array  # [batch] int32: the token produced at step - 1, fed next
     positions: Array  # [batch] int32: RoPE position of `last`
-    done: Array  # [batch] bool: row has produced eos (or is batch padding)
+    done: Array  # [batch] bool: row has produced a stop id (or is batch padding)
+
+
+# ---- padding ------------------------------------------------------------------------------
+
+def bucket_length(length: int) -> int:
+    """Padded prompt length: next power of two >= 16 up to 256, then the next multiple of 256."""
+    if length <= 256:
+        return max(16, 1 << (length - 1).bit_length())
+    return -(-length // 256) * 256
+
+
+def bucket_batch(batch: int, multiple_of: int = 1) -> int:
+    """Padded batch size: next power of two, rounded up to a multiple of `multiple_of`."""
+    size = 1 << (batch - 1).bit_length()
+    return -(-size // multiple_of) * multiple_of
+
+
+def left_pad(prompts: Sequence[np.ndarray], length: int, batch: int | None = None
+             ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Right-aligns prompts in a [batch, length] grid.
+
+    Returns (tokens, positions, segment_ids), each [batch, length] int32: padding has token 0,
+    position 0 and segment 0; real tokens have positions 0..len-1 and segment 1. Rows past
+    len(prompts) (batch padding) hold a single token 0.
+    """
+    batch = batch or len(prompts)
+    tokens = np.zeros((batch, length), np.int32)
+    segment_ids = np.zeros((batch, length), np.int32)
+    for row in range(batch):
+        prompt = prompts[row] if row < len(prompts) else np.zeros(1, np.int32)
+        tokens[row, length - len(prompt):] = prompt
+        segment_ids[row, length - len(prompt):] = 1
+    positions = np.maximum(np.cumsum(segment_ids, axis=1) - 1, 0).astype(np.int32)
+    return tokens, positions, segment_ids
 
 
 # ---- model calls ----------------------------------------------------------------------------
@@ -106,9 +141,14 @@ def decode_step(config: ModelConfig, params: Any, tokens: Array, positions: Arra
     return logits[:, 0], cache
 
 
+def _is_stop(token: Array, stop_ids: Array) -> Array:
+    """[batch] bool: whether each token (tokens: [batch]) is one of stop_ids ([num_stop], -1 pads)."""
+    return jnp.any(token[:, None] == stop_ids[None, :], axis=-1)
+
+
 def _start(config: ModelConfig, sampler: Sampler, max_new_tokens: int, params: Any, tokens: Array,
            positions: Array, segment_ids: Array, num_real: Array, key: Array, temperature: Array,
-           eos: Array) -> DecodeState:
+           stop_ids: Array) -> DecodeState:
     """Prefill and sample the first new token."""
     batch, prompt_len = tokens.shape
     logits, cache = prefill(config, params, tokens, positions, segment_ids, prompt_len + max_new_tokens)
@@ -116,23 +156,18 @@ def _start(config: ModelConfig, sampler: Sampler, max_new_tokens: int, params: A
     padding_row = jnp.arange(batch) >= num_real
     out = jnp.full((batch, max_new_tokens), -1, jnp.int32).at[:, 0].set(first)
     return DecodeState(step=jnp.ones((), jnp.int32), cache=cache, tokens=out, last=first,
-                       positions=positions[:, -1] + 1, done=padding_row | _is_eos(first, eos))
-
-
-def _is_eos(tokens: Array, eos: Array) -> Array:
-    """tokens [batch] -> [batch] bool: the token is one of the eos ids `eos` [num_eos] (-1 = none)."""
-    return jnp.any(tokens[:, None] == eos[None, :], axis=-1)
+                       positions=positions[:, -1] + 1, done=padding_row | _is_stop(first, stop_ids))
 
 
 def _advance(config: ModelConfig, sampler: Sampler, params: Any, state: DecodeState, key: Array,
-             temperature: Array, eos: Array) -> DecodeState:
+             temperature: Array, stop_ids: Array) -> DecodeState:
     """One decode step: feed `last`, sample the next token; finished rows record -1."""
     logits, cache = decode_step(config, params, state.last, state.positions, state.cache)
     token = sample_tokens(logits, jax.random.fold_in(key, state.step), temperature, sampler)
     recorded = jnp.where(state.done, -1, token)
     out = jax.lax.dynamic_update_slice(state.tokens, recorded[:, None], (0, state.step))
     return DecodeState(step=state.step + 1, cache=cache, tokens=out, last=token,
-                       positions=state.positions + 1, done=state.done | _is_eos(token, eos))
+                       positions=state.positions + 1, done=state.done | _is_stop(token, stop_ids))
 
 
 @functools.lru_cache(maxsize=64)
@@ -140,14 +175,14 @@ def _compiled_generate(config: ModelConfig, sampler: Sampler, max_new_tokens: in
                        mesh: Any, rules: Any):
     """The jitted prefill + while_loop; one per static key (jit adds one executable per shape)."""
 
-    def run(params, tokens, positions, segment_ids, num_real, key_data, temperature, eos):
+    def run(params, tokens, positions, segment_ids, num_real, key_data, temperature, stop_ids):
         decode_config, params = decoding_config(config), unstack_layers(config, params)
         key = jax.random.wrap_key_data(key_data)
         state = _start(decode_config, sampler, max_new_tokens, params, tokens, positions, segment_ids,
-                       num_real, key, temperature, eos)
+                       num_real, key, temperature, stop_ids)
         state = jax.lax.while_loop(
             lambda s: (s.step < max_new_tokens) & ~jnp.all(s.done),
-            lambda s: _advance(decode_config, sampler, params, s, key, temperature, eos), state)
+            lambda s: _advance(decode_config, sampler, params, s, key, temperature, stop_ids), state)
         return state.tokens
 
     return jax.jit(run, out_shardings=_replicated(mesh))
@@ -161,18 +196,18 @@ def _compiled_stream(config: ModelConfig, sampler: Sampler, max_new_tokens: int,
     decode_config = decoding_config(config)
     unstack = jax.jit(functools.partial(unstack_layers, config))
 
-    def start(params, tokens, positions, segment_ids, num_real, key_data, temperature, eos):
+    def start(params, tokens, positions, segment_ids, num_real, key_data, temperature, stop_ids):
         return _start(decode_config, sampler, max_new_tokens, params, tokens, positions, segment_ids,
-                      num_real, jax.random.wrap_key_data(key_data), temperature, eos)
+                      num_real, jax.random.wrap_key_data(key_data), temperature, stop_ids)
 
-    def advance(params, state, key_data, temperature, eos):
+    def advance(params, state, key_data, temperature, stop_ids):
         return _advance(decode_config, sampler, params, state, jax.random.wrap_key_data(key_data),
-                        temperature, eos)
+                        temperature, stop_ids)
 
-    def extend(params, state, until_step, stopped, key_data, temperature, eos):
+    def extend(params, state, until_step, stopped, key_data, temperature, stop_ids):
         state = state.replace(done=state.done | stopped)  # rows the host ended (stop strings)
         return jax.lax.while_loop(lambda s: (s.step < until_step) & ~jnp.all(s.done),
-                                  lambda s: advance(params, s, key_data, temperature, eos), state)
+                                  lambda s: advance(params, s, key_data, temperature, stop_ids), state)
 
     peek = jax.jit(lambda state: (state.step, state.tokens, state.done), out_shardings=_replicated(mesh))
     return (unstack, jax.jit(start), jax.jit(advance, donate_argnums=(1,)),
@@ -194,18 +229,20 @@ def _on_mesh(value: np.ndarray, mesh: jax.sharding.Mesh | None) -> Any:
     return jax.make_array_from_callback(value.shape, _replicated(mesh), lambda index: value[index])
 
 
-def _eos_array(ids: tuple[int, ...]) -> np.ndarray:
-    """The eos ids padded with -1 to a multiple of 8, so any eos set of up to 8 ids (Llama-3.1
-    has 3) shares one executable."""
-    array = np.full(max(8, -(-len(ids) // 8) * 8), -1, np.int32)
-    array[:len(ids)] = ids
+def _stop_array(stops: Sequence[int]) -> np.ndarray:
+    """[k * STOP_IDS_BUCKET] int32: the stop ids padded with -1 (a token no model produces)."""
+    size = max(1, -(-len(stops) // STOP_IDS_BUCKET)) * STOP_IDS_BUCKET
+    array = np.full(size, -1, np.int32)
+    array[:len(stops)] = stops
     return array
 
 
 def _prepare(config, params, prompts, max_new_tokens, temperature, top_k, top_p, seed, eos_id,
-             mesh, rules):
+             stop_ids, mesh, rules):
     """Shared setup of generate/generate_stream: checks, static key, padded device inputs."""
-    arrays = check_generate_args(config, prompts, max_new_tokens, temperature, top_k, top_p, eos_id)
+    arrays = check_generate_args(config, prompts, max_new_tokens, temperature, top_k, top_p, eos_id,
+                                 stop_ids)
+    stops = all_stop_ids(eos_id, stop_ids)
     sampler = Sampler(greedy=temperature == 0, top_k=None if temperature == 0 else top_k,
                       top_p=None if temperature == 0 or top_p == 1 else top_p)
     data_parallel = 1
@@ -221,8 +258,8 @@ def _prepare(config, params, prompts, max_new_tokens, temperature, top_k, top_p,
     length = bucket_length(max(len(a) for a in arrays))
     host = (*left_pad(arrays, length, batch), np.int32(len(arrays)),
             np.asarray(jax.random.key_data(jax.random.key(seed))), np.float32(temperature or 1.0),
-            _eos_array(eos_ids(eos_id)))
-    return sampler, mesh, rules, (params, *(_on_mesh(value, mesh) for value in host))
+            _stop_array(stops))
+    return sampler, mesh, rules, (params, *(_on_mesh(value, mesh) for value in host)), stops
 
 
 @contextlib.contextmanager
@@ -243,20 +280,23 @@ def _param_shardings(config: ModelConfig, mesh: jax.sharding.Mesh, rules: Rules)
 
 def generate(config: ModelConfig, params: Any, prompts: Sequence[Sequence[int]], max_new_tokens: int,
              *, temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
-             seed: int = 0, eos_id: EosIds = None, stop: StopFn | None = None, check_every: int = 16,
-             mesh: jax.sharding.Mesh | None = None, rules: Rules | None = None) -> list[list[int]]:
+             seed: int = 0, eos_id: int | None = None, stop_ids: Sequence[int] = (),
+             stop: StopFn | None = None, check_every: int = 16, mesh: jax.sharding.Mesh | None = None,
+             rules: Rules | None = None) -> list[list[int]]:
     """Continues each prompt by up to `max_new_tokens` tokens.
 
     Args:
       config, params: the model (params as from `init_params`/`load_hf`; pass device arrays to
         avoid a host-to-device copy per call).
       prompts: token-id lists of any lengths (include <s> yourself).
-      max_new_tokens: tokens to generate per prompt (fewer if eos comes first).
+      max_new_tokens: tokens to generate per prompt (fewer if a stop id comes first).
       temperature: 0 is greedy (argmax); > 0 samples from softmax(logits / temperature).
       top_k, top_p: keep only the k likeliest tokens / the smallest nucleus of probability
         >= top_p before sampling (ignored when greedy).
       seed: sampling seed; the same seed, prompts and settings give the same samples.
-      eos_id: stop a row once it produces this token, or any of these tokens (it is returned).
+      eos_id: stop a row once it produces this token (the token is returned).
+      stop_ids: more ids that stop a row, like eos_id (pass `tokenizer.stop_ids`: Llama-3-Instruct
+        ends turns with `<|eot_id|>`, ChatML models with `<|im_end|>`).
       stop: `stop(row, new_tokens) -> bool`, asked on the host every `check_every` tokens about
         each unfinished row (its new tokens so far); True ends that row. The row's result is
         what it had generated by then (up to `check_every - 1` tokens past the point `stop`
@@ -265,67 +305,72 @@ def generate(config: ModelConfig, params: Any, prompts: Sequence[Sequence[int]],
         `llamax.sharding.LOGICAL_AXIS_RULES`) and the batch is split over the data axes.
 
     Returns:
-      The new tokens of each prompt, in order: up to and including the first eos id.
+      The new tokens of each prompt, in order: up to and including the first stop id.
     """
-    if stop is not None and (not isinstance(check_every, int) or check_every < 1):
+    if stop is not None and (isinstance(check_every, bool) or not isinstance(check_every, int)
+                             or check_every < 1):
         raise ConfigError(f"check_every must be a positive integer, got {check_every!r}")
-    sampler, mesh, rules, dynamic = _prepare(config, params, prompts, max_new_tokens, temperature,
-                                             top_k, top_p, seed, eos_id, mesh, rules)
+    sampler, mesh, rules, dynamic, stops = _prepare(config, params, prompts, max_new_tokens, temperature,
+                                                    top_k, top_p, seed, eos_id, stop_ids, mesh, rules)
     with _sharding_context(mesh, rules):
         if stop is None:
             tokens = _compiled_generate(config, sampler, max_new_tokens, mesh, rules)(*dynamic)
             tokens = np.asarray(jax.device_get(tokens))  # [batch, max_new_tokens]; the one host sync
         else:
             tokens = _generate_in_chunks(config, sampler, max_new_tokens, mesh, rules, dynamic,
-                                         len(prompts), eos_id, stop, check_every)
-    return [_until_eos(row, eos_id) for row in tokens[:len(prompts)]]
+                                         len(prompts), stops, stop, check_every)
+    return [_until_stop(row, stops) for row in tokens[:len(prompts)]]
 
 
-def _generate_in_chunks(config, sampler, max_new_tokens, mesh, rules, dynamic, num_prompts, eos_id,
+def _generate_in_chunks(config, sampler, max_new_tokens, mesh, rules, dynamic, num_prompts, stops,
                         stop, check_every) -> np.ndarray:
     """The decode loop `check_every` steps at a time; between chunks `stop` ends rows on the host."""
     unstack, start, _, extend, peek = _compiled_stream(config, sampler, max_new_tokens, mesh, rules)
-    params, key_eos = unstack(dynamic[0]), dynamic[5:]
+    params, key_temperature_stops = unstack(dynamic[0]), dynamic[5:]
     state = start(params, *dynamic[1:])
     stopped = np.zeros(dynamic[1].shape[0], bool)  # [batch] rows ended by `stop`
     step = 1
     while True:
         until = min((step // check_every + 1) * check_every, max_new_tokens)  # the next multiple: > step
-        state = extend(params, state, _on_mesh(np.int32(until), mesh), _on_mesh(stopped, mesh), *key_eos)
+        state = extend(params, state, _on_mesh(np.int32(until), mesh), _on_mesh(stopped, mesh),
+                       *key_temperature_stops)
         step, tokens, done = (np.asarray(x) for x in jax.device_get(peek(state)))
         for row in range(num_prompts):
             if not (done[row] or stopped[row]):
-                stopped[row] = bool(stop(row, _until_eos(tokens[row], eos_id)))
+                stopped[row] = bool(stop(row, _until_stop(tokens[row], stops)))
         if step >= max_new_tokens or np.all(done | stopped):
             return tokens
 
 
-def _until_eos(row: np.ndarray, eos_id: EosIds) -> list[int]:
+def _until_stop(row: np.ndarray, stops: Sequence[int]) -> list[int]:
+    """The produced tokens of one row, cut after its first stop id."""
     row = row[row >= 0].tolist()
-    ends = [i for i, token in enumerate(row) if token in eos_ids(eos_id)]
+    ends = [index for index, token in enumerate(row) if token in stops]
     return row[:ends[0] + 1] if ends else row
+
+
 def generate_stream(config: ModelConfig, params: Any, prompt: Sequence[int], max_new_tokens: int,
                     *, temperature: float = 0.0, top_k: int | None = None,
-                    top_p: float | None = None, seed: int = 0, eos_id: EosIds = None,
-                    mesh: jax.sharding.Mesh | None = None, rules: Rules | None = None
-                    ) -> Iterator[int]:
+                    top_p: float | None = None, seed: int = 0, eos_id: int | None = None,
+                    stop_ids: Sequence[int] = (), mesh: jax.sharding.Mesh | None = None,
+                    rules: Rules | None = None) -> Iterator[int]:
     """Like `generate` for one prompt, but yields each new token as soon as it is sampled.
 
     Syncs with the host once per token (use `generate` for throughput). With the same arguments
     it yields exactly `generate(config, params, [prompt], ...)[0]`.
     """
-    sampler, mesh, rules, dynamic = _prepare(config, params, [prompt], max_new_tokens, temperature,
-                                             top_k, top_p, seed, eos_id, mesh, rules)
+    sampler, mesh, rules, dynamic, stops = _prepare(config, params, [prompt], max_new_tokens, temperature,
+                                                    top_k, top_p, seed, eos_id, stop_ids, mesh, rules)
     unstack, start, advance, _, _ = _compiled_stream(config, sampler, max_new_tokens, mesh, rules)
-    key, temperature_, eos_ = dynamic[5:]
+    key, temperature_, stop_array = dynamic[5:]
     with _sharding_context(mesh, rules):  # entered per call: the caller runs between yields
         params = unstack(dynamic[0])
         state = start(params, *dynamic[1:])
     for step in range(max_new_tokens):
         if step:
             with _sharding_context(mesh, rules):
-                state = advance(params, state, key, temperature_, eos_)
+                state = advance(params, state, key, temperature_, stop_array)
         token = int(state.last[0])  # the per-token host sync
         yield token
-        if token in eos_ids(eos_id):
+        if token in stops:
             return

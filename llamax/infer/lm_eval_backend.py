@@ -64,21 +64,19 @@ def parse_mesh(mesh: Any) -> jax.sharding.Mesh | None:
 
 
 def load_checkpoint_tokenizer(checkpoint: str | os.PathLike, tokenizer: Any = None):
-    """The tokenizer given (a path or a tokenizer), else the checkpoint's own: a run's copy
-    (`<run>/tokenizer/`) or the files of an HF/Meta folder. DataError naming both ways out."""
-    from llamax.run_dir import RunDir, is_run_dir
-    from llamax.tokenizer import load_tokenizer
+    """The tokenizer given (a path or a loaded tokenizer), else the checkpoint's own in any format
+    (`llamax.convert.identity.checkpoint_tokenizer`: an HF/Meta folder's files, a params
+    checkpoint's or run's recorded copy, else its INIT_FROM's). DataError naming both ways out."""
+    from llamax.convert.identity import checkpoint_tokenizer
 
     if tokenizer is not None and not isinstance(tokenizer, (str, os.PathLike)):
         return tokenizer
-    if tokenizer is not None:
-        return load_tokenizer(tokenizer)
-    folder = RunDir(checkpoint).tokenizer() if is_run_dir(checkpoint) else checkpoint
     try:
-        return load_tokenizer(folder) if folder is not None else load_tokenizer(checkpoint)
+        return checkpoint_tokenizer(checkpoint, tokenizer)
     except DataError as error:
-        raise DataError(f"checkpoint {checkpoint} has no tokenizer of its own ({error}); pass one "
-                        "with tokenizer=PATH (model_args) or --tokenizer PATH") from None
+        if tokenizer is not None:
+            raise
+        raise DataError(f"{error}; with lm_eval: --model_args checkpoint=...,tokenizer=PATH") from None
 
 
 class LlamaxLM(TemplateLM):
@@ -276,7 +274,7 @@ class LlamaxLM(TemplateLM):
             new_tokens = generate(
                 self.config, self.params, [prompts[i] for i in batch], max_gen_toks,
                 temperature=temperature, top_k=kwargs.get("top_k"), top_p=kwargs.get("top_p"),
-                seed=self.seed + self._calls, eos_id=self.tokenizer.stop_ids, mesh=self.mesh,
+                seed=self.seed + self._calls, stop_ids=self.tokenizer.stop_ids, mesh=self.mesh,
                 rules=self.rules, check_every=self.check_every,
                 stop=lambda _, tokens: any(s and s in self.tok_decode(tokens) for s in until))
             self._calls += 1

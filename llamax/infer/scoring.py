@@ -8,7 +8,7 @@ The result of a request (two token lists, the context non-empty) is the summed l
 of the continuation given the context (float32 log-softmax of float32 logits, as lm-eval's hf
 backend computes it) and whether greedy decoding would produce exactly the continuation.
 
-Two batched paths, each compiled once per bucketed shape (`llamax.infer.batching.bucket_length`)
+Two batched paths, each compiled once per bucketed shape (`llamax.infer.generate.bucket_length`)
 with a fixed number of rows, split over the mesh's data axes:
 
   flat    context + continuation as one right-padded row; used for requests whose context is
@@ -36,7 +36,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from llamax.config import ModelConfig
 from llamax.errors import ConfigError, DataError
-from llamax.infer.batching import bucket_length, left_pad
+from llamax.infer.generate import bucket_length, left_pad
 from llamax.model.llama import KVCache, Llama
 from llamax.sharding import (LOGICAL_AXIS_RULES, MeshConfig, Rules, batch_sharding, data_parallel_size,
                              make_mesh, param_shardings)

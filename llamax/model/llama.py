@@ -284,7 +284,11 @@ class EmbedTokens(nn.Module):
             (self.config.vocab_size, self.config.hidden_size), self.config.weight_dtype)
 
     def __call__(self, tokens: Array) -> Array:
-        return jnp.take(self.embedding, tokens, axis=0).astype(self.config.compute_dtype)
+        # Gather the FSDP shards of the table first (as every FSDP param is gathered before use):
+        # a lookup into a table still split along 'embed' gives rows split along 'embed', which
+        # the batch-split activations can only be reached from by replicating them whole.
+        table = nn.with_logical_constraint(self.embedding, ("vocab", None))  # [vocab, embed]
+        return jnp.take(table, tokens, axis=0).astype(self.config.compute_dtype)
 
     def attend(self, x: Array) -> Array:
         dtype = self.config.compute_dtype

@@ -26,7 +26,8 @@ import numpy as np
 from jax.sharding import PartitionSpec
 
 from llamax.config import ModelConfig
-from llamax.errors import CheckpointError, ConfigError
+from llamax.dtypes import float_dtype_name
+from llamax.errors import CheckpointError, ConfigError, check_field_types, check_int
 from llamax.model.llama import LORA_COLLECTION, abstract_params
 from llamax.tree_paths import key_name, nest, path_names
 
@@ -54,9 +55,9 @@ class LoraConfig:
         if isinstance(self.targets, str):
             object.__setattr__(self, "targets", (self.targets,))
         object.__setattr__(self, "targets", tuple(self.targets))
-        if not isinstance(self.rank, int) or isinstance(self.rank, bool) or self.rank <= 0:
-            raise ConfigError(f"LoraConfig.rank must be a positive integer, got {self.rank!r}; "
-                              "typical values are 4 to 64")
+        object.__setattr__(self, "dtype", float_dtype_name(self.dtype, "LoraConfig.dtype"))
+        check_field_types(self)
+        check_int(self.rank, "LoraConfig.rank", 1, "typical values are 4 to 64")
         if not self.alpha > 0:
             raise ConfigError(f"LoraConfig.alpha must be > 0, got {self.alpha!r} (often 2 * rank)")
         if not self.targets:
@@ -69,10 +70,6 @@ class LoraConfig:
                                   f"the model{hint}; valid targets: {', '.join(LORA_TARGETS)}")
         if len(set(self.targets)) != len(self.targets):
             raise ConfigError(f"LoraConfig.targets lists a projection twice: {self.targets}")
-        try:
-            jnp.dtype(self.dtype)
-        except TypeError as exc:
-            raise ConfigError(f"LoraConfig.dtype={self.dtype!r} is not a dtype") from exc
 
     @property
     def scale(self) -> float:

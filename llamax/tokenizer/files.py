@@ -1,4 +1,5 @@
-"""Reading a checkpoint folder's tokenizer metadata: special tokens, chat template, stop ids.
+"""A checkpoint folder's tokenizer files: reading their metadata (special tokens, chat template,
+stop ids) and copying a tokenizer's files together (`copy_tokenizer_files`).
 
 Hugging Face folders spread it over several files, all optional:
   tokenizer_config.json    bos_token / eos_token / pad_token / unk_token (a string or
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -130,3 +132,73 @@ def read_folder_metadata(folder: Path) -> FolderMetadata:
             if found:
                 token_ids.setdefault(key, found[0])
     return FolderMetadata(tokens, add_bos, chat_template, token_ids, tuple(dict.fromkeys(eos_ids)))
+
+
+# ---- the files of a tokenizer, copied together ------------------------------------------------
+
+# Every file that belongs to a checkpoint's tokenizer; any that exist travel together.
+TOKENIZER_FILES = (TOKENIZER_MODEL, TOKENIZER_JSON, TOKENIZER_CONFIG, SPECIAL_TOKENS_MAP,
+                   CHAT_TEMPLATE_FILE, GENERATION_CONFIG)
+# Hub Llama-3 repositories keep Meta's tiktoken file (and its params.json) under original/.
+ORIGINAL_DIR = "original"
+
+
+def _metadata_names(folder: Path, with_vocab: bool) -> list[str]:
+    names = [name for name in TOKENIZER_FILES if (folder / name).is_file()
+             and (with_vocab or name not in (TOKENIZER_MODEL, TOKENIZER_JSON))]
+    # The tiktoken reader tells Llama 3 from 3.1 special-token names by the params.json beside it.
+    if (folder / TOKENIZER_MODEL).is_file() and (folder / META_PARAMS).is_file():
+        names.append(META_PARAMS)
+    return names
+
+
+def tokenizer_files(source: str | Path) -> dict[str, Path]:
+    """{name in a copy: file} for the tokenizer at `source`, so the copy loads as the original.
+
+    A folder gives its tokenizer files (and `original/tokenizer.model` of hub Llama-3 folders);
+    a file gives itself, named `tokenizer.json` / `tokenizer.model` as loaders expect, and the
+    metadata files beside it (not the other kind of vocabulary: the copy must load the file given).
+    """
+    source = Path(source)
+    if source.is_dir():
+        files = {name: source / name for name in _metadata_names(source, with_vocab=True)}
+        original = source / ORIGINAL_DIR
+        if (original / TOKENIZER_MODEL).is_file():
+            files.update({f"{ORIGINAL_DIR}/{name}": original / name
+                          for name in _metadata_names(original, with_vocab=True)})
+        return files
+    if not source.is_file():
+        raise DataError(f"tokenizer {str(source)!r} does not exist")
+    own_name = TOKENIZER_JSON if source.suffix == ".json" else TOKENIZER_MODEL
+    files = {name: source.parent / name for name in _metadata_names(source.parent, with_vocab=False)
+             if name != META_PARAMS or own_name == TOKENIZER_MODEL}
+    files[own_name] = source
+    return files
+
+
+def copy_tokenizer_files(source: str | Path, folder: str | Path, *, meta_layout: bool = False) -> list[str]:
+    """Copies the tokenizer at `source` into `folder` (see `tokenizer_files`); returns the names.
+
+    `meta_layout`: `folder` is a Meta checkpoint: `original/tokenizer.model` goes to the top as
+    `tokenizer.model`, and no params.json is copied (the checkpoint has its own).
+    """
+    folder = Path(folder)
+    if Path(source).suffix == ".gguf":  # the tokenizer it carries, as tokenizer.json: not the weights
+        from llamax.tokenizer.gguf import tokenizer_from_gguf, write_hf_tokenizer
+
+        write_hf_tokenizer(tokenizer_from_gguf(source), folder)
+        return sorted(p.name for p in folder.iterdir())
+    written = []
+    for name, path in tokenizer_files(source).items():
+        if meta_layout:
+            if Path(name).name == META_PARAMS:
+                continue
+            if name.startswith(f"{ORIGINAL_DIR}/"):
+                name = Path(name).name
+                if name in written:
+                    continue
+        target = folder / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, target)
+        written.append(name)
+    return written

@@ -4,6 +4,7 @@
     a folder with tokenizer.model         -> by content, as for the file (Meta folders, LLaMA-1/2)
     tokenizer.json (any *.json)           -> HFTokenizer, with the metadata files beside it
     a tiktoken BPE file                   -> TiktokenTokenizer (Meta's Llama-3 tokenizer.model)
+    a .gguf file                          -> HFTokenizer rebuilt from its tokenizer.ggml.* metadata
     any other file                        -> Tokenizer (SentencePiece; LLaMA-1/2, ours)
 
 A tokenizer.model picks up the folder's chat template and generation_config.json stop ids too.
@@ -52,6 +53,13 @@ def load_tokenizer(path: str | os.PathLike) -> AnyTokenizer:
                         "`python -m experiments.tokenizer --shakespeare --output DIR`")
     if path.suffix == ".json":
         return HFTokenizer.from_pretrained(path)
+    if path.suffix == ".gguf":
+        from llamax.tokenizer.gguf import tokenizer_from_gguf
+
+        rebuilt = tokenizer_from_gguf(path)
+        return HFTokenizer(rebuilt.tokenizer, bos_id=rebuilt.bos_id, eos_id=rebuilt.eos_id,
+                           pad_id=rebuilt.pad_id, stop_ids=rebuilt.stop_ids,
+                           chat_template=rebuilt.chat_template, add_bos=rebuilt.add_bos, path=path)
     return _load_model_file(path)
 
 

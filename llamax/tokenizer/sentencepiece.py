@@ -88,6 +88,12 @@ class Tokenizer(ChatMixin):
         return pad if pad >= 0 else 0
 
     @property
+    def declared_pad_id(self) -> int | None:
+        """The model's own pad piece, or None (what an exported checkpoint records as pad_token_id)."""
+        pad = self._sp.pad_id()
+        return pad if pad >= 0 else None
+
+    @property
     def stop_ids(self) -> tuple[int, ...]:
         """EOS (`</s>`) and any `extra_stop_ids`."""
         return super().stop_ids

@@ -1,16 +1,19 @@
 """Training: the state and its sharded init, the step functions, the optimizer and the loop.
 
-  setup.py       TrainSetup: what a run derives from its configs (abstract state, shardings,
-                 jitted init and steps), built once by make_train_setup
-  step.py        TrainState and the step functions: loss, gradients, update, eval sums
-  flops.py       model FLOPs per token, device peaks, tokens/s and MFU
-  optim.py       AdamW recipe: schedule, clipping, weight-decay mask (OptimConfig)
-  fit.py         the host loop: data -> steps -> logs, evals, checkpoints, exact resume
-                 (DataConfig, TrainConfig, fit)
-  checkpoint.py  orbax training checkpoints: async keep-N, restore onto any mesh, fallback
-  metrics.py     metrics.jsonl, TensorBoard, progress bar
-  preemption.py  SIGTERM -> save and stop
+  setup.py            TrainSetup: what a run derives from its configs (abstract state, shardings,
+                      jitted init and steps), built once by make_train_setup
+  step.py             TrainState and the step functions: loss, gradients, update, eval sums
+  optim.py            AdamW recipe: schedule, clipping, weight-decay mask (OptimConfig)
+  flops.py            model FLOPs per token, device peaks, tokens/s and MFU
+  fit.py              the host loop: checks -> run dir -> setup -> restore/init -> steps, logs,
+                      evals, checkpoints, exact resume (TrainConfig, fit)
+  checkpoint.py       orbax training checkpoints: async keep-N, restore onto any mesh, fallback
+  checkpoint_tree.py  saved vs requested trees: restore targets, compatibility, restore args
+  metrics.py          the metrics file, TensorBoard, progress bar
+  preemption.py       SIGTERM -> save and stop
 
+One training step, in order: `fit._loop` -> `setup.TrainSetup.train_step` (jit) ->
+`step.train_step` (loss and grads of `model.llama.Llama`, then `optim`'s AdamW update).
 The loop (`llamax.train.fit`) is not imported here: importing the step functions stays cheap.
 """
 from llamax.train.flops import PEAK_FLOPS_PER_DEVICE, flops_per_token, peak_flops_per_device, throughput

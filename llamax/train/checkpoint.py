@@ -49,9 +49,21 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
 from llamax.errors import CheckpointError
-from llamax.tree_paths import path_names
+from llamax.train.checkpoint_tree import (as_abstract, check_compatible, host_abstract,
+                                           tree_restore_args)
 
 logger = logging.getLogger(__name__)
+
+
+class _QuietReadOnlyNote(logging.Filter):
+    """Drops orbax's note that a reader's directory is read only: every evaluation, export and
+    resume check opens one, and the note reads like a problem."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Given directory is read only")
+
+
+logging.getLogger("absl").addFilter(_QuietReadOnlyNote())
 
 PyTree = Any
 STATE_ITEM = "state"
@@ -86,8 +98,9 @@ class Checkpointer:
                 f"Checkpoint directory {self._directory} does not exist; expected the "
                 "`checkpoints` folder of a training run (it holds one sub-directory per step)."
             )
+        # A reader keeps every step and saves none (what orbax would otherwise set, with a warning).
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=keep, save_interval_steps=save_interval_steps,
+            max_to_keep=None if read_only else keep, save_interval_steps=0 if read_only else save_interval_steps,
             enable_async_checkpointing=async_save, read_only=read_only, create=not read_only,
         )
         self._manager = ocp.CheckpointManager(
@@ -226,9 +239,9 @@ class Checkpointer:
         def restore_one(candidate: int) -> tuple[PyTree, dict]:
             saved = self._saved_metadata(candidate)
             if abstract_state is None:
-                target = _host_abstract(saved)
+                target = host_abstract(saved)
             else:
-                target = _as_abstract(abstract_state)
+                target = as_abstract(abstract_state)
                 check_compatible(saved, target, candidate)
             restored = self._manager.restore(
                 candidate,
@@ -266,9 +279,9 @@ class Checkpointer:
                     f"subtree (top-level keys: {keys}); pass params_key= naming the params field."
                 )
             if abstract_params is None:
-                target = _host_abstract(saved[params_key])
+                target = host_abstract(saved[params_key])
             else:
-                target = _as_abstract(abstract_params)
+                target = as_abstract(abstract_params)
                 check_compatible(saved[params_key], target, candidate, prefix=params_key)
             restored = self._manager.restore(
                 candidate,
@@ -367,70 +380,6 @@ def restore_params(
     """
     with Checkpointer(directory, read_only=True) as checkpointer:
         return checkpointer.restore_params(step, abstract_params, params_key=params_key)
-
-
-def check_compatible(saved: PyTree, abstract: PyTree, step: int, prefix: str = "") -> None:
-    """Raises CheckpointError unless `abstract` has the leaves, shapes and dtypes of `saved`
-    (an orbax metadata tree). `step` and `prefix` (the trees' path in the state) are for messages."""
-    saved_leaves = _leaves_by_path(saved, prefix)
-    wanted_leaves = _leaves_by_path(abstract, prefix)
-    missing = sorted(set(wanted_leaves) - set(saved_leaves))
-    unexpected = sorted(set(saved_leaves) - set(wanted_leaves))
-    if missing or unexpected:
-        raise CheckpointError(
-            f"Checkpoint step {step} does not match the requested state tree: leaves requested but "
-            f"not saved: {missing[:10]}; saved but not requested: {unexpected[:10]}. Did the model "
-            "or optimizer config change? Build abstract_state from the config the run was saved with."
-        )
-    for path, wanted in wanted_leaves.items():
-        found = saved_leaves[path]
-        if tuple(found.shape) != tuple(wanted.shape) or np.dtype(found.dtype) != np.dtype(wanted.dtype):
-            raise CheckpointError(
-                f"Checkpoint step {step} leaf '{path}': expected shape {tuple(wanted.shape)} dtype "
-                f"{np.dtype(wanted.dtype)} (from abstract_state) but the checkpoint has shape "
-                f"{tuple(found.shape)} dtype {np.dtype(found.dtype)}. The model config likely "
-                "differs from the one the checkpoint was saved with; use the same config."
-            )
-
-
-def _leaves_by_path(tree: PyTree, prefix: str) -> dict[str, Any]:
-    """Flattens `tree` to {'a/b/0': leaf}. Dataclass fields, dict keys, namedtuple fields and
-    sequence indices all become plain strings, matching how orbax stores them (as nested dicts)."""
-    flat, _ = jax.tree_util.tree_flatten_with_path(tree)
-    head = [prefix] if prefix else []
-    return {"/".join(head + list(path_names(path))): leaf for path, leaf in flat}
-
-
-def _as_abstract(tree: PyTree) -> PyTree:
-    """Arrays or ShapeDtypeStructs → ShapeDtypeStructs, keeping any `sharding` they carry."""
-
-    def to_struct(leaf: Any) -> jax.ShapeDtypeStruct:
-        if not (hasattr(leaf, "shape") and hasattr(leaf, "dtype")):
-            raise CheckpointError(
-                f"abstract_state leaf {leaf!r} ({type(leaf).__name__}) is not an array or "
-                "jax.ShapeDtypeStruct; build it with jax.eval_shape(...) plus shardings."
-            )
-        return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=getattr(leaf, "sharding", None))
-
-    return jax.tree.map(to_struct, tree)
-
-
-def _host_abstract(saved: PyTree) -> PyTree:
-    """Saved metadata → ShapeDtypeStructs without sharding, which orbax restores as numpy."""
-    return jax.tree.map(lambda meta: jax.ShapeDtypeStruct(tuple(meta.shape), meta.dtype), saved)
-
-
-def tree_restore_args(target: PyTree, partial: bool = False) -> ocp.args.PyTreeRestore:
-    """orbax args restoring `target`'s leaves: onto their sharding, or as numpy if they have none."""
-
-    def leaf_args(leaf: jax.ShapeDtypeStruct) -> ocp.RestoreArgs:
-        if leaf.sharding is None:
-            return ocp.RestoreArgs(restore_type=np.ndarray, dtype=leaf.dtype)
-        return ocp.ArrayRestoreArgs(sharding=leaf.sharding, global_shape=leaf.shape, dtype=leaf.dtype)
-
-    return ocp.args.PyTreeRestore(
-        item=target, restore_args=jax.tree.map(leaf_args, target), partial_restore=partial
-    )
 
 
 def _all_processes_ok(ok: bool) -> bool:

@@ -29,15 +29,16 @@ from typing import Any, Mapping, Protocol, Sequence
 import jax
 
 from llamax.config import ModelConfig
+from llamax.convert.identity import training_identity
 from llamax.data.pipeline import (DataConfig, all_loader_states, eval_loader,  # noqa: F401 (gin: fit.DataConfig)
                                   this_process_loader_state, train_loader)
-from llamax.errors import ConfigError, LlamaxError
+from llamax.errors import ConfigError, LlamaxError, check_field_types, check_int
 from llamax.infer.evaluate import sum_nll, summarize
 from llamax.model.llama import init_params
 from llamax.model.lora import LoraConfig
 from llamax.run_dir import RunDir
 from llamax.sharding import MeshConfig, check_batch_size, make_mesh, to_global_batch
-from llamax.tokenizer import Tokenizer, check_vocab
+from llamax.tokenizer import check_vocab, load_tokenizer
 from llamax.train.checkpoint import Checkpointer
 from llamax.train.flops import peak_flops_per_device, throughput
 from llamax.train.metrics import MetricsLogger, truncate_metrics
@@ -75,12 +76,11 @@ class TrainConfig:
     progress_bar: bool = True
 
     def __post_init__(self):
+        check_field_types(self)
         for name in ("train_steps", "batch_size", "seq_len", "log_every", "checkpoint_every",
                      "keep_checkpoints", "eval_every", "eval_batches", "seed"):
-            value = getattr(self, name)
             minimum = 0 if name in ("eval_every", "eval_batches", "seed") else 1
-            if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-                raise ConfigError(f"TrainConfig.{name} must be an integer >= {minimum}, got {value!r}")
+            check_int(getattr(self, name), f"TrainConfig.{name}", minimum)
         if self.on_nonfinite not in ("stop", "skip"):
             raise ConfigError(f"on_nonfinite must be 'stop' or 'skip', got {self.on_nonfinite!r}")
         if not isinstance(self.model_dir, str) or not self.model_dir:
@@ -109,14 +109,12 @@ class FitResult:
 def load_init_params(init_from: str | os.PathLike, model_config: ModelConfig) -> dict:
     """Params of the HF, Meta or orbax checkpoint (or run) `init_from`, laid out for
     `model_config`; ConfigError if that checkpoint holds a different architecture."""
-    from llamax.convert.hub import load_any
+    from llamax.convert.hub import architecture_differences, load_any
 
     loaded_config, params = load_any(init_from, scan_layers=model_config.scan_layers,
                                      param_dtype=model_config.param_dtype)
     # Meta's params.json does not record the context length; it does not shape the weights.
-    ours, theirs = model_config.architecture(), loaded_config.architecture()
-    differences = {k: (theirs[k], ours[k]) for k in ours
-                   if k != "max_position_embeddings" and ours[k] != theirs[k]}
+    differences = architecture_differences(loaded_config, model_config, ignore=("max_position_embeddings",))
     if differences:
         raise ConfigError(f"init_from={init_from} holds a different model than the run's model "
                           f"config (checkpoint vs run): {differences}; include the model gin file "
@@ -142,7 +140,8 @@ def fit(model_config: ModelConfig, optim_config: OptimConfig, mesh_config: MeshC
     resuming = run.check_resumable(model_config, lora_config)
     mesh = make_mesh(mesh_config)
     check_batch_size(tc.batch_size, mesh)
-    tokenizer = Tokenizer(data_config.tokenizer)
+    identity = training_identity(data_config.tokenizer, init_from)  # None: INIT_FROM's own tokenizer
+    tokenizer = load_tokenizer(identity.tokenizer)
     check_vocab(tokenizer, model_config.vocab_size)
     loader = train_loader(data_config, tokenizer, tc.seq_len, tc.batch_size, tc.seed)
     validation = eval_loader(data_config, tokenizer, tc.seq_len, tc.batch_size, tc.seed)
@@ -156,8 +155,8 @@ def fit(model_config: ModelConfig, optim_config: OptimConfig, mesh_config: MeshC
         start_params = load_init_params(init_from, model_config) if needed else None
     setup = make_train_setup(model_config, optim_config, mesh, lora_config=lora_config)
     # Everything is checked: only now does the run directory change.
-    run.commit(model_config, lora_config=lora_config, init_from=init_from, tokenizer=data_config.tokenizer,
-               config_text=operative_config, resuming=resuming)
+    run.commit(model_config, lora_config=lora_config, init_from=init_from, tokenizer=identity.tokenizer,
+               special_ids=identity.special_ids, config_text=operative_config, resuming=resuming)
     checkpointer = Checkpointer(run.checkpoints, keep=tc.keep_checkpoints, async_save=tc.async_checkpointing)
     try:
         state, frozen, start_step = _start_state(setup, checkpointer, loader, run, start_params, tc.seed)

@@ -24,16 +24,21 @@ def peak_flops_per_device(device: jax.Device | None = None) -> float | None:
 
 
 def flops_per_token(config: ModelConfig, seq_len: int) -> float:
-    """Training FLOPs (forward + backward) per token, PaLM appendix B style:
+    """Model FLOPs of training (forward + backward) per token, PaLM appendix B style:
 
         6 * N  +  12 * num_layers * seq_len * num_heads * head_dim
 
     N counts the params that do matmuls: all of them except the input embedding table, which is
-    a gather (with tied embeddings the table is the output layer, so it counts). The second term
-    is attention scores and values (2 matmuls x 2 FLOPs x 3 for fwd+bwd), computed over the full
-    seq_len x seq_len matrix as the XLA attention does, causal mask or not.
+    a gather (with tied embeddings the table is the output layer, so it counts), and the RMSNorm
+    weights, which are elementwise. The second term
+    is attention scores and values (2 matmuls x 2 FLOPs x 3 for fwd+bwd) over the full
+    seq_len x seq_len matrix: the convention MFU is defined with, so figures compare across
+    codebases. llamax's causal attention computes less than that (its query blocks skip the
+    masked upper triangle; splash attention skips it too), so MFU slightly understates the
+    useful work actually done.
     """
-    matmul_params = config.num_params()
+    norm_params = config.hidden_size * (2 * config.num_layers + 1)
+    matmul_params = config.num_params() - norm_params
     if not config.tie_word_embeddings:
         matmul_params -= config.vocab_size * config.hidden_size
     attention = 12 * config.num_layers * seq_len * config.num_heads * config.head_dim

@@ -14,6 +14,7 @@ import jax
 
 from llamax.files import atomic_write_text
 from llamax.run_dir import RunDir
+from llamax.train.tensorboard import ScalarWriter
 
 
 def read_metrics(run_dir: str | Path | RunDir) -> list[dict[str, Any]]:
@@ -52,9 +53,7 @@ class MetricsLogger:
             return
         self._file = open(self.run.metrics_file, "a", encoding="utf-8")
         if tensorboard:
-            from tensorboardX import SummaryWriter
-
-            self._writer = SummaryWriter(str(self.run.tensorboard))
+            self._writer = ScalarWriter(self.run.tensorboard)
         if progress_bar:
             from tqdm.auto import tqdm
 
@@ -70,9 +69,9 @@ class MetricsLogger:
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
         if self._writer is not None:
-            for key, value in record.items():
-                if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
-                    self._writer.add_scalar(key, value, step)
+            self._writer.add_scalars(step, {key: value for key, value in record.items()
+                                            if key != "step" and isinstance(value, (int, float))
+                                            and math.isfinite(value)})
         if self._bar is not None:
             shown = {k: record[k] for k in ("loss", "eval_loss", "tokens_per_s") if k in record}
             self._bar.set_postfix({k: f"{v:.4g}" for k, v in shown.items()}, refresh=False)

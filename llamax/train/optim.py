@@ -12,7 +12,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from llamax.errors import ConfigError
+from llamax.dtypes import float_dtype_name
+from llamax.errors import ConfigError, check_field_types, check_int
 from llamax.tree_paths import path_names
 
 DECAYS = ("cosine", "linear", "constant")
@@ -27,9 +28,10 @@ class OptimConfig:
     decay: after warmup, 'cosine' or 'linear' to `min_lr_ratio * learning_rate` at `total_steps`
         (and held there afterwards), or 'constant' at the peak.
     b1, b2, eps: Adam moments. b2=0.95 is the LLaMA recipe.
-    weight_decay: decoupled weight decay, scaled by the learning rate (optax/PyTorch AdamW).
-    no_decay_on_norms_and_embeddings: norm weights are never decayed (common practice). When True,
-        the token embedding table is excluded too; the untied `lm_head` is always decayed.
+    weight_decay: decoupled weight decay, scaled by the learning rate (optax/PyTorch AdamW). Norm
+        weights are never decayed (common practice).
+    no_decay_on_embeddings: also exclude the token embedding table from weight decay (the untied
+        `lm_head` is always decayed).
     clip_norm: clip gradients to this global L2 norm; 0 or None disables clipping.
     grad_accum_steps: the train step splits each batch into this many micro-batches and sums
         their gradients; the update equals one step on the whole batch (up to float rounding).
@@ -47,21 +49,22 @@ class OptimConfig:
     b2: float = 0.95
     eps: float = 1e-8
     weight_decay: float = 0.1
-    no_decay_on_norms_and_embeddings: bool = False
+    no_decay_on_embeddings: bool = False
     clip_norm: float | None = 1.0
     grad_accum_steps: int = 1
     z_loss_weight: float = 0.0
     opt_state_dtype: str = "float32"
 
     def __post_init__(self):
+        object.__setattr__(self, "opt_state_dtype",
+                           float_dtype_name(self.opt_state_dtype, "OptimConfig.opt_state_dtype"))
+        check_field_types(self)
         if not self.learning_rate >= 0:
             raise ConfigError(f"OptimConfig.learning_rate must be >= 0, got {self.learning_rate}")
         if self.decay not in DECAYS:
             raise ConfigError(f"OptimConfig.decay={self.decay!r}; expected one of {DECAYS}")
         for name in ("warmup_steps", "total_steps"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                raise ConfigError(f"OptimConfig.{name} must be an int >= 0, got {value!r}")
+            check_int(getattr(self, name), f"OptimConfig.{name}", 0)
         if self.decay != "constant" and self.total_steps <= self.warmup_steps:
             raise ConfigError(
                 f"OptimConfig.total_steps={self.total_steps} must exceed warmup_steps="
@@ -77,13 +80,7 @@ class OptimConfig:
                 f"{self.z_loss_weight} must all be >= 0")
         if self.clip_norm is not None and self.clip_norm < 0:
             raise ConfigError(f"OptimConfig.clip_norm must be > 0, or 0/None to disable; got {self.clip_norm}")
-        if not isinstance(self.grad_accum_steps, int) or self.grad_accum_steps < 1:
-            raise ConfigError(
-                f"OptimConfig.grad_accum_steps must be an int >= 1, got {self.grad_accum_steps!r}")
-        try:
-            jnp.dtype(self.opt_state_dtype)
-        except TypeError as exc:
-            raise ConfigError(f"OptimConfig.opt_state_dtype={self.opt_state_dtype!r} is not a dtype") from exc
+        check_int(self.grad_accum_steps, "OptimConfig.grad_accum_steps", 1)
 
     def replace(self, **changes: Any) -> "OptimConfig":
         return dataclasses.replace(self, **changes)
@@ -120,7 +117,7 @@ def weight_decay_mask(params: Any, cfg: OptimConfig) -> Any:
         keys = path_names(path)
         if _is_norm(keys):
             return False
-        return not (cfg.no_decay_on_norms_and_embeddings and _is_embedding(keys))
+        return not (cfg.no_decay_on_embeddings and _is_embedding(keys))
 
     return jax.tree_util.tree_map_with_path(decays, params)
 
