@@ -9,7 +9,9 @@ CHECKPOINT_EVERY and LOG_EVERY. Re-running with the same MODEL_DIR resumes.
 Fine-tuning: INIT_FROM (HF, Meta or orbax folder) gives the starting weights, a `lora_config`
 binding trains LoRA adapters of them instead (configs/runs/sft.gin, docs/finetuning.md).
 Multi-host: pass --coordinator_address/--num_processes/--process_id (or set the LLAMAX_*
-environment variables); on TPU pods `--distributed` alone lets JAX find its peers.
+environment variables); on TPU pods `--distributed` alone lets JAX find its peers. If one process
+fails or is lost (no heartbeat for --peer_timeout_s, default 60), every process stops with one
+line naming it; rerun them all to resume (llamax.distributed).
 Compiled programs are cached in the user's cache folder, so a rerun starts fast:
 `--compilation_cache=PATH` moves the cache, `--compilation_cache=off` turns it off (or set
 LLAMAX_COMPILATION_CACHE).
@@ -22,6 +24,7 @@ from experiments import gin_config
 from llamax.config import ModelConfig
 from llamax.data.corpus import shakespeare_tokenizer  # noqa: F401 (gin: train.shakespeare_tokenizer)
 from llamax.data.pipeline import DataConfig
+from llamax.distributed import report_failure
 from llamax.errors import ConfigError
 from llamax.infer.lm_eval_tasks import DownstreamConfig
 from llamax.model.lora import LoraConfig
@@ -68,8 +71,10 @@ def main(argv: list[str] | None = None) -> int:
         from llamax import compilation_cache
         from llamax.distributed import initialize_from_options
 
-        compilation_cache.enable(options.get("compilation_cache"))
         initialize_from_options(options)
+        import jax
+
+        compilation_cache.enable(options.get("compilation_cache"), multi_process=jax.process_count() > 1)
         gin_config.parse(gin_files, bindings)
         import gin
 
@@ -78,23 +83,19 @@ def main(argv: list[str] | None = None) -> int:
 
         runner = gin.get_configurable(registered.run)
     except ConfigError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+        return report_failure(f"error: {error}", 2)
     try:
         runner()
     except ValueError as error:  # every llamax.errors type too: one clear line, no traceback
         message = gin_config.name_the_binding(gin_config.explain_gin_error(error), bindings)
-        print(f"error: {type(error).__name__}: {message}", file=sys.stderr)
-        return 1
+        return report_failure(f"error: {type(error).__name__}: {message}", 1)
     except OSError as error:  # a path that cannot be read or written: the path and the problem
-        print(f"error: {type(error).__name__}: {error}", file=sys.stderr)
-        return 1
+        return report_failure(f"error: {type(error).__name__}: {error}", 1)
     except (TypeError, RecursionError) as error:
         message = gin_config.gin_call_error(error, bindings)
         if message is None:
             raise
-        print(f"error: {message}", file=sys.stderr)
-        return 2
+        return report_failure(f"error: {message}", 2)
     return 0
 
 

@@ -13,6 +13,7 @@ The packages, in the order data flows through a run:
   infer/        generation (KV cache, sampling) and evaluation (perplexity)
 
 Shared pieces: errors.py (one error class per kind of mistake), dtypes.py (one dtype parser),
-files.py (atomic writes), tree_paths.py (key paths), distributed.py (jax.distributed).
+files.py (atomic writes), tree_paths.py (key paths), distributed.py (jax.distributed; with
+peer_watch.py, the processes of a run stop together when one fails or vanishes).
 llamax never imports gin or `experiments/`: the CLIs there configure these plain objects.
 """

@@ -32,6 +32,7 @@ from llamax.config import ModelConfig
 from llamax.convert.identity import training_identity
 from llamax.data.pipeline import (DataConfig, all_loader_states, eval_loader,  # noqa: F401 (gin: fit.DataConfig)
                                   this_process_loader_state, train_loader)
+from llamax.distributed import wait_for_peers
 from llamax.errors import ConfigError, LlamaxError, check_field_types, check_int
 from llamax.infer.evaluate import sum_nll, summarize
 from llamax.model.llama import init_params
@@ -154,7 +155,9 @@ def fit(model_config: ModelConfig, optim_config: OptimConfig, mesh_config: MeshC
         needed = lora_config is not None or not resuming
         start_params = load_init_params(init_from, model_config) if needed else None
     setup = make_train_setup(model_config, optim_config, mesh, lora_config=lora_config)
-    # Everything is checked: only now does the run directory change.
+    # Everything is checked, on every process (one that failed ends the others): only now does
+    # the run directory change.
+    wait_for_peers("run checks")
     run.commit(model_config, lora_config=lora_config, init_from=init_from, tokenizer=identity.tokenizer,
                special_ids=identity.special_ids, config_text=operative_config, resuming=resuming)
     checkpointer = Checkpointer(run.checkpoints, keep=tc.keep_checkpoints, async_save=tc.async_checkpointing)
