@@ -49,7 +49,7 @@ def run(model_config: ModelConfig, optim_config: OptimConfig, mesh_config: MeshC
     if downstream is not None and downstream.tasks:
         from llamax.infer.lm_eval_tasks import TaskEvaluator
 
-        evaluators.append(TaskEvaluator(downstream, data_config.tokenizer, lora_config))
+        evaluators.append(TaskEvaluator(downstream, data_config.tokenizer, lora_config, init_from))
     result = fit(model_config, optim_config, mesh_config, data_config, train_config,
                  init_from=init_from, lora_config=lora_config, operative_config=gin.operative_config_str(),
                  evaluators=evaluators)

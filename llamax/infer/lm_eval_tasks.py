@@ -195,11 +195,16 @@ class TaskEvaluator:
     -> {'lm_eval/<task>/<metric>': value}. Built before training so a bad task name or include
     path fails before the first step."""
 
-    def __init__(self, config: DownstreamConfig, tokenizer: Any, lora_config: Any = None):
+    def __init__(self, config: DownstreamConfig, tokenizer: Any, lora_config: Any = None,
+                 init_from: Any = None):
+        """`tokenizer`: a loaded tokenizer, a path, or None for `init_from`'s (as training takes it)."""
+        from llamax.convert.identity import training_identity
         from llamax.tokenizer import load_tokenizer
 
         self.config = config
-        self.tokenizer = load_tokenizer(tokenizer) if isinstance(tokenizer, (str, os.PathLike)) else tokenizer
+        if tokenizer is None or isinstance(tokenizer, (str, os.PathLike)):
+            tokenizer = load_tokenizer(training_identity(tokenizer, init_from).tokenizer)
+        self.tokenizer = tokenizer
         self.lora_config = lora_config
         self.manager = task_manager(config.tasks, config.include_path) if config.tasks else None
         self._lm = None
