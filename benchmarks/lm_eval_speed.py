@@ -126,12 +126,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--batch_size", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--json", default=None)
-    results = run(parser.parse_args(argv))
+    args = parser.parse_args(argv)
+    results = run(args)
     print(json.dumps({k: results[k] for k in ("machine", "model", "requests", "ratio", "ratio_first_round",
                                               "max_abs_loglikelihood_diff", "greedy_flags_equal",
                                               "generated_text_equal")}, indent=1))
-    if parser.parse_args(argv).json:
-        Path(parser.parse_args(argv).json).write_text(json.dumps(results, indent=1))
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1) + "\n")
     return results
 
 
