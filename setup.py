@@ -71,8 +71,9 @@ setup(
                                     "configs", "configs.*"]),
     package_data={"configs": ["*/*.gin", "*/*.py"]},
     install_requires=CORE,
+    # xprof: TensorBoard's profile plugin (and its own server) for PROFILE_STEPS traces.
     extras_require={"convert": CONVERT, "eval": EVAL, "test": TEST + CONVERT + EVAL,
-                    "all": TEST + CONVERT + EVAL},
+                    "all": TEST + CONVERT + EVAL, "profile": ["xprof==2.24.2"]},
     entry_points={"console_scripts": [
         "llamax-train = experiments.train:main",
         "llamax-convert = experiments.convert:main",

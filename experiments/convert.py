@@ -19,6 +19,7 @@ import argparse
 import os
 import sys
 
+from experiments.cli import fail
 from llamax.convert.hub import FORMATS, convert
 from llamax.errors import LlamaxError
 
@@ -52,8 +53,7 @@ def main(argv: list[str] | None = None) -> int:
                        max_shard_size=args.max_shard_size, progress=not args.no_progress,
                        tokenizer=args.tokenizer)
     except (LlamaxError, OSError) as error:
-        print(f"llamax-convert: error: {error}".splitlines()[0], file=sys.stderr)
-        return 1
+        return fail(error, program="llamax-convert")
     print(f"wrote {args.dst_format} checkpoint to {path}")
     return 0
 

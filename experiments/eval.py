@@ -25,6 +25,7 @@ import json
 import sys
 from typing import Any
 
+from experiments.cli import fail
 from llamax.errors import LlamaxError
 
 
@@ -94,16 +95,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         record = evaluate_checkpoint(args)
     except (LlamaxError, OSError) as error:
-        print(f"llamax-eval: error: {type(error).__name__}: {error}".splitlines()[0], file=sys.stderr)
-        return 1
+        return fail(f"{type(error).__name__}: {error}", program="llamax-eval")
     print(json.dumps(record), flush=True)  # the result is out before any write that could fail
     if record["step"] is not None:  # a training run: the result joins its metrics
         try:
             log_to_run(record)
         except OSError as error:
-            print(f"llamax-eval: error: could not append the result to the run's metrics: {error}",
-                  file=sys.stderr)
-            return 1
+            return fail(f"could not append the result to the run's metrics: {error}", program="llamax-eval")
     return 0
 
 

@@ -19,6 +19,7 @@ import argparse
 import os
 import sys
 
+from experiments.cli import fail
 from llamax.errors import LlamaxError
 
 FORMATS = ("hf", "meta", "orbax", "gguf")
@@ -56,8 +57,7 @@ def main(argv: list[str] | None = None) -> int:
         path = save_any(config, params, args.out, args.format, dtype=args.dtype,
                         num_shards=args.num_shards, overwrite=args.overwrite, identity=identity)
     except (LlamaxError, OSError) as error:
-        print(f"llamax-export-lora: error: {error}".splitlines()[0], file=sys.stderr)
-        return 1
+        return fail(error, program="llamax-export-lora")
     print(f"wrote {args.format} checkpoint of {args.run} step {step} to {path}")
     return 0
 

@@ -28,6 +28,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from experiments.cli import fail
 from llamax.errors import LlamaxError
 
 
@@ -143,9 +144,10 @@ def main(argv: list[str] | None = None) -> int:
                                                                "process_id") if getattr(args, k)})
         results, step = evaluate(args)
     except (LlamaxError, OSError, KeyError, ValueError) as error:
+        from llamax.distributed import report_failure  # several processes: the others stop too
+
         message = str(error).strip("'\"").splitlines()[0] if str(error) else ""
-        print(f"llamax-lm-eval: error: {type(error).__name__}: {message}", file=sys.stderr)
-        return 1
+        return report_failure(f"llamax-lm-eval: error: {type(error).__name__}: {message}", 1)
     if results is None:  # processes other than 0: process 0 writes
         return 0
     from llamax.infer.lm_eval_tasks import results_table
@@ -156,8 +158,7 @@ def main(argv: list[str] | None = None) -> int:
         if step is not None:  # a training run: the scores join its metrics
             log_to_run(args.checkpoint, step, results)
     except OSError as error:
-        print(f"llamax-lm-eval: error: could not write the results: {error}", file=sys.stderr)
-        return 1
+        return fail(f"could not write the results: {error}", program="llamax-lm-eval")
     print(results_table(results, title), flush=True)
     print(json.dumps({name: str(path) for name, path in written.items()}), flush=True)
     return 0

@@ -25,6 +25,7 @@ import sys
 from pathlib import Path
 from typing import Any, Iterable, Sequence, TextIO
 
+from experiments.cli import fail
 from llamax.config import ModelConfig
 from llamax.errors import CheckpointError, ConfigError, LlamaxError
 from llamax.infer.checks import check_generate_args, check_sampling_args
@@ -140,8 +141,7 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
             stream_text(tokenizer, prompt, new_ids, out, echo)
         return 0
     except LlamaxError as exc:
-        print(f"error: {exc}".splitlines()[0], file=sys.stderr)
-        return 2
+        return fail(exc, 2)
 
 
 if __name__ == "__main__":

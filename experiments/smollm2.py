@@ -23,6 +23,7 @@ import importlib.util
 import sys
 from pathlib import Path
 
+from experiments.cli import fail
 from llamax.errors import CheckpointError, ConfigError
 from llamax.files import atomic_output_dir
 
@@ -77,8 +78,7 @@ def main(argv: list[str] | None = None) -> int:
                               "(it is in llamax's test extra)")
         build_smollm2_folder(gguf, out)
     except (ConfigError, CheckpointError, OSError) as error:
-        print(f"error: {error}".splitlines()[0], file=sys.stderr)
-        return 1
+        return fail(error)
     print(f"wrote SmolLM2-135M-Instruct to {out}")
     return 0
 

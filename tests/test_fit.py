@@ -101,7 +101,7 @@ def restore_host(run_dir: Path, step: int):
 @pytest.fixture(scope="module")
 def reference_run(tmp_path_factory, tokenizer_path):
     run_dir = tmp_path_factory.mktemp("reference") / "run"
-    result = fit(MODEL, OPTIM, FSDP8, data_config(tokenizer_path), train_config(run_dir))
+    result = fit(MODEL, OPTIM, FSDP8, data_config(tokenizer_path), train_config(run_dir, profile_steps=(3, 4)))
     return run_dir, result
 
 
@@ -119,6 +119,21 @@ def test_loss_decreases_and_run_dir_is_complete(reference_run):
     assert Checkpointer(run_dir / "checkpoints", read_only=True).all_steps() == [10, 20, 30]
     assert read_model_config(run_dir) == MODEL
     assert any((run_dir / "tensorboard").iterdir())
+
+
+def test_steps_are_timed_and_profile_steps_are_traced(reference_run):
+    run_dir, _ = reference_run
+    records = {record["step"]: record for record in read_metrics(run_dir)}
+    for step in range(2, STEPS + 1):  # step 1's window holds compilation: not timed
+        assert 0 <= records[step]["data_s"] <= records[step]["step_s"], records[step]
+    assert [s for s in records if "checkpoint_s" in records[s]] == [10, 20, 30]
+    assert [s for s in records if "eval_s" in records[s]] == [30]
+    # The trace TensorBoard's profile plugin reads, with the train step's device work in it.
+    traces = list((run_dir / "tensorboard" / "plugins" / "profile").glob("*/*.xplane.pb"))
+    assert len(traces) == 1, traces
+    profile = jax.profiler.ProfileData.from_file(str(traces[0]))
+    names = {event.name for plane in profile.planes for line in plane.lines for event in line.events}
+    assert any("train_step" in name for name in names), sorted(names)[:50]
 
 
 def test_resume_onto_a_different_mesh_continues_from_the_checkpoint(reference_run, tokenizer_path,

@@ -24,6 +24,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from llamax.config import ModelConfig
 from llamax.model.attention import attend
+from llamax.model.matmul import project
 from llamax.model.rope import apply_rotary, inverse_frequencies, rotary_cos_sin
 
 Array = jax.Array
@@ -101,7 +102,7 @@ class Projection(nn.Module):
         kernel = self.param("kernel", nn.with_logical_partitioning(_init(self.config), self.axes),
                             self.shape, self.config.weight_dtype)
         dtype = self.config.compute_dtype
-        y = jnp.einsum(self.equation, x.astype(dtype), kernel.astype(dtype))
+        y = project(self.equation, x.astype(dtype), kernel.astype(dtype))
         if self.has_variable(LORA_COLLECTION, "lora_a"):
             y = y + self._low_rank(x.astype(dtype), dtype)
         return y
@@ -117,8 +118,8 @@ class Projection(nn.Module):
                              f"kernel {self.shape} ({self.equation})")
         lead = "".join(letter for letter in x_letters if letter not in in_letters)  # e.g. 'BT'
         # 'R' is the rank; no projection equation uses it.
-        down = jnp.einsum(f"{x_letters},{in_letters}R->{lead}R", x, a)  # [batch, seq, rank]
-        return jnp.einsum(f"{lead}R,R{rest}->{out_letters}", down, b)
+        down = project(f"{x_letters},{in_letters}R->{lead}R", x, a)  # [batch, seq, rank]
+        return project(f"{lead}R,R{rest}->{out_letters}", down, b)
 
 
 class Attention(nn.Module):

@@ -27,6 +27,7 @@ from typing import Any, Mapping
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
 from llamax.errors import DataError
+from llamax.tokenizer.train_llama3 import byte_to_unicode
 
 # gguf.TokenType values (llama.cpp's llama_token_type), also SentencePiece's piece types.
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
@@ -79,20 +80,6 @@ class GGUFTokenizer:
     chat_template: str | None
     add_bos: bool  # llama.cpp prepends bos when tokenizing a prompt
     add_eos: bool
-
-
-def bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's byte -> printable character table that byte-level vocabularies are spelled in."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
-        list(range(ord("®"), ord("ÿ") + 1))
-    table, extra = {}, 0
-    for byte in range(256):
-        if byte in printable:
-            table[byte] = chr(byte)
-        else:
-            table[byte] = chr(256 + extra)
-            extra += 1
-    return table
 
 
 def read_tokenizer_metadata(reader: Any) -> dict[str, Any]:
@@ -165,7 +152,7 @@ def _byte_level(meta: Mapping[str, Any], tokens: list[str], types: list[int], wh
     pre = PRE_TOKENIZERS[name]
     # Every real token is spelled in the byte alphabet; a token stored as raw text (a mislabeled
     # added token) is respelled, as transformers' and llama.cpp's loaders do.
-    spelling = bytes_to_unicode()
+    spelling = byte_to_unicode()
     alphabet = set(spelling.values())
     spelled = [t if set(t) <= alphabet else "".join(spelling[b] for b in t.encode("utf-8")) for t in tokens]
     vocab = {token: index for index, token in reversed(list(enumerate(spelled)))}  # first id wins

@@ -45,6 +45,7 @@ from llamax.train.flops import peak_flops_per_device, throughput
 from llamax.train.metrics import MetricsLogger, truncate_metrics
 from llamax.train.optim import OptimConfig
 from llamax.train.preemption import PreemptionGuard
+from llamax.train.profiling import StepTrace, check_profile_steps
 from llamax.train.setup import TrainSetup, make_train_setup
 
 logger = logging.getLogger(__name__)
@@ -60,6 +61,8 @@ class TrainConfig:
 
     eval_batches: how many validation batches `eval_loss` scores (the first ones, in order; the
         logged `eval_tokens` says how many tokens that was); 0 scores the whole validation split.
+    profile_steps: (first, last) steps to trace with JAX's profiler into `<run>/tensorboard`
+        (`llamax.train.profiling`), or None.
     """
 
     model_dir: str
@@ -75,6 +78,7 @@ class TrainConfig:
     seed: int = 0
     on_nonfinite: str = "stop"  # or "skip": drop that update and go on
     progress_bar: bool = True
+    profile_steps: tuple[int, int] | None = None
 
     def __post_init__(self):
         check_field_types(self)
@@ -82,6 +86,7 @@ class TrainConfig:
                      "keep_checkpoints", "eval_every", "eval_batches", "seed"):
             minimum = 0 if name in ("eval_every", "eval_batches", "seed") else 1
             check_int(getattr(self, name), f"TrainConfig.{name}", minimum)
+        check_profile_steps(self.profile_steps, self.train_steps)
         if self.on_nonfinite not in ("stop", "skip"):
             raise ConfigError(f"on_nonfinite must be 'stop' or 'skip', got {self.on_nonfinite!r}")
         if not isinstance(self.model_dir, str) or not self.model_dir:
@@ -200,7 +205,8 @@ def _loop(setup: TrainSetup, tc: TrainConfig, run: RunDir, checkpointer: Checkpo
     peak = peak_flops_per_device()
     result_loss = eval_loss = None
     status, step = "completed", start_step
-    window_start, window_steps = None, 0
+    window_start, window_steps, data_s = None, 0, 0.0
+    trace = StepTrace(tc.profile_steps, run.tensorboard)
 
     def check(step_done: int, metrics: dict) -> dict:
         values = {k: float(v) for k, v in jax.device_get(metrics).items()}
@@ -217,9 +223,15 @@ def _loop(setup: TrainSetup, tc: TrainConfig, run: RunDir, checkpointer: Checkpo
         with PreemptionGuard() as guard:
             pending = None  # the previous step's metrics: checked while the next step runs
             while step < tc.train_steps:
+                # The host waits here while the device runs the previous step: a stall only
+                # when data_s (logged) approaches step_s.
+                started = time.perf_counter()
                 batch = to_global_batch(next(loader), setup.batch_sharding)
+                data_s += time.perf_counter() - started
+                trace.before(step + 1)
                 state, metrics = setup.train_step(state, batch, frozen)
                 step += 1
+                trace.after(step, (state, metrics))
                 if pending is not None:
                     check(*pending)
                 pending = (step, metrics)
@@ -234,21 +246,26 @@ def _loop(setup: TrainSetup, tc: TrainConfig, run: RunDir, checkpointer: Checkpo
                     pending = None
                     result_loss = values["loss"]
                     if window_start is not None:  # the first window holds compilation: not timed
+                        step_s = (time.perf_counter() - window_start) / window_steps
                         values.update(throughput(setup.model_config, tc.batch_size, tc.seq_len,
-                                                 (time.perf_counter() - window_start) / window_steps,
-                                                 setup.mesh.size, peak))
+                                                 step_s, setup.mesh.size, peak))
+                        values.update(step_s=step_s, data_s=data_s / window_steps)
                     if at_eval:
+                        started = time.perf_counter()
                         evaluated = summarize(*sum_nll(setup.eval_step, state.params, eval_batches,
                                                        setup.batch_sharding, frozen))
                         values.update({f"eval_{key}": value for key, value in evaluated.items()})
+                        values["eval_s"] = time.perf_counter() - started
                         eval_loss = values.get("eval_loss")
                     for evaluator in due:
                         values.update(evaluator(step, setup, state.params, frozen))
-                    log.log(step, values)
-                    if at_checkpoint:
+                    if at_checkpoint:  # async: the time this loop is held up, not the write's
+                        started = time.perf_counter()
                         extras = {"data": all_loader_states(loader), "step": step}
                         checkpointer.save(step, state, extras, force=True)
-                    window_start, window_steps = time.perf_counter(), 0
+                        values["checkpoint_s"] = time.perf_counter() - started
+                    log.log(step, values)
+                    window_start, window_steps, data_s = time.perf_counter(), 0, 0.0
                 log.advance(step)
                 if preempted:
                     status = "preempted"
@@ -256,5 +273,6 @@ def _loop(setup: TrainSetup, tc: TrainConfig, run: RunDir, checkpointer: Checkpo
                     break
             checkpointer.wait()
     finally:
+        trace.close()
         log.close()
     return FitResult(status=status, step=step, loss=result_loss, eval_loss=eval_loss)

@@ -31,6 +31,7 @@ from llamax.config import ModelConfig
 from llamax.errors import ConfigError
 from llamax.model import lora
 from llamax.model.llama import Llama, abstract_params
+from llamax.model.matmul import flat_matmuls
 from llamax.sharding import (LOGICAL_AXIS_RULES, Rules, batch_sharding, check_heads_divisible,
                              replicated, tree_shardings)
 from llamax.train import step as steps
@@ -135,10 +136,14 @@ def make_train_setup(model_config: ModelConfig, optim_config: OptimConfig, mesh:
     micro, z_weight = optim_config.grad_accum_steps, optim_config.z_loss_weight
     data = batch_sharding(mesh, rules)
 
+    on_cpu = mesh.devices.flat[0].platform == "cpu"  # not jax's default: AOT builds for a TPU
+
     def in_context(fn: Callable) -> Callable:
-        """`fn` traced under the mesh and the logical-axis rules (its constraints resolve)."""
+        """`fn` traced under the mesh and the logical-axis rules (its constraints resolve), with
+        projections in the form the mesh's devices run best (`llamax.model.matmul`)."""
         def traced(*args):
-            with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), nn.logical_axis_rules(rules):
+            with (jax.sharding.use_abstract_mesh(mesh.abstract_mesh), nn.logical_axis_rules(rules),
+                  flat_matmuls(on_cpu)):
                 return fn(*args)
         return traced
 
@@ -154,27 +159,29 @@ def make_train_setup(model_config: ModelConfig, optim_config: OptimConfig, mesh:
         trainable=trainable, optimizer=optimizer, abstract_state=abstract, state_shardings=shardings,
         batch_sharding=data,
         init=jax.jit(functools.partial(_initial_state, trainable.init, optimizer), out_shardings=shardings),
-        train_step=jit(train_fn, (shardings, data), (shardings, replicated(mesh)), micro, donate=(0,)),
-        eval_step=jit(eval_fn, (trainable.shardings, data), replicated(mesh), 1),
-        loss_and_grads=jit(grads_fn, (trainable.shardings, data), (replicated(mesh), trainable.shardings),
-                           micro))
+        train_step=jit("train_step", train_fn, (shardings, data), (shardings, replicated(mesh)), micro,
+                       donate=(0,)),
+        eval_step=jit("eval_step", eval_fn, (trainable.shardings, data), replicated(mesh), 1),
+        loss_and_grads=jit("loss_and_grads", grads_fn, (trainable.shardings, data),
+                           (replicated(mesh), trainable.shardings), micro))
 
 
-def _jit_step(fn: Callable, in_shardings: tuple, out_shardings: Any, micro_batches: int, *,
+def _jit_step(name: str, fn: Callable, in_shardings: tuple, out_shardings: Any, micro_batches: int, *,
               mesh: Mesh, rules: Rules, frozen_shardings: Any, donate: tuple[int, ...] = ()) -> Callable:
     """jit of `fn(x, batch, frozen)` behind host-side checks, which run before jit's own sharding
     check so a bad batch gets a ConfigError that says how to fix it.
 
     Full training compiles `(x, batch)` with frozen=None (so `.jitted.lower(state, batch)` works);
     LoRA adds the frozen base params as a third, non-donated argument. `.jitted` is the jitted
-    function, for ahead-of-time lowering and compilation.
+    function, for ahead-of-time lowering and compilation. `name` names the program in profiles
+    and HLO dumps (`jit_train_step`).
     """
-    if frozen_shardings is None:
-        jitted = jax.jit(lambda x, batch: fn(x, batch, None), in_shardings=in_shardings,
-                         out_shardings=out_shardings, donate_argnums=donate)
-    else:
-        jitted = jax.jit(fn, in_shardings=(*in_shardings, frozen_shardings),
-                         out_shardings=out_shardings, donate_argnums=donate)
+    def step(*args):
+        return fn(*args) if frozen_shardings is not None else fn(*args, None)
+
+    step.__name__ = step.__qualname__ = name
+    step_shardings = in_shardings if frozen_shardings is None else (*in_shardings, frozen_shardings)
+    jitted = jax.jit(step, in_shardings=step_shardings, out_shardings=out_shardings, donate_argnums=donate)
 
     def call(first: Any, batch: steps.Batch, frozen: Any = None):
         steps.check_batch(batch, mesh, rules, micro_batches)

@@ -1,0 +1,44 @@
+"""llamax.model.matmul: projections as 2-D matmuls equal the einsums they replace."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from llamax.model.matmul import _pass_through_form, flat_matmuls, project, use_flat_matmuls
+
+
+@pytest.mark.parametrize("equation, x_shape, kernel_shape", [
+    ("BTE,EM->BTM", (2, 5, 8), (8, 12)),          # MLP up/gate
+    ("BTM,ME->BTE", (2, 5, 12), (12, 8)),         # MLP down
+    ("BTE,EHD->BTHD", (2, 5, 8), (8, 4, 3)),      # q/k/v
+    ("BTHD,HDE->BTE", (2, 5, 4, 3), (4, 3, 8)),   # o
+    ("BTHD,HDR->BTR", (2, 5, 4, 3), (4, 3, 2)),   # LoRA down of o
+    ("BTR,RHD->BTHD", (2, 5, 2), (2, 4, 3)),      # LoRA up of q
+])
+def test_flat_matmul_equals_the_einsum_value_and_gradient(equation, x_shape, kernel_shape):
+    kx, kk = jax.random.split(jax.random.key(0))
+    x, kernel = jax.random.normal(kx, x_shape), jax.random.normal(kk, kernel_shape)
+    assert _pass_through_form(equation) is not None
+
+    def loss(flat, x, kernel):
+        with flat_matmuls(flat):
+            return jnp.sum(jnp.sin(project(equation, x, kernel)))
+
+    for value_flat, value_einsum in zip(jax.value_and_grad(loss, argnums=(1, 2))(True, x, kernel),
+                                        jax.value_and_grad(loss, argnums=(1, 2))(False, x, kernel)):
+        for a, b in zip(jax.tree.leaves(value_flat), jax.tree.leaves(value_einsum)):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("equation", ["BTE,VE->BTV", "BTE,EM->BMT", "BTE,EE->BTE", "ab,bc->ca", "x"])
+def test_other_equations_stay_einsums(equation):
+    assert _pass_through_form(equation) is None
+
+
+def test_the_setting_defaults_to_the_backend_and_nests():
+    assert use_flat_matmuls() == (jax.default_backend() == "cpu")
+    with flat_matmuls(False):
+        assert not use_flat_matmuls()
+        with flat_matmuls(True):
+            assert use_flat_matmuls()
+        assert not use_flat_matmuls()
