@@ -36,6 +36,8 @@ CORE = [
     "matplotlib==3.11.2",
     "absl-py==2.5.1",
     "etils==1.15.0",
+    # Parquet files and Hugging Face datasets on disk (llamax.data.tables), read lazily.
+    "pyarrow==26.0.1",
 ]
 
 CONVERT = [
@@ -59,6 +61,11 @@ TEST = [
     "pytest-xdist==3.8.0",
     "psutil==7.2.2",
     "accelerate==1.16.0",  # transformers' GGUF loader, the reference of the GGUF tests
+    # References for fine-tuning: peft loads/makes PEFT adapters, TRL's DPOTrainer computes the
+    # DPO loss, datasets writes save_to_disk folders (tests only; llamax reads them with pyarrow).
+    "peft==0.21.2",
+    "trl==1.16.0",
+    "datasets==5.2.0",
 ]
 
 setup(

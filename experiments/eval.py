@@ -5,7 +5,8 @@
         [--sft_template checkpoint|plain|llama2|llama3] [--base PATH] [--mesh fsdp|dp|fsdp_tp]
 
 --checkpoint: a training run (newest checkpoint unless --step; LoRA runs are merged with their
-base, see `experiments.export_lora`), an orbax params checkpoint, or an HF or Meta folder.
+base, see `experiments.export_lora`), an orbax params checkpoint, an HF or Meta folder, or a PEFT
+adapter folder (merged into --base, default the base it records).
 --tokenizer: default the checkpoint's own (an HF/Meta folder's, the one a run recorded).
 --data: as `DataConfig.train` ('shakespeare', 'shakespeare_sft', files, a directory, a glob, or a
 prepared tfds dataset with --tfds_data_dir). Documents are packed into rows with no padding
@@ -40,7 +41,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch_size", type=int, default=8, help="global rows per batch")
     parser.add_argument("--max_batches", type=int, default=None, help="stop after K batches")
     parser.add_argument("--step", type=int, default=None, help="checkpoint step of a run")
-    parser.add_argument("--base", default=None, help="base weights of a LoRA run")
+    parser.add_argument("--base", default=None, help="base weights of a LoRA run or PEFT adapter")
     parser.add_argument("--sft_template", default=None, choices=["checkpoint", "plain", "llama2", "llama3"])
     parser.add_argument("--mesh", default="fsdp", help="mesh preset: dp, fsdp or fsdp_tp")
     parser.add_argument("--tfds_data_dir", default=None)
@@ -61,7 +62,7 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict[str, Any]:
 
     step = checkpoint_step(args.checkpoint, args.step)
     tokenizer = checkpoint_tokenizer(args.checkpoint, args.tokenizer,
-                                     vocab_size=read_config(args.checkpoint).vocab_size)
+                                     vocab_size=read_config(args.checkpoint, base=args.base).vocab_size)
     config, params = load_any(args.checkpoint, step=step, base=args.base)
     data = DataConfig(tokenizer=args.tokenizer, train=args.data, validation=args.data,
                       validation_split=args.split, tfds_data_dir=args.tfds_data_dir,

@@ -1,8 +1,13 @@
-"""Merge a LoRA run's adapters into its base weights and write HF, Meta or orbax weights.
+"""Merge a LoRA run's adapters into its base weights and write HF, Meta, orbax or GGUF weights, or
+write the adapters alone in PEFT's format.
 
-    python -m experiments.export_lora --run RUN_DIR --out DIR --format {hf,meta,orbax} \
-        [--base PATH] [--step STEP] [--tokenizer PATH] [--dtype bf16|fp32|fp16] [--num_shards N] \
-        [--overwrite]
+    python -m experiments.export_lora --run RUN_DIR --out DIR --format {hf,meta,orbax,gguf,peft} \
+        [--base PATH] [--step STEP] [--tokenizer PATH] [--dtype bf16|fp32|fp16|q8_0] \
+        [--num_shards N] [--overwrite]
+
+--format peft writes `adapter_config.json` + `adapter_model.safetensors` (`llamax.convert.peft`),
+which `peft.PeftModel.from_pretrained` loads onto the HF export of the base (--base, default the
+run's INIT_FROM, is recorded as base_model_name_or_path).
 
 The adapters come from the run's newest checkpoint (or --step), their shape and the base weights
 from what the run recorded (`llamax.run_dir`; --base overrides the base). A full fine-tuning run
@@ -22,7 +27,7 @@ import sys
 from experiments.cli import fail
 from llamax.errors import LlamaxError
 
-FORMATS = ("hf", "meta", "orbax", "gguf")
+FORMATS = ("hf", "meta", "orbax", "gguf", "peft")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -52,10 +57,19 @@ def main(argv: list[str] | None = None) -> int:
 
         check_destination(args.out, args.overwrite)
         step = checkpoint_step(args.run, args.step)
-        identity = identity_of(args.tokenizer) if args.tokenizer else read_identity(args.run)
-        config, params = load_any(args.run, step=step, base=args.base)
-        path = save_any(config, params, args.out, args.format, dtype=args.dtype,
-                        num_shards=args.num_shards, overwrite=args.overwrite, identity=identity)
+        if args.format == "peft":
+            from llamax.convert.peft import save_run_peft
+
+            if args.tokenizer:
+                raise LlamaxError("--tokenizer does not apply to --format peft: an adapter folder holds "
+                                  "no tokenizer (the HF export of the base carries it)")
+            path = save_run_peft(args.run, args.out, step=step, base_model=args.base, dtype=args.dtype,
+                                 overwrite=args.overwrite)
+        else:
+            identity = identity_of(args.tokenizer) if args.tokenizer else read_identity(args.run)
+            config, params = load_any(args.run, step=step, base=args.base)
+            path = save_any(config, params, args.out, args.format, dtype=args.dtype,
+                            num_shards=args.num_shards, overwrite=args.overwrite, identity=identity)
     except (LlamaxError, OSError) as error:
         return fail(error, program="llamax-export-lora")
     print(f"wrote {args.format} checkpoint of {args.run} step {step} to {path}")

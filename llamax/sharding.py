@@ -20,6 +20,7 @@ from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
+import numpy as np
 from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
@@ -206,8 +207,18 @@ def to_global_batch(local_batch: dict[str, Any], sharding: NamedSharding) -> dic
     With one process `local_batch` is the whole batch; with several, each process passes its own
     contiguous slice of rows and the global batch is their concatenation in process order, so the
     leading axis of `sharding` must be split across processes in process order (as
-    `batch_sharding` is).
+    `batch_sharding` is). ConfigError when the rows do not split over the data-parallel devices
+    (every caller: training, evaluation, scoring).
     """
+    first = sharding.spec[0] if len(sharding.spec) else None
+    axes = first if isinstance(first, tuple) else (first,) if first else ()
+    dp = math.prod(sharding.mesh.shape[axis] for axis in axes)
+    for value in local_batch.values():
+        rows = np.shape(value)[0] * jax.process_count()
+        if rows % dp:
+            raise ConfigError(f"a batch of {rows} rows does not split over the {dp} data-parallel "
+                              f"devices (mesh {dict(sharding.mesh.shape)}); use a batch size that "
+                              f"is a multiple of {dp}")
     return {key: jax.make_array_from_process_local_data(sharding, value)
             for key, value in local_batch.items()}
 

@@ -134,6 +134,10 @@ def test_batch_checks_and_sharding():
     np.testing.assert_array_equal(batch["tokens"], np.arange(32).reshape(8, 4))
     with pytest.raises(ConfigError, match="batch size 6 is not divisible by the data-parallel size 4"):
         check_batch_size(6, mesh)
+    # Every host batch reaches the devices here (training, eval CLI, scoring): one ConfigError,
+    # not JAX's IndivisibleError from inside device_put.
+    with pytest.raises(ConfigError, match="a batch of 6 rows does not split over the 4 data-parallel devices"):
+        to_global_batch({"tokens": np.zeros((6, 4), np.int32)}, batch_sharding(mesh))
 
 
 MESH_FILES = sorted((Path(__file__).resolve().parents[1] / "configs" / "meshes").glob("*.gin"))

@@ -10,6 +10,7 @@
   gguf_vocab.py    a checkpoint's tokenizer (tokenizer.json / .model / .gguf) -> GGUF metadata
   hub.py           any format -> any other, one tensor at a time; load_any/save_any (in memory),
                    read_config (no weights read)
+  peft.py          PEFT-format LoRA adapters (adapter_config.json + safetensors), both ways
   identity.py      a checkpoint's tokenizer and special ids in every format: read_identity,
                    checkpoint_tokenizer (what CLIs use without --tokenizer), write_identity
   weight_files.py  safetensors files and HF weight folders, read lazily
@@ -32,6 +33,7 @@ _EXPORTS = {
     "FORMATS": "hub", "convert": "hub", "detect_format": "hub", "load_any": "hub", "save_any": "hub",
     "read_config": "hub", "CheckpointIdentity": "identity", "read_identity": "identity",
     "identity_of": "identity", "checkpoint_tokenizer": "identity",
+    "save_peft": "peft", "load_peft": "peft",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -310,9 +310,13 @@ def _format_of(path: str | os.PathLike, fmt: str | None) -> str:
     return fmt
 
 
-def read_config(path: str | os.PathLike, fmt: str | None = None) -> ModelConfig:
-    """The ModelConfig of any checkpoint `load_any` reads, without reading its weights (a CLI
-    checks its arguments against it first)."""
+def read_config(path: str | os.PathLike, fmt: str | None = None, *,
+                base: str | os.PathLike | None = None) -> ModelConfig:
+    """The ModelConfig of any checkpoint `load_any` reads (a PEFT adapter folder: its `base`'s),
+    without reading its weights (a CLI checks its arguments against it first)."""
+    from llamax.convert.peft import is_peft_folder, peft_base
+    if fmt is None and is_peft_folder(path):
+        return read_config(peft_base(path, base))
     fmt = _format_of(path, fmt)
     if fmt == "hf":
         return read_hf_config(path)
@@ -330,12 +334,13 @@ def read_config(path: str | os.PathLike, fmt: str | None = None) -> ModelConfig:
 
 def load_any(path: str | os.PathLike, fmt: str | None = None, *, step: int | None = None,
              base: str | os.PathLike | None = None, **config_overrides: Any) -> tuple[ModelConfig, dict]:
-    """(config, numpy params) of any checkpoint llamax reads: an HF, Meta or orbax params folder,
-    a GGUF file, or a training run (its newest committed step unless `step`). The format is
-    detected from the
-    files unless `fmt` says. A LoRA run comes back with its adapters merged into its base weights
-    (`base`, default: the INIT_FROM the run recorded). `config_overrides` (e.g. scan_layers,
-    param_dtype) shape the params."""
+    """(config, numpy params) of any checkpoint: an HF, Meta or orbax params folder, a GGUF file or a
+    training run (newest committed step unless `step`); the format is detected unless `fmt` says. A LoRA
+    run or a PEFT adapter folder comes back merged into its base (`base`, default: the run's INIT_FROM /
+    the adapter's base_model_name_or_path). `config_overrides` (scan_layers, param_dtype) shape the params."""
+    from llamax.convert.peft import is_peft_folder, merge_peft
+    if fmt is None and is_peft_folder(path):  # a PEFT LoRA adapter: merged into its base
+        return merge_peft(path, base, **config_overrides)
     fmt = _format_of(path, fmt)
     if fmt == "orbax" and run_dir.is_run_dir(path) and run_dir.RunDir(path).lora_config() is not None:
         config, params = _merged_lora_run(run_dir.RunDir(path), step, base)

@@ -9,6 +9,7 @@ Where each format keeps them:
          them), else the tokenizer's own
   orbax  a params checkpoint or a training run: `<folder>/tokenizer/` and `special_ids.json`
          (`llamax.run_dir`); a run that recorded no tokenizer inherits its INIT_FROM's
+  peft   a PEFT adapter folder: tokenizer files in it, else its local base_model_name_or_path's
 
 Reading: `read_identity(checkpoint)`; `identity_of(path)` also takes a tokenizer file or folder;
 `find_tokenizer(checkpoint)` is where its tokenizer is; `checkpoint_tokenizer(checkpoint,
@@ -66,8 +67,14 @@ def _detect(path: Path) -> str | None:
 def read_identity(checkpoint: str | os.PathLike, fmt: str | None = None, *,
                   _hops: int = 0) -> CheckpointIdentity:
     """The tokenizer and special ids of an HF, Meta or orbax checkpoint (see module docstring)."""
+    from llamax.convert.peft import is_peft_folder, read_peft_config
+
     path = Path(checkpoint)
     fmt = fmt or _detect(path)
+    if fmt is None and is_peft_folder(path) and not _has_tokenizer(path):
+        base = read_peft_config(path)[1].get("base_model_name_or_path")
+        if base and Path(base).exists() and _hops < MAX_INIT_FROM_HOPS:
+            return read_identity(base, _hops=_hops + 1)
     tokenizer, declared = None, SpecialIds()
     if fmt in ("hf", "meta"):
         if _has_tokenizer(path):
@@ -77,6 +84,8 @@ def read_identity(checkpoint: str | os.PathLike, fmt: str | None = None, *,
         declared = special_ids_of_folder(path)
     elif fmt == "gguf":
         tokenizer = _gguf_tokenizer(path)
+    elif fmt is None and is_peft_folder(path) and _has_tokenizer(path):  # shipped with the adapter
+        tokenizer, declared = path, special_ids_of_folder(path)
     elif fmt in ("orbax", None):  # None: also `<run>/checkpoints`, part of a run
         folder = _llamax_folder(path.absolute())
         if folder is not None:

@@ -1,7 +1,11 @@
 """Data: from a named source to packed `[batch, seq_len]` batches.
 
   pipeline.py        DataConfig (what a run reads), the train loader and eval batches
-  sources.py         where documents come from: local files or a prepared tfds dataset
+  sources.py         where documents come from: Parquet/Arrow data, local files or a tfds dataset
+  tables.py          Parquet files and saved HF datasets, read lazily row group by row group
+  shuffle.py         block shuffle: a random order that reads storage blocks one after another
+  mixture.py         weighted mixtures of sources at fixed token shares, exact resume
+  preference.py      DPO preference records -> (chosen, rejected) pairs packed whole into rows
   documents.py       local .txt / .jsonl files -> documents (strict or skipping bad lines)
   corpus.py          the bundled Shakespeare plays (train / validation split by play)
   shakespeare_sft.py prompt/response exchanges built from the plays, for SFT demos

@@ -132,14 +132,26 @@ def sft_record_parser(record: Any) -> dict | None:
     return {"messages": sft.parse_record(record)}
 
 
+def record_parser(sft_format: bool = False, preference_format: bool = False,
+                  text_key: str = "text") -> Callable[[Any], Document | None]:
+    """The parser of one record (a JSONL line, a Parquet/Arrow row) of the given kind."""
+    if preference_format:
+        from llamax.data.preference import parse_preference_record
+
+        return parse_preference_record
+    return sft_record_parser if sft_format else text_record_parser(text_key)
+
+
 def read_documents(paths: Sequence[str | os.PathLike], *, sft_format: bool = False,
                    text_key: str = "text", split: TextSplit = "file", on_error: OnError = "raise",
-                   encoding_errors: EncodingErrors = "strict") -> list[Document]:
+                   encoding_errors: EncodingErrors = "strict",
+                   preference_format: bool = False) -> list[Document]:
     """Documents of many files, in order. `.jsonl`/`.json` files are JSONL, the rest plain text.
 
     Args:
         paths: input files.
         sft_format: records are SFT (`prompt`/`response` or `messages`); JSONL only.
+        preference_format: records are preference pairs (`llamax.data.preference`); JSONL only.
         text_key: field holding the text in pretraining JSONL.
         split: how plain-text files are cut into documents ('file', 'paragraph', 'line').
         on_error: 'raise' or 'skip' malformed JSONL lines.
@@ -147,16 +159,17 @@ def read_documents(paths: Sequence[str | os.PathLike], *, sft_format: bool = Fal
     """
     if not paths:
         raise DataError("no input files given")
-    parse = sft_record_parser if sft_format else text_record_parser(text_key)
+    parse = record_parser(sft_format, preference_format, text_key)
+    records = "preference" if preference_format else "SFT" if sft_format else None
     docs, before = [], 0
     for path in map(Path, paths):
         if not path.is_file():
             raise DataError(f"input file {str(path)!r} does not exist")
         if path.suffix in (".jsonl", ".json"):
             docs.extend(read_jsonl(path, parse, on_error, encoding_errors))
-        elif sft_format:
-            raise DataError(f"{path}: SFT data must be JSONL (.jsonl) with prompt/response or "
-                            "messages records")
+        elif records:
+            raise DataError(f"{path}: {records} data must be JSONL (.jsonl), Parquet or Arrow "
+                            "records, not plain text")
         else:
             docs.extend(read_text_file(path, split, encoding_errors))
         if len(docs) == before:

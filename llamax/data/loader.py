@@ -19,15 +19,18 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from typing import Any, Sequence
+import logging
+from typing import Any, Callable, Sequence
 
 import grain
 import jax
 import numpy as np
 
-from llamax.data import chat_templates, packing, sft
+from llamax.data import chat_templates, packing, preference, sft
+from llamax.data.shuffle import BlockShuffleMapDataset
 from llamax.errors import ConfigError, DataError, check_field_types
 
+log = logging.getLogger(__name__)
 STATE_VERSION = 1
 
 
@@ -43,8 +46,14 @@ class LoaderConfig:
         num_epochs: None = repeat forever (training); N = stop after N passes (evaluation).
         sft_template: None for pretraining text; for SFT data 'checkpoint' (the tokenizer's own
             chat template, see `llamax.data.sft`) or a built-in 'llama2', 'llama3', 'plain'.
+            For preference data: the chat template pairs are rendered with (None: text pairs).
+        preference: documents are preference records (`llamax.data.preference`); each batch
+            row holds whole (chosen, rejected) pairs for DPO.
         fill_rows: split documents at row boundaries so rows have no padding (pretraining);
             off: a document that fits in a row is never split (see `packing`).
+        shuffle_window: None: a global shuffle of in-memory documents, and blocks of
+            `tables.DEFAULT_SHUFFLE_WINDOW` documents for Parquet/Arrow sources; N: blocks of N
+            consecutive documents visited in a random order, shuffled within (`shuffle`).
         process_index, process_count: this process's place; default jax.process_index/count().
         num_threads: grain threads that tokenize ahead of the packer.
         prefetch: documents tokenized ahead.
@@ -56,7 +65,9 @@ class LoaderConfig:
     shuffle: bool = True
     num_epochs: int | None = None
     sft_template: str | None = None
+    preference: bool = False
     fill_rows: bool = False
+    shuffle_window: int | None = None
     process_index: int | None = None
     process_count: int | None = None
     num_threads: int = 2
@@ -67,15 +78,33 @@ class LoaderConfig:
 
 
 class _Encode:
-    """grain map: (index, document) -> (epoch, tokens [n] int32, weights [n] float32) or None."""
+    """grain map: (index, document) -> (epoch, tokens [n] int32, weights [n] float32), for
+    preference pairs (epoch, tokens, weights, chosen length, reference), or None (skipped)."""
 
-    def __init__(self, tokenizer, sft_template: str | None, docs_per_epoch: int):
+    def __init__(self, tokenizer, sft_template: str | None, docs_per_epoch: int,
+                 preference_seq_len: int | None = None):
         self.tokenizer = tokenizer
         self.sft_template = sft_template
         self.docs_per_epoch = docs_per_epoch
+        self.preference_seq_len = preference_seq_len
+        self.skipped_pairs = 0
 
     def __call__(self, index: int, document: Any):
         epoch = index // self.docs_per_epoch
+        if self.preference_seq_len is not None:
+            if not isinstance(document, dict) or "chosen" not in document:
+                raise DataError("preference documents must be parsed preference records; read them "
+                                "with open_documents(..., record_format='preference')")
+            pair = preference.encode_pair(document, self.tokenizer, self.sft_template,
+                                          self.preference_seq_len)
+            if pair is None:
+                self.skipped_pairs += 1
+                if self.skipped_pairs in (1, 10, 100, 1000, 10000):  # a growing count, not a flood
+                    log.warning("skipped %d preference pair(s): cut to seq_len=%d they keep no "
+                                "completion token on one side (raise seq_len or shorten prompts)",
+                                self.skipped_pairs, self.preference_seq_len)
+                return None
+            return (epoch, *pair)
         if self.sft_template is None:
             if not isinstance(document, str):
                 raise DataError(f"pretraining documents must be str, got {type(document).__name__}"
@@ -97,21 +126,22 @@ class PackedBatchIterator(grain.DatasetIterator):
     """Packs the parent's (epoch, tokens, weights) documents into `[batch, seq_len]` batches."""
 
     def __init__(self, parent: grain.DatasetIterator, seq_len: int, batch_size: int,
-                 fill_rows: bool = False):
+                 fill_rows: bool = False, make_packer: Callable[[], Any] | None = None):
         super().__init__(parent)
         self.batch_size = batch_size
         self.epoch = 0
-        self._packer = packing.DocumentPacker(seq_len, fill_rows)
+        self._make_packer = make_packer or (lambda: packing.DocumentPacker(seq_len, fill_rows))
+        self._packer = self._make_packer()
         self._document_parent_state: dict | None = None  # parent state before the current doc
 
     def _read_document(self) -> bool:
         state = self._parent.get_state()
         try:
-            epoch, tokens, weights = next(self._parent)
+            epoch, *document = next(self._parent)
         except StopIteration:
             return False
         self.epoch = epoch
-        self._packer.set_document(tokens, weights)
+        self._packer.set_document(*document)
         self._document_parent_state = state
         return True
 
@@ -145,26 +175,28 @@ class PackedBatchIterator(grain.DatasetIterator):
 
     def set_state(self, state: dict[str, Any]) -> None:
         self._parent.set_state(state["parent"])
-        self._packer = packing.DocumentPacker(self._packer.seq_len, self._packer.fill_rows)
+        self._packer = self._make_packer()
         self.epoch = state["epoch"]
         if state["skip_tokens"]:
             if not self._read_document():
                 raise DataError("loader state points past the end of the data")
-            tokens, weights = self._packer.document
-            if state["skip_tokens"] > len(tokens):
+            document = self._packer.document
+            if state["skip_tokens"] > len(document[0]):
                 raise DataError("loader state does not match the data (document shorter than the "
                                 "saved offset); was it saved with other data or tokenizer?")
-            self._packer.set_document(tokens, weights, offset=state["skip_tokens"])
+            self._packer.set_document(*document, offset=state["skip_tokens"])
 
 
 class _PackedBatchDataset(grain.IterDataset):
-    def __init__(self, parent: grain.IterDataset, seq_len: int, batch_size: int, fill_rows: bool):
+    def __init__(self, parent: grain.IterDataset, seq_len: int, batch_size: int, fill_rows: bool,
+                 make_packer: Callable[[], Any] | None = None):
         super().__init__(parent)
         self.seq_len, self.batch_size, self.fill_rows = seq_len, batch_size, fill_rows
+        self.make_packer = make_packer
 
     def __iter__(self) -> PackedBatchIterator:
         return PackedBatchIterator(self._parent.__iter__(), self.seq_len, self.batch_size,
-                                   self.fill_rows)
+                                   self.fill_rows, self.make_packer)
 
 
 class Loader:
@@ -190,19 +222,32 @@ class Loader:
         if docs_per_epoch == 0:
             raise DataError(f"process {process_index} of {process_count} gets no documents: there "
                             f"are only {len(documents)}; use more data or fewer processes")
-        if config.shuffle:
+        window = config.shuffle_window or getattr(documents, "shuffle_window", None)
+        if config.shuffle and window:
+            dataset = BlockShuffleMapDataset(dataset, window=window, seed=config.seed)
+        elif config.shuffle:
             dataset = dataset.shuffle(seed=config.seed)
         dataset = dataset.repeat(config.num_epochs)
-        dataset = dataset.map_with_index(_Encode(tokenizer, config.sft_template, docs_per_epoch))
+        make_packer = None
+        if config.preference:
+            with_reference = preference.reference_kind(documents)
+            make_packer = lambda: preference.PairPacker(config.seq_len, with_reference)  # noqa: E731
+        dataset = dataset.map_with_index(_Encode(tokenizer, config.sft_template, docs_per_epoch,
+                                                 config.seq_len if config.preference else None))
         read_options = grain.ReadOptions(num_threads=config.num_threads,
                                          prefetch_buffer_size=config.prefetch)
         packed = _PackedBatchDataset(dataset.to_iter_dataset(read_options), config.seq_len,
-                                     self.local_batch_size, config.fill_rows)
+                                     self.local_batch_size, config.fill_rows, make_packer)
         self._fingerprint = {"seq_len": config.seq_len, "global_batch_size": config.global_batch_size,
                              "seed": config.seed, "shuffle": config.shuffle,
                              "process_index": process_index, "process_count": process_count,
                              "num_documents": len(documents), "sft_template": config.sft_template,
                              "fill_rows": config.fill_rows}
+        # Absent unless set, so loader states saved before these options existed still fit.
+        if config.preference:
+            self._fingerprint["preference"] = True
+        if config.shuffle and window:
+            self._fingerprint["shuffle_window"] = window
         self._iterator: PackedBatchIterator = iter(packed)
 
     def __iter__(self) -> "Loader":
@@ -225,6 +270,9 @@ class Loader:
         """Restores a state from `get_state` (or its JSON); checks it fits this loader."""
         if isinstance(state, (str, bytes)):
             state = json.loads(state)
+        if state.get("kind") == "mixture":
+            raise DataError("the saved data state is of a weighted mixture, but this run reads one "
+                            "source; resume with the original TRAIN_DATA mixture or start a new MODEL_DIR")
         if state.get("version") != STATE_VERSION:
             raise DataError(f"loader state version {state.get('version')!r} is not supported "
                             f"(expected {STATE_VERSION})")
@@ -265,6 +313,9 @@ def _validate(config: LoaderConfig, process_index: int, process_count: int, num_
         raise ConfigError(f"process_index={process_index} not in [0, {process_count})")
     if config.num_epochs is not None and config.num_epochs <= 0:
         raise ConfigError(f"num_epochs must be None (forever) or positive, got {config.num_epochs}")
+    if config.shuffle_window is not None and (not isinstance(config.shuffle_window, int)
+                                              or config.shuffle_window < 1):
+        raise ConfigError(f"shuffle_window must be None or a positive integer, got {config.shuffle_window!r}")
     if not 0 <= config.seed < 2**32:
         raise ConfigError(f"seed must be in [0, 2**32), got {config.seed}")
     if config.sft_template is not None and config.sft_template not in chat_templates.SFT_TEMPLATES:

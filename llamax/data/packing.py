@@ -148,5 +148,7 @@ def stack_rows(rows: list[dict[str, np.ndarray]], batch_size: int) -> dict[str, 
     if not rows or len(rows) > batch_size:
         raise DataError(f"need 1..{batch_size} rows, got {len(rows)}")
     seq_len = len(rows[0]["tokens"])
-    rows = rows + [empty_row(seq_len) for _ in range(batch_size - len(rows))]
-    return {key: np.stack([row[key] for row in rows]) for key in BATCH_KEYS}  # [batch, seq_len]
+    keys = list(rows[0])  # BATCH_KEYS, + `ref_logps` in preference rows that carry it
+    padding = {key: np.zeros((seq_len,), rows[0][key].dtype) for key in keys}
+    rows = rows + [padding] * (batch_size - len(rows))
+    return {key: np.stack([row[key] for row in rows]) for key in keys}  # [batch, seq_len]

@@ -10,6 +10,11 @@ lines of that next speech. Deterministic (no randomness, no downloads); the spli
 corpus's play split (`llamax.data.corpus`), so no play is in both. `shakespeare_sft_records`
 serves `DataConfig(train='shakespeare_sft')`; `write_sft_example` writes the same records as
 JSONL (`python -m experiments.make_sft_example --out DIR`).
+
+Preference pairs for DPO demos (`shakespeare_dpo_records`, `DataConfig(train='shakespeare_dpo')`)
+take the same prompts: chosen is the true reply, rejected the same reply garbled (the words of
+each line in reverse order): the same words, a preference for well-formed verse that a tiny model
+can learn in a hundred steps.
 """
 from __future__ import annotations
 
@@ -63,15 +68,41 @@ def shakespeare_sft_records(split: Split) -> list[dict[str, str]]:
             for record in exchange_records(read_play(path))]
 
 
-def write_sft_example(out_dir: str | Path) -> dict[str, Path]:
-    """Writes `{out_dir}/train.jsonl` and `{out_dir}/validation.jsonl`; returns their paths."""
+def garble(reply: str) -> str:
+    """The words of each line in reverse order."""
+    return "\n".join(" ".join(reversed(line.split())) for line in reply.split("\n"))
+
+
+def preference_records(text: str) -> list[dict[str, str]]:
+    """{"prompt", "chosen", "rejected"} of one play: the true reply against its garbled self."""
+    pairs = []
+    for record in exchange_records(text):
+        rejected = garble(record["response"])
+        if rejected != record["response"]:  # a one-word reply reads the same backwards
+            pairs.append({"prompt": record["prompt"], "chosen": record["response"], "rejected": rejected})
+    return pairs
+
+
+def shakespeare_dpo_records(split: Split) -> list[dict]:
+    """Preference pairs of every play of the split (parsed, as the DPO loader reads them)."""
+    from llamax.data.preference import parse_preference_record
+
+    return [parse_preference_record(pair) for path in shakespeare_files(split)
+            for pair in preference_records(read_play(path))]
+
+
+def write_sft_example(out_dir: str | Path, preference: bool = False) -> dict[str, Path]:
+    """Writes `{out_dir}/train.jsonl` and `{out_dir}/validation.jsonl` (prompt/response, or with
+    `preference` prompt/chosen/rejected pairs); returns their paths."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     written = {}
     for split in ("train", "validation"):
         path = out / f"{split}.jsonl"
+        records = ([pair for play in shakespeare_files(split) for pair in preference_records(read_play(play))]
+                   if preference else shakespeare_sft_records(split))
         with open(path, "w", encoding="utf-8") as f:
-            for record in shakespeare_sft_records(split):
+            for record in records:
                 f.write(json.dumps(record) + "\n")
         written[split] = path
     return written

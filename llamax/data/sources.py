@@ -1,8 +1,12 @@
-"""One entry point for where documents come from: local files or a prepared tfds dataset.
+"""One entry point for where documents come from: local files, Parquet / Hugging Face datasets on
+disk, or a prepared tfds dataset.
 
-`open_documents` returns a random-access sequence of documents (`str`, or `{"messages": ...}` for
-SFT) that the grain loader shuffles and shards by index:
-  * local files (paths, a directory, or a glob): read into memory by `llamax.data.documents`;
+`open_documents` returns a random-access sequence of documents (`str`, `{"messages": ...}` for
+SFT, parsed preference records for DPO) that the grain loader shuffles and shards by index:
+  * Parquet files and `save_to_disk` datasets (a file, folder or glob): read lazily, row group
+    by row group, by `llamax.data.tables`;
+  * local text / JSONL files (paths, a directory, or a glob): read into memory by
+    `llamax.data.documents`;
   * a tfds name (`"text_files/mine"`, `"c4/en:3.1.0"`, ...) with `data_dir`: read lazily with
     `tfds.data_source`, which needs the dataset prepared as `array_record`. Datasets prepared as
     `tfrecord` need TensorFlow; convert them once with
@@ -19,6 +23,7 @@ from typing import Any, Sequence
 
 from llamax.data import documents as documents_lib
 from llamax.data import sft
+from llamax.data.tables import open_table
 from llamax.errors import DataError
 
 
@@ -71,23 +76,35 @@ def open_documents(source: str | os.PathLike | Sequence[str | os.PathLike], spli
                    *, data_dir: str | os.PathLike | None = None, sft_format: bool = False,
                    text_key: str = "text", text_split: documents_lib.TextSplit = "file",
                    on_error: documents_lib.OnError = "raise",
-                   encoding_errors: documents_lib.EncodingErrors = "strict") -> Sequence[Any]:
-    """Documents of local files or of split `split` of a prepared tfds dataset.
+                   encoding_errors: documents_lib.EncodingErrors = "strict",
+                   preference_format: bool = False) -> Sequence[Any]:
+    """Documents of Parquet/Arrow data, local files or split `split` of a prepared tfds dataset.
 
     Args:
-        source: file paths, a directory, a glob, or a tfds dataset name.
-        split: tfds split (ignored for local files).
+        source: Parquet/Arrow data, file paths, a directory, a glob, or a tfds dataset name.
+        split: tfds split, or the split of a saved DatasetDict / a folder of split-named shards
+            (ignored for text and JSONL files).
         data_dir: tfds data directory (default: tfds' own, `~/tensorflow_datasets`).
         sft_format: documents are SFT conversations.
-        text_key: JSONL field / tfds feature holding the text.
+        preference_format: documents are preference pairs (`llamax.data.preference`).
+        text_key: JSONL field / Parquet column / tfds feature holding the text.
         text_split: how local plain-text files are cut ('file', 'paragraph', 'line').
         on_error, encoding_errors: see `llamax.data.documents`.
     """
+    kind = "preference" if preference_format else "sft" if sft_format else "text"
+    table = open_table(source, split, text_key=text_key, record_kind=kind,
+                       parse=None if kind == "text" else documents_lib.record_parser(
+                           sft_format, preference_format, text_key))
+    if table is not None:
+        return table
     files = local_files(source)
     if files is not None:
         return documents_lib.read_documents(
             files, sft_format=sft_format, text_key=text_key, split=text_split, on_error=on_error,
-            encoding_errors=encoding_errors)
+            encoding_errors=encoding_errors, preference_format=preference_format)
+    if preference_format:
+        raise DataError(f"preference data {str(source)!r} is neither a JSONL file nor Parquet/Arrow "
+                        "data (a path, folder or glob that exists)")
     return open_tfds(str(source), split, data_dir=data_dir, sft_format=sft_format,
                      text_key=text_key)
 

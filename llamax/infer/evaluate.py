@@ -25,18 +25,25 @@ Batch = dict[str, Any]
 MAX_LOG_PERPLEXITY = 80.0  # exp(80) ~ 5e34: keeps an untrained model's perplexity finite
 
 
-def sum_nll(eval_step: Callable[..., dict], params: Any, batches: Iterable[Batch],
-            sharding: jax.sharding.NamedSharding, frozen: Any = None) -> tuple[float, float]:
-    """(total NLL, total scored tokens) of `eval_step` (`llamax.train.step.make_eval_step`) over
-    host batches; sums in float64 on the host so long evaluations do not lose precision."""
-    loss_sum = tokens = 0.0
+def sum_eval(eval_step: Callable[..., dict], params: Any, batches: Iterable[Batch],
+             sharding: jax.sharding.NamedSharding, frozen: Any = None) -> dict[str, float]:
+    """Every value `eval_step` returns, summed over host batches in float64 on the host (long
+    evaluations do not lose precision); an objective's `summarize` turns them into metrics."""
+    totals: dict[str, float] = {}
     for batch in batches:
         global_batch = to_global_batch(batch, sharding)
         args = (params, global_batch) if frozen is None else (params, global_batch, frozen)
-        out = jax.device_get(eval_step(*args))
-        loss_sum += float(out["loss_sum"])
-        tokens += float(out["scored_tokens"])
-    return loss_sum, tokens
+        for key, value in jax.device_get(eval_step(*args)).items():
+            totals[key] = totals.get(key, 0.0) + float(value)
+    return totals
+
+
+def sum_nll(eval_step: Callable[..., dict], params: Any, batches: Iterable[Batch],
+            sharding: jax.sharding.NamedSharding, frozen: Any = None) -> tuple[float, float]:
+    """(total NLL, total scored tokens) of a cross-entropy `eval_step`
+    (`llamax.train.setup.make_eval_step`) over host batches."""
+    totals = sum_eval(eval_step, params, batches, sharding, frozen)
+    return totals.get("loss_sum", 0.0), totals.get("scored_tokens", 0.0)
 
 
 def summarize(loss_sum: float, tokens: float) -> dict[str, float]:

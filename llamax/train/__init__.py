@@ -3,6 +3,8 @@
   setup.py            TrainSetup: what a run derives from its configs (abstract state, shardings,
                       jitted init and steps), built once by make_train_setup
   step.py             TrainState and the step functions: loss, gradients, update, eval sums
+  objectives.py       what a step differentiates: CrossEntropy (pretrain, SFT) or DPO (preferences)
+  dpo_reference.py    DPO reference log-probs computed once and stored with the data
   optim.py            AdamW recipe: schedule, clipping, weight-decay mask (OptimConfig)
   flops.py            model FLOPs per token, device peaks, tokens/s and MFU
   fit.py              the host loop: checks -> run dir -> setup -> restore/init -> steps, logs,

@@ -17,6 +17,10 @@ Fine-tuning is the same loop: `init_from` (an HF/Meta/orbax path, or a params py
 the random init, and `DataConfig.sft_template` scores response tokens only. With `lora_config`
 the run trains LoRA adapters of the frozen `init_from` weights (random when None): checkpoints
 hold the adapters and their optimizer state, and every resume loads the same base again.
+
+Preference tuning is the same loop too: `objective=DPO(...)` (`llamax.train.objectives`) reads
+the data as preference pairs and scores them against a frozen reference, `init_from` itself:
+loaded again on every resume, held sharded and never donated (LoRA: the base, adapters off).
 """
 from __future__ import annotations
 
@@ -31,10 +35,10 @@ import jax
 from llamax.config import ModelConfig
 from llamax.convert.identity import training_identity
 from llamax.data.pipeline import (DataConfig, all_loader_states, eval_loader,  # noqa: F401 (gin: fit.DataConfig)
-                                  this_process_loader_state, train_loader)
+                                  loader_metrics, this_process_loader_state, train_loader)
 from llamax.distributed import wait_for_peers
 from llamax.errors import ConfigError, LlamaxError, check_field_types, check_int
-from llamax.infer.evaluate import sum_nll, summarize
+from llamax.infer.evaluate import sum_eval
 from llamax.model.llama import init_params
 from llamax.model.lora import LoraConfig
 from llamax.run_dir import RunDir
@@ -43,6 +47,7 @@ from llamax.tokenizer import check_vocab, load_tokenizer
 from llamax.train.checkpoint import Checkpointer
 from llamax.train.flops import peak_flops_per_device, throughput
 from llamax.train.metrics import MetricsLogger, truncate_metrics
+from llamax.train.objectives import Objective
 from llamax.train.optim import OptimConfig
 from llamax.train.preemption import PreemptionGuard
 from llamax.train.profiling import StepTrace, check_profile_steps
@@ -131,16 +136,25 @@ def load_init_params(init_from: str | os.PathLike, model_config: ModelConfig) ->
 def fit(model_config: ModelConfig, optim_config: OptimConfig, mesh_config: MeshConfig,
         data_config: DataConfig, train_config: TrainConfig, *,
         init_from: str | os.PathLike | Mapping | None = None, lora_config: LoraConfig | None = None,
-        operative_config: str | None = None, evaluators: Sequence[Evaluator] = ()) -> FitResult:
+        operative_config: str | None = None, objective: Objective | None = None,
+        adapters_from: str | os.PathLike | None = None, evaluators: Sequence[Evaluator] = ()) -> FitResult:
     """Trains (or resumes) the run in `train_config.model_dir`; see the module docstring.
 
     `init_from`: the weights to start from: a checkpoint path (recorded in the run) or a params
       pytree; a resumed full fine-tuning run continues from its own checkpoint and never reads it.
     `lora_config`: train LoRA adapters of the frozen `init_from` weights instead of all params.
     `operative_config`: the text of the config that launched the run (kept as its config.gin).
+    `objective`: what is trained for (`llamax.train.objectives`; default cross-entropy, DPO for
+      preference data).
+    `adapters_from`: a PEFT LoRA adapter folder (`llamax.convert.peft`) whose adapters a fresh
+      LoRA run starts from; its rank/alpha/targets are the LoraConfig unless `lora_config` says
+      (then they must agree).
     `evaluators`: more evaluation (e.g. lm-eval tasks) at the steps each chooses.
     """
     tc = train_config
+    start_adapters = None
+    if adapters_from is not None:
+        lora_config, start_adapters = _peft_start(adapters_from, model_config, lora_config)
     run = RunDir(tc.model_dir)
     run.check_writable()
     resuming = run.check_resumable(model_config, lora_config)
@@ -149,17 +163,19 @@ def fit(model_config: ModelConfig, optim_config: OptimConfig, mesh_config: MeshC
     identity = training_identity(data_config.tokenizer, init_from)  # None: INIT_FROM's own tokenizer
     tokenizer = load_tokenizer(identity.tokenizer)
     check_vocab(tokenizer, model_config.vocab_size)
-    loader = train_loader(data_config, tokenizer, tc.seq_len, tc.batch_size, tc.seed)
-    validation = eval_loader(data_config, tokenizer, tc.seq_len, tc.batch_size, tc.seed)
+    setup = make_train_setup(model_config, optim_config, mesh, lora_config=lora_config, objective=objective)
+    preference = setup.objective.preference_data
+    loader = train_loader(data_config, tokenizer, tc.seq_len, tc.batch_size, tc.seed, preference)
+    validation = eval_loader(data_config, tokenizer, tc.seq_len, tc.batch_size, tc.seed, preference)
     eval_batches = [] if validation is None else list(
         validation if tc.eval_batches == 0 else (b for _, b in zip(range(tc.eval_batches), validation)))
     # A resumed full fine-tuning run continues from its own checkpoint: reading INIT_FROM again
-    # (tens of GB for a large model) would be wasted. LoRA needs its frozen base every time.
+    # (tens of GB for a large model) would be wasted. Frozen params (a LoRA base, a DPO
+    # reference) are needed every time.
     start_params = init_from
     if isinstance(init_from, (str, os.PathLike)):
-        needed = lora_config is not None or not resuming
+        needed = setup.frozen_shardings is not None or not resuming
         start_params = load_init_params(init_from, model_config) if needed else None
-    setup = make_train_setup(model_config, optim_config, mesh, lora_config=lora_config)
     # Everything is checked, on every process (one that failed ends the others): only now does
     # the run directory change.
     wait_for_peers("run checks")
@@ -167,7 +183,8 @@ def fit(model_config: ModelConfig, optim_config: OptimConfig, mesh_config: MeshC
                special_ids=identity.special_ids, config_text=operative_config, resuming=resuming)
     checkpointer = Checkpointer(run.checkpoints, keep=tc.keep_checkpoints, async_save=tc.async_checkpointing)
     try:
-        state, frozen, start_step = _start_state(setup, checkpointer, loader, run, start_params, tc.seed)
+        state, frozen, start_step = _start_state(setup, checkpointer, loader, run, start_params, tc.seed,
+                                                 start_adapters)
         result = _loop(setup, tc, run, checkpointer, loader, eval_batches, state, frozen, start_step,
                        evaluators)
     finally:
@@ -176,13 +193,33 @@ def fit(model_config: ModelConfig, optim_config: OptimConfig, mesh_config: MeshC
     return result
 
 
+def _peft_start(path: str | os.PathLike, model_config: ModelConfig,
+                lora_config: LoraConfig | None) -> tuple[LoraConfig, Any]:
+    """(the run's LoraConfig, the adapters) of a PEFT adapter folder a LoRA run starts from."""
+    from llamax.convert.peft import load_peft
+
+    peft_lora, adapters = load_peft(path, model_config)
+    if lora_config is None:
+        return peft_lora, adapters
+    shape = lambda c: (c.rank, c.alpha, tuple(sorted(c.targets)))  # noqa: E731
+    if shape(lora_config) != shape(peft_lora):
+        raise ConfigError(f"adapters_from={path} holds LoRA rank {peft_lora.rank}, alpha {peft_lora.alpha}, "
+                          f"targets {peft_lora.targets}, but lora_config asks for rank {lora_config.rank}, "
+                          f"alpha {lora_config.alpha}, targets {lora_config.targets}; drop lora_config "
+                          "(the adapter's own is used) or make them agree")
+    return lora_config, jax.tree.map(lambda a: a.astype(lora_config.dtype), adapters)
+
+
 def _start_state(setup: TrainSetup, checkpointer: Checkpointer, loader, run: RunDir,
-                 start_params: Any, seed: int) -> tuple[Any, Any, int]:
-    """(state, frozen base params or None, start step): restored from the newest checkpoint
-    (loader position included), or a fresh sharded init from `start_params` or `seed`."""
-    frozen = None  # LoRA: the base params, an input of every step, never updated or checkpointed
+                 start_params: Any, seed: int, start_adapters: Any = None) -> tuple[Any, Any, int]:
+    """(state, frozen params or None, start step): restored from the newest checkpoint (loader
+    position included), or a fresh sharded init from `start_params` or `seed`."""
+    # The LoRA base or the DPO reference: an input of every step, never updated, donated or
+    # checkpointed. may_alias=False: the trained params (donated) never share its buffers.
+    frozen = None
     if setup.frozen_shardings is not None:
-        frozen = (jax.device_put(start_params, setup.frozen_shardings) if start_params is not None
+        frozen = (jax.device_put(start_params, setup.frozen_shardings, may_alias=False)
+                  if start_params is not None
                   else jax.jit(lambda: init_params(setup.model_config, seed),
                                out_shardings=setup.frozen_shardings)())
     if checkpointer.latest_step() is not None:
@@ -193,8 +230,11 @@ def _start_state(setup: TrainSetup, checkpointer: Checkpointer, loader, run: Run
         logger.info("resumed %s from step %d", run.path, start_step)
         return state, frozen, start_step
     state = setup.init(jax.random.key(seed))
-    if start_params is not None and frozen is None:
-        state = state.replace(params=jax.device_put(start_params, setup.state_shardings.params))
+    if start_params is not None and setup.trainable.trains_model_params:
+        state = state.replace(params=jax.device_put(start_params, setup.state_shardings.params,
+                                                    may_alias=False))
+    if start_adapters is not None and not setup.trainable.trains_model_params:
+        state = state.replace(params=jax.device_put(start_adapters, setup.state_shardings.params))
     return state, frozen, 0
 
 
@@ -250,10 +290,11 @@ def _loop(setup: TrainSetup, tc: TrainConfig, run: RunDir, checkpointer: Checkpo
                         values.update(throughput(setup.model_config, tc.batch_size, tc.seq_len,
                                                  step_s, setup.mesh.size, peak))
                         values.update(step_s=step_s, data_s=data_s / window_steps)
+                    values.update(loader_metrics(loader))
                     if at_eval:
                         started = time.perf_counter()
-                        evaluated = summarize(*sum_nll(setup.eval_step, state.params, eval_batches,
-                                                       setup.batch_sharding, frozen))
+                        evaluated = setup.objective.summarize(sum_eval(
+                            setup.eval_step, state.params, eval_batches, setup.batch_sharding, frozen))
                         values.update({f"eval_{key}": value for key, value in evaluated.items()})
                         values["eval_s"] = time.perf_counter() - started
                         eval_loss = values.get("eval_loss")

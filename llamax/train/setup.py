@@ -8,10 +8,15 @@
 Data flow: configs -> mesh -> abstract params (one `jax.eval_shape`) -> param shardings ->
 what is trained (`Trainable`) -> abstract TrainState + its shardings -> jitted init and steps.
 
-What is trained is decided here, in one branch of `make_train_setup`: full training trains the
+What is trained is decided here, in one branch (`make_trainable`): full training trains the
 model params; with a `LoraConfig` it trains LoRA adapters, so the optimizer state, checkpoints
 and donation cover only them, and every step takes the frozen base params as one more,
 non-donated argument: `train_step(state, batch, base_params)`.
+
+What is differentiated is the `objective` (`llamax.train.objectives`): cross-entropy by default,
+or DPO. DPO with a reference model reads it through the same frozen argument: under LoRA the base
+with adapters off (no second copy), in full fine-tuning a frozen copy of the starting params,
+held sharded like the params and never donated: `train_step(state, batch, reference_params)`.
 
 The `make_*` functions at the bottom are the same pieces one at a time, for tests, benchmarks
 and ahead-of-time inspection; a run builds one `TrainSetup` and passes it down.
@@ -35,6 +40,7 @@ from llamax.model.matmul import flat_matmuls
 from llamax.sharding import (LOGICAL_AXIS_RULES, Rules, batch_sharding, check_heads_divisible,
                              replicated, tree_shardings)
 from llamax.train import step as steps
+from llamax.train.objectives import DPO, CrossEntropy, Objective, check_objective
 from llamax.train.optim import OptimConfig, learning_rate_schedule, make_optimizer
 from llamax.train.step import TrainState
 
@@ -49,13 +55,17 @@ class Trainable:
     init: key -> fresh trained values (the model params, or LoRA adapters with B = 0).
     shardings: NamedSharding of every trained leaf.
     variables: (trained, frozen) -> the flax variables of a forward pass.
-    frozen_shardings: shardings of the frozen base params; None when nothing is frozen.
+    frozen_shardings: shardings of the frozen params (the LoRA base, or a full fine-tuning run's
+        DPO reference); None when nothing is frozen.
+    trains_model_params: the trained values are the model params (full training), so a run
+        that starts from a checkpoint starts them from it; False: LoRA adapters.
     """
 
     init: Callable[[Array], Any]
     shardings: Any
     variables: steps.Variables
     frozen_shardings: Any = None
+    trains_model_params: bool = True
 
 
 def _full_variables(params: Any, frozen: Any) -> dict:
@@ -67,19 +77,21 @@ def _model_params(model_config: ModelConfig, key: Array) -> Any:
 
 
 def make_trainable(model_config: ModelConfig, mesh: Mesh, rules: Rules = LOGICAL_AXIS_RULES,
-                   lora_config: lora.LoraConfig | None = None) -> Trainable:
-    """The one branch between full training and LoRA."""
+                   lora_config: lora.LoraConfig | None = None, reference: bool = False) -> Trainable:
+    """The one branch between full training and LoRA. `reference`: the objective reads a frozen
+    reference model (DPO); full training then holds one, LoRA uses its base."""
     check_heads_divisible(model_config, mesh, rules)
     param_shardings = tree_shardings(*abstract_params(model_config), mesh, rules)
     if lora_config is None:
         return Trainable(init=functools.partial(_model_params, model_config),
-                         shardings=param_shardings, variables=_full_variables)
+                         shardings=param_shardings, variables=_full_variables,
+                         frozen_shardings=param_shardings if reference else None)
     adapter_shardings = tree_shardings(lora.abstract_adapters(model_config, lora_config),
                                        lora.adapter_logical_axes(model_config, lora_config), mesh, rules)
     return Trainable(init=functools.partial(lora.init_adapters, model_config, lora_config),
                      shardings=adapter_shardings,
                      variables=functools.partial(lora.model_variables, lora=lora_config),
-                     frozen_shardings=param_shardings)
+                     frozen_shardings=param_shardings, trains_model_params=False)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,18 +103,19 @@ class TrainSetup:
     mesh: Mesh
     rules: Rules
     trainable: Trainable
+    objective: Objective
     optimizer: optax.GradientTransformation
     abstract_state: TrainState  # ShapeDtypeStructs carrying their shardings (a restore target)
     state_shardings: TrainState
     batch_sharding: jax.sharding.NamedSharding
     init: Callable[[Array], TrainState]  # jitted key -> TrainState, born sharded
     train_step: Callable  # (state, batch[, frozen]) -> (state, metrics); state donated
-    eval_step: Callable  # (trained params, batch[, frozen]) -> {'loss_sum', 'scored_tokens'}
+    eval_step: Callable  # (trained params, batch[, frozen]) -> the objective's eval sums
     loss_and_grads: Callable  # (trained params, batch[, frozen]) -> (metrics, grads)
 
     @property
     def frozen_shardings(self) -> Any:
-        """Shardings of the frozen base params (LoRA), else None."""
+        """Shardings of the frozen params (LoRA base or DPO reference), else None."""
         return self.trainable.frozen_shardings
 
 
@@ -117,10 +130,15 @@ def _initial_state(init: Callable[[Array], Any], optimizer: optax.GradientTransf
 
 def make_train_setup(model_config: ModelConfig, optim_config: OptimConfig, mesh: Mesh,
                      rules: Rules = LOGICAL_AXIS_RULES,
-                     lora_config: lora.LoraConfig | None = None) -> TrainSetup:
-    """Derives the abstract state, every sharding and the jitted init and steps of a run once."""
+                     lora_config: lora.LoraConfig | None = None,
+                     objective: Objective | None = None) -> TrainSetup:
+    """Derives the abstract state, every sharding and the jitted init and steps of a run once.
+
+    `objective`: what the steps differentiate (default: `CrossEntropy` with the optim config's
+    z_loss_weight; `objectives.DPO()` for preference data)."""
     rules = tuple(tuple(rule) for rule in rules)
-    trainable = make_trainable(model_config, mesh, rules, lora_config)
+    objective = _objective(objective, optim_config)
+    trainable = make_trainable(model_config, mesh, rules, lora_config, objective.needs_reference_model)
     optimizer = make_optimizer(optim_config)
     abstract = jax.eval_shape(functools.partial(_initial_state, trainable.init, optimizer), jax.random.key(0))
     is_sharding = lambda x: isinstance(x, jax.sharding.NamedSharding)  # noqa: E731
@@ -133,7 +151,7 @@ def make_train_setup(model_config: ModelConfig, optim_config: OptimConfig, mesh:
                                                                         sharding=sharding),
                             abstract, shardings)
     model = Llama(model_config)
-    micro, z_weight = optim_config.grad_accum_steps, optim_config.z_loss_weight
+    micro = optim_config.grad_accum_steps
     data = batch_sharding(mesh, rules)
 
     on_cpu = mesh.devices.flat[0].platform == "cpu"  # not jax's default: AOT builds for a TPU
@@ -148,15 +166,16 @@ def make_train_setup(model_config: ModelConfig, optim_config: OptimConfig, mesh:
         return traced
 
     train_fn = in_context(functools.partial(
-        steps.train_step, model, trainable.variables, optimizer, learning_rate_schedule(optim_config),
-        micro, z_weight, mesh, rules))
-    eval_fn = in_context(functools.partial(steps.eval_step, model, trainable.variables))
+        steps.train_step, model, trainable.variables, objective, optimizer,
+        learning_rate_schedule(optim_config), micro, mesh, rules))
+    eval_fn = in_context(functools.partial(steps.eval_step, model, trainable.variables, objective))
     grads_fn = in_context(lambda trained, batch, frozen: steps.loss_and_grads(
-        model, trainable.variables, trained, frozen, batch, micro, z_weight, mesh, rules))
-    jit = functools.partial(_jit_step, mesh=mesh, rules=rules, frozen_shardings=trainable.frozen_shardings)
+        model, trainable.variables, objective, trained, frozen, batch, micro, mesh, rules))
+    jit = functools.partial(_jit_step, mesh=mesh, rules=rules, frozen_shardings=trainable.frozen_shardings,
+                            batch_keys=objective.batch_keys)
     return TrainSetup(
         model_config=model_config, optim_config=optim_config, mesh=mesh, rules=rules,
-        trainable=trainable, optimizer=optimizer, abstract_state=abstract, state_shardings=shardings,
+        trainable=trainable, objective=objective, optimizer=optimizer, abstract_state=abstract, state_shardings=shardings,
         batch_sharding=data,
         init=jax.jit(functools.partial(_initial_state, trainable.init, optimizer), out_shardings=shardings),
         train_step=jit("train_step", train_fn, (shardings, data), (shardings, replicated(mesh)), micro,
@@ -166,8 +185,20 @@ def make_train_setup(model_config: ModelConfig, optim_config: OptimConfig, mesh:
                            (replicated(mesh), trainable.shardings), micro))
 
 
+def _objective(objective: Objective | None, optim_config: OptimConfig) -> Objective:
+    """The objective a setup differentiates; z_loss_weight belongs to cross-entropy alone."""
+    if objective is None:
+        return CrossEntropy(optim_config.z_loss_weight)
+    check_objective(objective)
+    if isinstance(objective, DPO) and optim_config.z_loss_weight:
+        raise ConfigError(f"OptimConfig.z_loss_weight={optim_config.z_loss_weight} applies to the "
+                          "cross-entropy objective; DPO has no z-loss: set it to 0")
+    return objective
+
+
 def _jit_step(name: str, fn: Callable, in_shardings: tuple, out_shardings: Any, micro_batches: int, *,
-              mesh: Mesh, rules: Rules, frozen_shardings: Any, donate: tuple[int, ...] = ()) -> Callable:
+              mesh: Mesh, rules: Rules, frozen_shardings: Any, batch_keys: tuple[str, ...],
+              donate: tuple[int, ...] = ()) -> Callable:
     """jit of `fn(x, batch, frozen)` behind host-side checks, which run before jit's own sharding
     check so a bad batch gets a ConfigError that says how to fix it.
 
@@ -184,15 +215,16 @@ def _jit_step(name: str, fn: Callable, in_shardings: tuple, out_shardings: Any, 
     jitted = jax.jit(step, in_shardings=step_shardings, out_shardings=out_shardings, donate_argnums=donate)
 
     def call(first: Any, batch: steps.Batch, frozen: Any = None):
-        steps.check_batch(batch, mesh, rules, micro_batches)
+        steps.check_batch(batch, mesh, rules, micro_batches, batch_keys)
         if frozen_shardings is None:
             if frozen is not None:
-                raise ConfigError("frozen params were passed to a step built without lora_config; "
-                                  "full training trains every param, so pass only (state, batch)")
+                raise ConfigError("frozen params were passed to a step built without lora_config "
+                                  "or a DPO reference model; full training trains every param, so "
+                                  "pass only (state, batch)")
             return jitted(first, batch)
         if frozen is None:
-            raise ConfigError("a LoRA step needs the frozen base params: call "
-                              "step(state_or_adapters, batch, base_params)")
+            raise ConfigError("this step needs the frozen base params (LoRA) or reference params "
+                              "(DPO): call step(state_or_adapters, batch, frozen_params)")
         return jitted(first, batch, frozen)
 
     call.jitted = jitted

@@ -4,8 +4,9 @@ A batch is a dict of global [batch, seq] arrays: `tokens`, `targets` (int32), `l
 (float32, 1 where the target is scored) and optionally `positions`, `segment_ids` (int32,
 0 = padding). Numpy arrays work on one host; with several processes build global arrays first
 with `llamax.sharding.to_global_batch`.
-The loss is token cross-entropy weighted by `loss_mask`, divided by the number of scored tokens;
-`loss_mask` already covers padding, document ends and SFT prompt tokens.
+What is differentiated is an objective's batch mean (`llamax.train.objectives`): token
+cross-entropy weighted by `loss_mask` over the scored tokens (pretraining, SFT: `loss_mask`
+already covers padding, document ends and prompt tokens), or DPO over preference pairs.
 
 Every step differentiates `trainable` and reads `frozen` (None in full training; the LoRA base
 params otherwise) through one function, `Trainable.variables(trainable, frozen)`, which builds
@@ -25,6 +26,7 @@ import optax
 from llamax.errors import ConfigError
 from llamax.model.llama import Llama
 from llamax.sharding import Rules, check_batch_size, data_parallel_size
+from llamax.train.objectives import Objective, cross_entropy_sums
 
 Array = jax.Array
 Batch = dict[str, Array]
@@ -42,22 +44,7 @@ class TrainState:
     rng: Array  # [2] uint32 (threefry) key data (jax.random.key_data); wrap with jax.random.wrap_key_data
 
 
-# ---- loss ---------------------------------------------------------------------------------
-
-def cross_entropy_sums(logits: Array, targets: Array, loss_mask: Array) -> tuple[Array, Array]:
-    """(sum of masked cross-entropy, sum of masked logsumexp^2) over all tokens.
-
-    logits [batch, seq, vocab] float32; targets [batch, seq] int; loss_mask [batch, seq].
-    Masked positions contribute exactly 0 even when their target is out of range (padding).
-    """
-    scored = loss_mask > 0
-    log_normalizer = jax.nn.logsumexp(logits, axis=-1)  # [batch, seq]
-    target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1, mode="clip")[..., 0]
-    weight = loss_mask.astype(jnp.float32)
-    cross_entropy = jnp.where(scored, log_normalizer - target_logit, 0.0) * weight
-    z_term = jnp.where(scored, jnp.square(log_normalizer), 0.0) * weight
-    return jnp.sum(cross_entropy), jnp.sum(z_term)
-
+# ---- loss (the objectives live in `llamax.train.objectives`) -------------------------------
 
 def forward_sums(model: Llama, variables: dict, batch: Batch) -> tuple[Array, Array]:
     """`cross_entropy_sums` of the model's logits on `batch`."""
@@ -66,13 +53,23 @@ def forward_sums(model: Llama, variables: dict, batch: Batch) -> tuple[Array, Ar
     return cross_entropy_sums(logits, batch["targets"], batch["loss_mask"])
 
 
-def check_batch(batch: Batch, mesh: jax.sharding.Mesh, rules: Rules, micro_batches: int) -> None:
-    """ConfigError unless `batch` has the required keys and a size the mesh and accumulation
+def reference_variables(frozen: Any) -> dict | None:
+    """The flax variables of the reference model: the frozen params alone (the base with its
+    adapters off under LoRA; the starting checkpoint in full fine-tuning)."""
+    return None if frozen is None else {"params": frozen}
+
+
+def check_batch(batch: Batch, mesh: jax.sharding.Mesh, rules: Rules, micro_batches: int,
+                required: tuple[str, ...] = REQUIRED_BATCH_KEYS) -> None:
+    """ConfigError unless `batch` has the `required` keys and a size the mesh and accumulation
     can split; runs on the host before jit's own sharding check, so the message says the fix."""
-    missing = [key for key in REQUIRED_BATCH_KEYS if key not in batch]
+    missing = [key for key in required if key not in batch]
     if missing:
-        raise ConfigError(f"batch is missing {missing}; expected keys {REQUIRED_BATCH_KEYS} "
-                          "(+ optional positions, segment_ids)")
+        optional = [key for key in ("positions", "segment_ids") if key not in required]
+        raise ConfigError(f"batch is missing {missing}; expected keys {required}"
+                          + (f" (+ optional {', '.join(optional)})" if optional else "")
+                          + ("; preference batches come from a loader built with preference=True"
+                             if "segment_ids" in required else ""))
     batch_size = batch["tokens"].shape[0]
     check_batch_size(batch_size, mesh, rules)
     dp = data_parallel_size(mesh, rules)
@@ -101,48 +98,53 @@ def _split_micro_batches(batch: Batch, micro_batches: int, mesh: jax.sharding.Me
 
 # ---- the steps (traced under the mesh and rules contexts by `llamax.train.setup`) ---------
 
-def loss_and_grads(model: Llama, variables: Variables, trainable: Any, frozen: Any, batch: Batch,
-                   micro_batches: int, z_weight: float, mesh: jax.sharding.Mesh,
+def loss_and_grads(model: Llama, variables: Variables, objective: Objective, trainable: Any, frozen: Any,
+                   batch: Batch, micro_batches: int, mesh: jax.sharding.Mesh,
                    rules: Rules) -> tuple[dict, Any]:
-    """(metrics, grads w.r.t. `trainable`) of the batch-mean loss, accumulating over
-    micro-batches; `frozen` gets no gradient. metrics: loss, z_loss, scored_tokens."""
+    """(metrics, grads w.r.t. `trainable`) of the objective's batch mean, accumulating over
+    micro-batches; `frozen` (LoRA base or DPO reference) gets no gradient. metrics: the
+    objective's (`metrics(sums, count)`), e.g. loss, z_loss, scored_tokens for cross-entropy."""
+    reference = reference_variables(frozen) if objective.needs_reference_model else None
 
-    def objective(trainable, batch, num_scored):
-        cross_entropy_sum, z_sum = forward_sums(model, variables(trainable, frozen), batch)
-        return (cross_entropy_sum + z_weight * z_sum) / num_scored, (cross_entropy_sum, z_sum)
+    def loss_fn(trainable, batch, normalizer):
+        sums = objective.sums(model, variables(trainable, frozen), reference, batch)
+        return sums["loss"] / normalizer, sums
 
-    grad_fn = jax.value_and_grad(objective, has_aux=True)
-    scored_tokens = jnp.sum(batch["loss_mask"].astype(jnp.float32))
-    # Every micro-batch divides by the token count of the *whole* batch, so the summed
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    count = objective.count(batch)
+    # Every micro-batch divides by the count (tokens, pairs) of the *whole* batch, so the summed
     # gradients equal the gradient of the whole-batch mean exactly.
-    num_scored = jnp.maximum(scored_tokens, 1.0)
+    normalizer = jnp.maximum(count, 1.0)
     if micro_batches == 1:
-        (_, (cross_entropy_sum, z_sum)), grads = grad_fn(trainable, batch, num_scored)
+        (_, sums), grads = grad_fn(trainable, batch, normalizer)
     else:
         def accumulate(carry, micro_batch):
-            (_, sums), grads = grad_fn(trainable, micro_batch, num_scored)
+            (_, sums), grads = grad_fn(trainable, micro_batch, normalizer)
             return jax.tree.map(jnp.add, carry, (sums, grads)), None
 
-        zeros = (jnp.zeros(()), jnp.zeros(())), jax.tree.map(jnp.zeros_like, trainable)
         micro = _split_micro_batches(batch, micro_batches, mesh, rules)
-        ((cross_entropy_sum, z_sum), grads), _ = jax.lax.scan(accumulate, zeros, micro)
-    metrics = dict(loss=cross_entropy_sum / num_scored, z_loss=z_sum / num_scored,
-                   scored_tokens=scored_tokens)
-    return metrics, grads
+        first = jax.tree.map(lambda x: x[0], micro)
+        sums_shape = jax.eval_shape(lambda: grad_fn(trainable, first, normalizer)[0][1])
+        zeros = (jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), sums_shape),
+                 jax.tree.map(jnp.zeros_like, trainable))
+        (sums, grads), _ = jax.lax.scan(accumulate, zeros, micro)
+    return objective.metrics(sums, count), grads
 
 
-def train_step(model: Llama, variables: Variables, optimizer: optax.GradientTransformation,
-               schedule: optax.Schedule, micro_batches: int, z_weight: float,
+def train_step(model: Llama, variables: Variables, objective: Objective,
+               optimizer: optax.GradientTransformation, schedule: optax.Schedule, micro_batches: int,
                mesh: jax.sharding.Mesh, rules: Rules,
                state: TrainState, batch: Batch, frozen: Any) -> tuple[TrainState, dict]:
-    """One optimizer update. Metrics (replicated scalars): loss, z_loss, grad_norm (before
-    clipping), learning_rate (of this update), scored_tokens, finite (bool). When the loss or
+    """One optimizer update. Metrics (replicated scalars): the objective's (cross-entropy: loss,
+    z_loss, scored_tokens), grad_norm (before clipping), learning_rate (of this update), finite. When the loss or
     gradients are not finite the state is returned unchanged (step included) and finite is
     False, so no NaN ever reaches params or a checkpoint; the host loop decides what to do."""
-    metrics, grads = loss_and_grads(model, variables, state.params, frozen, batch, micro_batches,
-                                    z_weight, mesh, rules)
+    metrics, grads = loss_and_grads(model, variables, objective, state.params, frozen, batch,
+                                    micro_batches, mesh, rules)
     grad_norm = optax.global_norm(grads)
-    finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["z_loss"]) & jnp.isfinite(grad_norm)
+    finite = jnp.isfinite(grad_norm)
+    for value in metrics.values():
+        finite = finite & jnp.all(jnp.isfinite(value))
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     updated = TrainState(step=state.step + 1, params=optax.apply_updates(state.params, updates),
                          opt_state=opt_state, rng=next_rng(state.rng))
@@ -154,11 +156,12 @@ def train_step(model: Llama, variables: Variables, optimizer: optax.GradientTran
     return new_state, metrics
 
 
-def eval_step(model: Llama, variables: Variables, trainable: Any, batch: Batch, frozen: Any) -> dict:
-    """{'loss_sum', 'scored_tokens'} of one batch; perplexity = exp(sum loss_sum / sum tokens)
-    over batches (`llamax.infer.evaluate` does the sums)."""
-    cross_entropy_sum, _ = forward_sums(model, variables(trainable, frozen), batch)
-    return dict(loss_sum=cross_entropy_sum, scored_tokens=jnp.sum(batch["loss_mask"].astype(jnp.float32)))
+def eval_step(model: Llama, variables: Variables, objective: Objective, trainable: Any, batch: Batch,
+              frozen: Any) -> dict:
+    """The objective's evaluation sums of one batch (cross-entropy: {'loss_sum', 'scored_tokens'};
+    perplexity = exp(sum loss_sum / sum tokens) over batches, see `llamax.infer.evaluate`)."""
+    reference = reference_variables(frozen) if objective.needs_reference_model else None
+    return objective.eval_sums(model, variables(trainable, frozen), reference, batch)
 
 
 def next_rng(rng: Array) -> Array:
