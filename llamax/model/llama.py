@@ -128,7 +128,7 @@ class Attention(nn.Module):
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, x: Array, cos: Array, sin: Array, mask: Array,
+    def __call__(self, x: Array, cos: Array, sin: Array, mask: Array, segment_ids: Array,
                  layer_cache: tuple[Array, Array] | None, cache_index: Array | None):
         c = self.config
         heads, kv_heads, head_dim, embed = c.num_heads, c.num_kv_heads, c.head_dim, c.hidden_size
@@ -151,8 +151,10 @@ class Attention(nn.Module):
             v = jax.lax.dynamic_update_slice(cached_value, v.astype(cached_value.dtype), (0, cache_index, 0, 0))
             new_cache = (k, v)
 
-        # Without a cache, query i sits at key slot i, so `mask` is causal in slot order.
-        out = attend(q, k, v, mask, c, causal=layer_cache is None)  # [batch, seq, heads, head_dim]
+        # Without a cache, query i sits at key slot i, so `mask` is causal in slot order (and
+        # `segment_ids` [batch, seq] is all splash needs to rebuild it inside its kernel).
+        out = attend(q, k, v, mask, c, causal=layer_cache is None,
+                     segment_ids=segment_ids)  # [batch, seq, heads, head_dim]
         out = nn.with_logical_constraint(out, ACT_HEADS)
         out = Projection(c, (heads, head_dim, embed), ("heads", "head_dim", "embed"),
                          "BTHD,HDE->BTE", name="o_proj")(out)
@@ -183,23 +185,38 @@ class DecoderLayer(nn.Module):
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, x: Array, cos: Array, sin: Array, mask: Array,
+    def __call__(self, x: Array, cos: Array, sin: Array, mask: Array, segment_ids: Array,
                  layer_cache: tuple[Array, Array] | None, cache_index: Array | None):
         attn_out, new_cache = Attention(self.config, name="self_attn")(
-            RMSNorm(self.config, name="input_layernorm")(x), cos, sin, mask, layer_cache, cache_index)
+            RMSNorm(self.config, name="input_layernorm")(x), cos, sin, mask, segment_ids,
+            layer_cache, cache_index)
         x = nn.with_logical_constraint(x + attn_out, ACT_EMBED)
         x = x + MLP(self.config, name="mlp")(RMSNorm(self.config, name="post_attention_layernorm")(x))
         return nn.with_logical_constraint(x, ACT_EMBED), new_cache
 
 
+_PROJECTIONS = ("query_proj", "key_proj", "value_proj", "out_proj")  # checkpoint_name()s above
+
+
 def _remat_policy(name: str):
+    """What a rematerialized layer keeps for the backward pass (MaxText's policy names in
+    brackets): `full` nothing [full]; `dots_with_no_batch_dims` the projections' and MLP's
+    matmul outputs [minimal]; `save_qkv_projections` q, k, v [save_qkv_proj];
+    `save_projections` q, k, v and the attention output projection; the `offload_*` policies
+    move those residuals to pinned host memory instead of keeping them in HBM
+    [qkv_proj_offloaded, minimal_offloaded]."""
     policies = jax.checkpoint_policies
     return {
         "full": policies.nothing_saveable,
         "dots": policies.dots_saveable,
         "dots_with_no_batch_dims": policies.dots_with_no_batch_dims_saveable,
-        "save_projections": policies.save_only_these_names(
-            "query_proj", "key_proj", "value_proj", "out_proj"),
+        "save_qkv_projections": policies.save_only_these_names(*_PROJECTIONS[:3]),
+        "save_projections": policies.save_only_these_names(*_PROJECTIONS),
+        "offload_projections": policies.save_and_offload_only_these_names(
+            names_which_can_be_saved=[], names_which_can_be_offloaded=list(_PROJECTIONS),
+            offload_src="device", offload_dst="pinned_host"),
+        "offload_dots_with_no_batch_dims": policies.offload_dot_with_no_batch_dims(
+            offload_src="device", offload_dst="pinned_host"),
     }[name]
 
 
@@ -246,15 +263,16 @@ class Llama(nn.Module):
         if c.scan_layers:
             stack = nn.scan(block, variable_axes={"params": 0, LORA_COLLECTION: 0},
                             split_rngs={"params": True},
-                            in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0, nn.broadcast),
+                            # cos, sin, mask, segment_ids shared; caches split per layer
+                            in_axes=(nn.broadcast,) * 4 + (0, nn.broadcast),
                             length=c.num_layers, metadata_params={nn.PARTITION_NAME: "layers"})
-            x, new_layer_caches = stack(c, name="layers")(x, cos, sin, mask, layer_caches,
+            x, new_layer_caches = stack(c, name="layers")(x, cos, sin, mask, segment_ids, layer_caches,
                                                           None if cache is None else cache.index)
         else:
             outputs = []
             for i in range(c.num_layers):
                 layer_cache = None if cache is None else (cache.key[i], cache.value[i])
-                x, layer_out = block(c, name=f"layers_{i}")(x, cos, sin, mask, layer_cache,
+                x, layer_out = block(c, name=f"layers_{i}")(x, cos, sin, mask, segment_ids, layer_cache,
                                                             None if cache is None else cache.index)
                 outputs.append(layer_out)
             new_layer_caches = None if cache is None else tuple(

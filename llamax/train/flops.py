@@ -5,21 +5,28 @@ import jax
 
 from llamax.config import ModelConfig
 
-# Dense bf16 peak FLOP/s per device, matched as a substring of `device.device_kind`.
+# Dense bf16 peak FLOP/s per device. TPU keys are exact `device.device_kind` strings (one JAX
+# device per chip; v5e is "TPU v5 lite", v5p is plain "TPU v5", v6e "TPU v6 lite"), so no
+# generation can match another's entry. GPU keys match as a substring of the marketing name
+# ("NVIDIA H100 80GB HBM3").
 PEAK_FLOPS_PER_DEVICE: dict[str, float] = {
+    "TPU v4": 275e12,
+    "TPU v5 lite": 197e12,
+    "TPU v5": 459e12,
+    "TPU v6 lite": 918e12,
     "H200": 989e12,
     "H100": 989e12,
     "A100": 312e12,
-    "TPU v6": 918e12,
-    "TPU v5p": 459e12,
-    "TPU v5 lite": 197e12,
-    "TPU v4": 275e12,
 }
 
 
 def peak_flops_per_device(device: jax.Device | None = None) -> float | None:
     """Dense bf16 peak of `device` (default: the first device) from the table, else None."""
     kind = (device or jax.devices()[0]).device_kind
+    if kind in PEAK_FLOPS_PER_DEVICE:
+        return PEAK_FLOPS_PER_DEVICE[kind]
+    if kind.startswith("TPU"):  # an unlisted TPU (e.g. "TPU v4 lite") must not borrow v4's peak
+        return None
     return next((flops for name, flops in PEAK_FLOPS_PER_DEVICE.items() if name in kind), None)
 
 
