@@ -85,7 +85,7 @@ setup(
     # configs/ is a package so gin finds `include 'configs/...'` from any working directory.
     packages=find_packages(include=["llamax", "llamax.*", "experiments", "experiments.*",
                                     "configs", "configs.*"]),
-    package_data={"configs": ["*/*.gin", "*/*.py"]},
+    package_data={"configs": ["*/*.gin", "*/*.py", "lm_eval/*.yaml", "lm_eval/data/*.jsonl"]},
     install_requires=CORE,
     # xprof: TensorBoard's profile plugin (and its own server) for PROFILE_STEPS traces.
     extras_require={"convert": CONVERT, "eval": EVAL, "tpu": TPU, "test": TEST + CONVERT + EVAL + TPU,
