@@ -53,6 +53,13 @@ SERVE = [
     "uvicorn==0.55.0",
 ]
 
+# lm-evaluation-harness: the `llamax` model backend, experiments.lm_eval, EVAL_TASKS in training.
+# It pulls datasets/evaluate/pandas/scikit-learn etc. (none of the pins above change; it does
+# move python-dateutil to 2.9.0.post0, which typepy[datetime] needs).
+EVAL = [
+    "lm-eval==0.4.13",
+]
+
 # Compiling for TPU slices on any host (`python -m experiments.compile`), and running on TPU VMs:
 # the libtpu that jax[tpu]==0.10.2 pins (its TPU compiler and runtime, ~700 MB).
 TPU = [
@@ -87,11 +94,12 @@ setup(
     # configs/ is a package so gin finds `include 'configs/...'` from any working directory.
     packages=find_packages(include=["llamax", "llamax.*", "experiments", "experiments.*",
                                     "configs", "configs.*"]),
-    package_data={"configs": ["*/*.gin", "*/*.py"], "llamax.infer": ["static/*.html"]},
+    package_data={"configs": ["*/*.gin", "*/*.py", "lm_eval/*.yaml", "lm_eval/data/*.jsonl"],
+                  "llamax.infer": ["static/*.html"]},
     install_requires=CORE,
     # xprof: TensorBoard's profile plugin (and its own server) for PROFILE_STEPS traces.
-    extras_require={"convert": CONVERT, "serve": SERVE, "tpu": TPU,
-                    "test": TEST + CONVERT + SERVE + TPU, "all": TEST + CONVERT + SERVE + TPU,
+    extras_require={"convert": CONVERT, "eval": EVAL, "serve": SERVE, "tpu": TPU,
+                    "test": TEST + CONVERT + EVAL + SERVE + TPU, "all": TEST + CONVERT + EVAL + SERVE + TPU,
                     "profile": ["xprof==2.24.2"]},
     entry_points={"console_scripts": [
         "llamax-train = experiments.train:main",
@@ -103,6 +111,7 @@ setup(
         "llamax-export-lora = experiments.export_lora:main",
         "llamax-serve = experiments.serve:main",
         "llamax-chat = experiments.chat:main",
+        "llamax-lm-eval = experiments.lm_eval:main",
         "llamax-compile = experiments.compile:main",
     ]},
 )

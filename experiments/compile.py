@@ -63,6 +63,10 @@ def _run_bindings(gin_files: list[str], bindings: list[str]) -> dict:
         if macro not in defined:
             gin.parse_config(f"{macro} = {stand_in}")
     run = gin.get_bindings(train.run, resolve_references=False)
+    if run.get("objective") is not None:  # a report on the cross-entropy step would mislead
+        raise gin_config.GinError("experiments.compile builds the cross-entropy train step only; this run "
+                                  f"sets train.run.objective = {run['objective']}, whose step "
+                                  "(policy + reference forward passes) it does not model yet")
     # Deep-copying a gin reference evaluates it: only the configs compiling needs.
     try:
         return {name: copy.deepcopy(run[name]) for name in

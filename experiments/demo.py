@@ -4,7 +4,8 @@
 
 1. trains (or resumes) `configs/runs/demo.gin` into MODEL_DIR, ending with a checkpoint;
 2. prints samples from the final checkpoint (greedy and nucleus sampling);
-3. writes MODEL_DIR/loss.png (train and eval loss per step).
+3. writes MODEL_DIR/loss.png (train and eval loss per step, and lm-eval scores when the run
+   logged any: EVAL_TASKS during training or `experiments.lm_eval` afterwards).
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ PROMPTS = ("ROMEO:\n", "KING HENRY:\nWhat", "To be, or not")
 
 
 def plot_loss(run_dir: Path) -> Path:
-    """Train/eval loss curves of a run -> run_dir/loss.png."""
+    """Train/eval loss curves (and lm-eval scores) of a run -> run_dir/loss.png."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -27,7 +28,11 @@ def plot_loss(run_dir: Path) -> Path:
     records = read_metrics(run_dir)
     train = [(r["step"], r["loss"]) for r in records if "loss" in r]
     evals = [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r]
-    figure, axes = plt.subplots(figsize=(7, 4))
+    # Downstream scores (EVAL_TASKS, experiments.lm_eval) in a second panel; the perplexities
+    # repeat bits_per_byte on a scale that would flatten everything else.
+    tasks = sorted({k for r in records for k in r if k.startswith("lm_eval/") and "perplexity" not in k})
+    figure, panels = plt.subplots(1, 2 if tasks else 1, figsize=(13 if tasks else 7, 4), squeeze=False)
+    axes = panels[0][0]
     axes.plot(*zip(*train), label="train loss")
     if evals:
         axes.plot(*zip(*evals), "o-", label="eval loss (held-out plays)")
@@ -36,6 +41,14 @@ def plot_loss(run_dir: Path) -> Path:
     axes.set_title(f"llamax demo: {run_dir.name}")
     axes.grid(alpha=0.3)
     axes.legend()
+    for key in tasks:
+        panels[0][1].plot(*zip(*[(r["step"], r[key]) for r in records if key in r]), "o-",
+                          label=key.removeprefix("lm_eval/"))
+    if tasks:
+        panels[0][1].set_xlabel("step")
+        panels[0][1].set_title("lm-eval tasks")
+        panels[0][1].grid(alpha=0.3)
+        panels[0][1].legend(fontsize=8)
     figure.tight_layout()
     out = run_dir / "loss.png"
     figure.savefig(out, dpi=120)

@@ -27,6 +27,7 @@ from llamax.data.corpus import shakespeare_tokenizer  # noqa: F401 (gin: train.s
 from llamax.data.pipeline import DataConfig
 from llamax.distributed import report_failure
 from llamax.errors import ConfigError
+from llamax.infer.lm_eval_tasks import DownstreamConfig
 from llamax.model.lora import LoraConfig
 from llamax.sharding import MeshConfig
 from llamax.train import objectives  # noqa: F401 (gin: objectives.DPO)
@@ -37,20 +38,26 @@ from llamax.train.optim import OptimConfig
 def run(model_config: ModelConfig, optim_config: OptimConfig, mesh_config: MeshConfig,
         data_config: DataConfig, train_config: TrainConfig, init_from: str | None = None,
         lora_config: LoraConfig | None = None, objective: Any = None,
-        adapters_from: str | None = None) -> FitResult:
+        adapters_from: str | None = None, downstream: DownstreamConfig | None = None) -> FitResult:
     """What a run gin file binds: trains or resumes, keeping the operative config with the run.
 
     `init_from`: HF/Meta/orbax weights to start from (recorded in the run directory).
     `lora_config`: train LoRA adapters of those weights (loaded again on every resume).
     `objective`: None (cross-entropy) or `@objectives.DPO()` (configs/runs/dpo.gin).
     `adapters_from`: a PEFT adapter folder a LoRA run starts from (its LoraConfig unless set).
+    `downstream`: lm-eval tasks scored during training (EVAL_TASKS*), logged with the metrics.
     """
     import gin
     import jax
 
+    evaluators = []
+    if downstream is not None and downstream.tasks:
+        from llamax.infer.lm_eval_tasks import TaskEvaluator
+
+        evaluators.append(TaskEvaluator(downstream, data_config.tokenizer, lora_config, init_from))
     result = fit(model_config, optim_config, mesh_config, data_config, train_config,
                  init_from=init_from, lora_config=lora_config, operative_config=gin.operative_config_str(),
-                 objective=objective, adapters_from=adapters_from)
+                 objective=objective, adapters_from=adapters_from, evaluators=evaluators)
     if jax.process_index() == 0:
         print(f"{result.status} at step {result.step}: loss {result.loss}, eval_loss {result.eval_loss}",
               flush=True)

@@ -13,6 +13,8 @@ A training run directory (`TrainConfig.model_dir`):
       metrics.jsonl       one JSON object per logged step (`llamax.train.metrics`)
       tensorboard/        TensorBoard event files
       checkpoints/<step>/ orbax training checkpoints (`llamax.train.checkpoint`)
+      lm_eval/step_<N>/   lm-eval results of checkpoint N (`experiments.lm_eval`): results.json,
+                          results.md (a table), scores.png (a bar plot)
 
 A params checkpoint folder (`llamax.convert.orbax`) shares the config file:
 
@@ -52,6 +54,7 @@ TENSORBOARD_DIR = "tensorboard"
 CHECKPOINTS_DIR = "checkpoints"
 TOKENIZER_DIR = "tokenizer"
 PARAMS_DIR = "params"
+LM_EVAL_DIR = "lm_eval"
 SPECIAL_IDS_FILE = "special_ids.json"
 
 
@@ -129,6 +132,10 @@ class RunDir:
     @property
     def config_file(self) -> Path:
         return self.path / CONFIG_FILE
+
+    def lm_eval_dir(self, step: int) -> Path:
+        """Where the lm-eval results of checkpoint `step` are written."""
+        return self.path / LM_EVAL_DIR / f"step_{step}"
 
     def exists(self) -> bool:
         return is_run_dir(self.path)

@@ -167,7 +167,9 @@ def test_cli_bad_input_is_one_line_exit_2(tmp_path):
     for args in (["--gin_file=configs/runs/tiny.gin", "--topology", "v5p-100"],
                  ["--gin_file=configs/runs/tiny.gin", "--topology", "v5e-8", "--num_slices", "2"],
                  ["--gin_file=configs/runs/tiny.gin", "--topology", "v5e-8",
-                  "--gin.config.ModelConfig.remat_polcy='full'"]):
+                  "--gin.config.ModelConfig.remat_polcy='full'"],
+                 # A DPO run's step is not the one compiled: refused, not misreported.
+                 ["--gin_file=configs/runs/dpo_tiny.gin", "--topology", "v5e-8"]):
         result = _cli(*args, tmp_path=tmp_path)
         assert result.returncode == 2, (args, result.stderr[-2000:])
         assert len(result.stderr.strip().splitlines()) == 1, result.stderr

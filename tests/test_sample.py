@@ -92,6 +92,34 @@ def test_rows_stop_at_any_stop_id_like_transformers_eos_list(gqa):
     assert list(generate_stream(config, params, prompts[0], NEW, stop_ids=stops)) == stopped[0]
 
 
+def test_a_stop_callback_cuts_rows_as_the_plain_loop_would_and_keeps_samples(gqa):
+    _, config, params = gqa
+    prompts = _prompts(config.vocab_size)
+    free = generate(config, params, prompts, NEW)
+    # The host asks `stop` every 3 tokens; row 0 ends once it holds 4, i.e. at the check after 6.
+    asked = []
+
+    def stop(row, tokens):
+        asked.append((row, len(tokens)))
+        return row == 0 and len(tokens) >= 4
+
+    chunked = generate(config, params, prompts, NEW, stop=stop, check_every=3)
+    assert chunked[0] == free[0][:6] and chunked[1:] == free[1:]
+    assert asked[:3] == [(0, 3), (1, 3), (2, 3)] and (0, 9) not in asked
+    # check_every=1 asks after every token and still ends (it once looped forever).
+    assert generate(config, params, prompts, NEW, stop=lambda row, tokens: False, check_every=1) == free
+    # Stop ids and the callback together: a row ends at whichever comes first.
+    stops = [free[1][5]]
+    plain = generate(config, params, prompts, NEW, stop_ids=stops)
+    assert generate(config, params, prompts, NEW, stop_ids=stops, stop=stop, check_every=3)[1:] == plain[1:]
+    # Chunking never changes a sample: row r's step-s draw uses the same key either way.
+    sampled = dict(temperature=1.0, top_p=0.9, seed=3)
+    assert generate(config, params, prompts, NEW, stop=lambda row, tokens: False, check_every=2, **sampled) == \
+        generate(config, params, prompts, NEW, **sampled)
+    with pytest.raises(ConfigError, match="check_every"):
+        generate(config, params, prompts, NEW, stop=stop, check_every=0)
+
+
 def test_kv_cache_logits_equal_full_forward_across_prefill_and_decode(gqa):
     _, config, params = gqa
     params = jax.jit(functools.partial(unstack_layers, config))(params)

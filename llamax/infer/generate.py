@@ -7,6 +7,14 @@ keeps all tokens on device (one host transfer per call) and exits early once eve
 produced a stop id: `eos_id` or any of `stop_ids` (Llama-3-Instruct ends a turn with `<|eot_id|>`
 and a document with `<|end_of_text|>`; pass a tokenizer's `stop_ids`).
 
+With a `stop` callback (stop strings, say) the loop runs in chunks of `check_every` tokens; between
+chunks the host asks `stop` about every unfinished row and ends the rows it names, so a batch
+whose answers are short does not decode all `max_new_tokens`. Chunking never changes the tokens:
+row r's step-s sample always draws with the same key.
+
+Sharded (`mesh=`) generation runs on every process of a multi-process mesh: each process passes
+the same prompts and gets every row back.
+
 Compilation is cached per (batch bucket, prompt-length bucket, max_new_tokens, sampler): batch
 sizes round up to a power of two and prompt lengths to a power of two (>= 16, then multiples of
 256), so prompts of similar length reuse one executable.
@@ -18,31 +26,27 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from typing import Any, Iterator, NamedTuple, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
 
 from llamax.config import ModelConfig
+from llamax.errors import ConfigError
 from llamax.infer.checks import all_stop_ids, check_generate_args
+from llamax.infer.sampling import Sampler, filter_logits, sample_tokens  # noqa: F401 (re-exported)
 from llamax.model.llama import KVCache, Llama
 
 Array = jax.Array
 Rules = Sequence[tuple[str, Any]]
+StopFn = Callable[[int, list[int]], bool]
 
 CACHE_AXES = ("layers", "batch", "length", "act_kv_heads", "head_dim")
 STOP_IDS_BUCKET = 8  # stop-id arrays are padded to a multiple of this, so most share one executable
-
-
-class Sampler(NamedTuple):
-    """Static sampling settings (part of the compile key). Greedy ignores top_k/top_p."""
-
-    greedy: bool
-    top_k: int | None
-    top_p: float | None
 
 
 @flax.struct.dataclass
@@ -89,40 +93,6 @@ def left_pad(prompts: Sequence[np.ndarray], length: int, batch: int | None = Non
         segment_ids[row, length - len(prompt):] = 1
     positions = np.maximum(np.cumsum(segment_ids, axis=1) - 1, 0).astype(np.int32)
     return tokens, positions, segment_ids
-
-
-# ---- sampling -------------------------------------------------------------------------------
-
-def filter_logits(logits: Array, top_k: int | None = None, top_p: float | None = None) -> Array:
-    """Sets logits outside the top-k set and outside the top-p nucleus to -inf.
-
-    The nucleus is the smallest set of most likely tokens whose probability reaches `top_p`
-    (the most likely token is always kept), as in transformers' TopPLogitsWarper; top-k is
-    applied first. logits: [..., vocab] float32.
-    """
-    if top_k is not None:
-        kth_largest = jax.lax.top_k(logits, top_k)[0][..., -1:]  # [..., 1]
-        logits = jnp.where(logits < kth_largest, -jnp.inf, logits)
-    if top_p is not None and top_p < 1:
-        sorted_logits = jnp.sort(logits, axis=-1)  # [..., vocab] ascending
-        # Tail mass (this token and every less likely one), summed from the small end: a sum from
-        # the top rounds to 1.0 in float32 before the last tokens when top_p is close to 1.
-        tail_mass = jnp.cumsum(jax.nn.softmax(sorted_logits, axis=-1), axis=-1)
-        dropped = tail_mass <= 1.0 - top_p  # the least likely tokens outside the nucleus
-        num_dropped = jnp.minimum(jnp.sum(dropped, axis=-1, keepdims=True), logits.shape[-1] - 1)
-        threshold = jnp.take_along_axis(sorted_logits, num_dropped, axis=-1)  # [..., 1]
-        logits = jnp.where(logits < threshold, -jnp.inf, logits)
-    return logits
-
-
-def sample_tokens(logits: Array, key: Array, temperature: Array, sampler: Sampler) -> Array:
-    """Next tokens [batch] from logits [batch, vocab]; row r draws with fold_in(key, r), so a
-    row's sample does not depend on what else is in the batch."""
-    if sampler.greedy:
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    logits = filter_logits(logits / temperature, sampler.top_k, sampler.top_p)
-    row_keys = jax.vmap(lambda row: jax.random.fold_in(key, row))(jnp.arange(logits.shape[0]))
-    return jax.vmap(jax.random.categorical)(row_keys, logits).astype(jnp.int32)
 
 
 # ---- model calls ----------------------------------------------------------------------------
@@ -205,8 +175,9 @@ def _compiled_generate(config: ModelConfig, sampler: Sampler, max_new_tokens: in
                        mesh: Any, rules: Any):
     """The jitted prefill + while_loop; one per static key (jit adds one executable per shape)."""
 
-    def run(params, tokens, positions, segment_ids, num_real, key, temperature, stop_ids):
+    def run(params, tokens, positions, segment_ids, num_real, key_data, temperature, stop_ids):
         decode_config, params = decoding_config(config), unstack_layers(config, params)
+        key = jax.random.wrap_key_data(key_data)
         state = _start(decode_config, sampler, max_new_tokens, params, tokens, positions, segment_ids,
                        num_real, key, temperature, stop_ids)
         state = jax.lax.while_loop(
@@ -214,20 +185,49 @@ def _compiled_generate(config: ModelConfig, sampler: Sampler, max_new_tokens: in
             lambda s: _advance(decode_config, sampler, params, s, key, temperature, stop_ids), state)
         return state.tokens
 
-    return jax.jit(run)
+    return jax.jit(run, out_shardings=_replicated(mesh))
 
 
 @functools.lru_cache(maxsize=64)
 def _compiled_stream(config: ModelConfig, sampler: Sampler, max_new_tokens: int, mesh: Any, rules: Any):
-    """(unstack, start, advance): params are converted to the decoding layout once per call."""
+    """(unstack, start, advance, extend, peek): the decode loop in pieces. Params are converted to
+    the decoding layout once per call; `extend` runs the loop up to a given step; `peek` copies
+    (step, tokens, done) to every process."""
     decode_config = decoding_config(config)
     unstack = jax.jit(functools.partial(unstack_layers, config))
-    start = jax.jit(functools.partial(_start, decode_config, sampler, max_new_tokens))
-    advance = jax.jit(functools.partial(_advance, decode_config, sampler), donate_argnums=(1,))
-    return unstack, start, advance
+
+    def start(params, tokens, positions, segment_ids, num_real, key_data, temperature, stop_ids):
+        return _start(decode_config, sampler, max_new_tokens, params, tokens, positions, segment_ids,
+                      num_real, jax.random.wrap_key_data(key_data), temperature, stop_ids)
+
+    def advance(params, state, key_data, temperature, stop_ids):
+        return _advance(decode_config, sampler, params, state, jax.random.wrap_key_data(key_data),
+                        temperature, stop_ids)
+
+    def extend(params, state, until_step, stopped, key_data, temperature, stop_ids):
+        state = state.replace(done=state.done | stopped)  # rows the host ended (stop strings)
+        return jax.lax.while_loop(lambda s: (s.step < until_step) & ~jnp.all(s.done),
+                                  lambda s: advance(params, s, key_data, temperature, stop_ids), state)
+
+    peek = jax.jit(lambda state: (state.step, state.tokens, state.done), out_shardings=_replicated(mesh))
+    return (unstack, jax.jit(start), jax.jit(advance, donate_argnums=(1,)),
+            jax.jit(extend, donate_argnums=(1,)), peek)
 
 
 # ---- public API -----------------------------------------------------------------------------
+
+def _replicated(mesh: jax.sharding.Mesh | None) -> NamedSharding | None:
+    return None if mesh is None else NamedSharding(mesh, PartitionSpec())
+
+
+def _on_mesh(value: np.ndarray, mesh: jax.sharding.Mesh | None) -> Any:
+    """A host value every process holds alike, as a global replicated array when the mesh spans
+    several processes (jit refuses host arrays there); unchanged otherwise."""
+    if mesh is None or jax.process_count() == 1:
+        return value
+    value = np.asarray(value)
+    return jax.make_array_from_callback(value.shape, _replicated(mesh), lambda index: value[index])
+
 
 def _stop_array(stops: Sequence[int]) -> np.ndarray:
     """[k * STOP_IDS_BUCKET] int32: the stop ids padded with -1 (a token no model produces)."""
@@ -256,10 +256,10 @@ def _prepare(config, params, prompts, max_new_tokens, temperature, top_k, top_p,
         rules = None
     batch = bucket_batch(len(arrays), data_parallel)
     length = bucket_length(max(len(a) for a in arrays))
-    tokens, positions, segment_ids = left_pad(arrays, length, batch)
-    dynamic = (params, tokens, positions, segment_ids, np.int32(len(arrays)), jax.random.key(seed),
-               np.float32(temperature or 1.0), _stop_array(stops))
-    return sampler, mesh, rules, dynamic, stops
+    host = (*left_pad(arrays, length, batch), np.int32(len(arrays)),
+            np.asarray(jax.random.key_data(jax.random.key(seed))), np.float32(temperature or 1.0),
+            _stop_array(stops))
+    return sampler, mesh, rules, (params, *(_on_mesh(value, mesh) for value in host)), stops
 
 
 @contextlib.contextmanager
@@ -281,7 +281,8 @@ def _param_shardings(config: ModelConfig, mesh: jax.sharding.Mesh, rules: Rules)
 def generate(config: ModelConfig, params: Any, prompts: Sequence[Sequence[int]], max_new_tokens: int,
              *, temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
              seed: int = 0, eos_id: int | None = None, stop_ids: Sequence[int] = (),
-             mesh: jax.sharding.Mesh | None = None, rules: Rules | None = None) -> list[list[int]]:
+             stop: StopFn | None = None, check_every: int = 16, mesh: jax.sharding.Mesh | None = None,
+             rules: Rules | None = None) -> list[list[int]]:
     """Continues each prompt by up to `max_new_tokens` tokens.
 
     Args:
@@ -296,18 +297,49 @@ def generate(config: ModelConfig, params: Any, prompts: Sequence[Sequence[int]],
       eos_id: stop a row once it produces this token (the token is returned).
       stop_ids: more ids that stop a row, like eos_id (pass `tokenizer.stop_ids`: Llama-3-Instruct
         ends turns with `<|eot_id|>`, ChatML models with `<|im_end|>`).
+      stop: `stop(row, new_tokens) -> bool`, asked on the host every `check_every` tokens about
+        each unfinished row (its new tokens so far); True ends that row. The row's result is
+        what it had generated by then (up to `check_every - 1` tokens past the point `stop`
+        looks for: cut them yourself, e.g. at the stop string).
       mesh, rules: run sharded: params are placed by the logical-axis `rules` (default
         `llamax.sharding.LOGICAL_AXIS_RULES`) and the batch is split over the data axes.
 
     Returns:
       The new tokens of each prompt, in order: up to and including the first stop id.
     """
+    if stop is not None and (isinstance(check_every, bool) or not isinstance(check_every, int)
+                             or check_every < 1):
+        raise ConfigError(f"check_every must be a positive integer, got {check_every!r}")
     sampler, mesh, rules, dynamic, stops = _prepare(config, params, prompts, max_new_tokens, temperature,
                                                     top_k, top_p, seed, eos_id, stop_ids, mesh, rules)
     with _sharding_context(mesh, rules):
-        tokens = _compiled_generate(config, sampler, max_new_tokens, mesh, rules)(*dynamic)
-    tokens = np.asarray(jax.device_get(tokens))  # [batch, max_new_tokens]; the one host sync
+        if stop is None:
+            tokens = _compiled_generate(config, sampler, max_new_tokens, mesh, rules)(*dynamic)
+            tokens = np.asarray(jax.device_get(tokens))  # [batch, max_new_tokens]; the one host sync
+        else:
+            tokens = _generate_in_chunks(config, sampler, max_new_tokens, mesh, rules, dynamic,
+                                         len(prompts), stops, stop, check_every)
     return [_until_stop(row, stops) for row in tokens[:len(prompts)]]
+
+
+def _generate_in_chunks(config, sampler, max_new_tokens, mesh, rules, dynamic, num_prompts, stops,
+                        stop, check_every) -> np.ndarray:
+    """The decode loop `check_every` steps at a time; between chunks `stop` ends rows on the host."""
+    unstack, start, _, extend, peek = _compiled_stream(config, sampler, max_new_tokens, mesh, rules)
+    params, key_temperature_stops = unstack(dynamic[0]), dynamic[5:]
+    state = start(params, *dynamic[1:])
+    stopped = np.zeros(dynamic[1].shape[0], bool)  # [batch] rows ended by `stop`
+    step = 1
+    while True:
+        until = min((step // check_every + 1) * check_every, max_new_tokens)  # the next multiple: > step
+        state = extend(params, state, _on_mesh(np.int32(until), mesh), _on_mesh(stopped, mesh),
+                       *key_temperature_stops)
+        step, tokens, done = (np.asarray(x) for x in jax.device_get(peek(state)))
+        for row in range(num_prompts):
+            if not (done[row] or stopped[row]):
+                stopped[row] = bool(stop(row, _until_stop(tokens[row], stops)))
+        if step >= max_new_tokens or np.all(done | stopped):
+            return tokens
 
 
 def _until_stop(row: np.ndarray, stops: Sequence[int]) -> list[int]:
@@ -329,7 +361,7 @@ def generate_stream(config: ModelConfig, params: Any, prompt: Sequence[int], max
     """
     sampler, mesh, rules, dynamic, stops = _prepare(config, params, [prompt], max_new_tokens, temperature,
                                                     top_k, top_p, seed, eos_id, stop_ids, mesh, rules)
-    unstack, start, advance = _compiled_stream(config, sampler, max_new_tokens, mesh, rules)
+    unstack, start, advance, _, _ = _compiled_stream(config, sampler, max_new_tokens, mesh, rules)
     key, temperature_, stop_array = dynamic[5:]
     with _sharding_context(mesh, rules):  # entered per call: the caller runs between yields
         params = unstack(dynamic[0])

@@ -28,7 +28,7 @@ import dataclasses
 import logging
 import os
 import time
-from typing import Any, Mapping
+from typing import Any, Mapping, Protocol, Sequence
 
 import jax
 
@@ -99,6 +99,16 @@ class TrainConfig:
                               f"{self.model_dir!r}; set MODEL_DIR to the run directory")
 
 
+class Evaluator(Protocol):
+    """More evaluation at chosen steps (e.g. `llamax.infer.lm_eval_tasks.TaskEvaluator`): when
+    `due(step, final_step)`, called with the setup, trained params and frozen params (LoRA base or
+    None); its metrics join that step's record."""
+
+    def due(self, step: int, final_step: int) -> bool: ...
+
+    def __call__(self, step: int, setup: TrainSetup, params: Any, frozen: Any) -> dict[str, float]: ...
+
+
 @dataclasses.dataclass(frozen=True)
 class FitResult:
     status: str  # "completed" or "preempted"
@@ -127,7 +137,7 @@ def fit(model_config: ModelConfig, optim_config: OptimConfig, mesh_config: MeshC
         data_config: DataConfig, train_config: TrainConfig, *,
         init_from: str | os.PathLike | Mapping | None = None, lora_config: LoraConfig | None = None,
         operative_config: str | None = None, objective: Objective | None = None,
-        adapters_from: str | os.PathLike | None = None) -> FitResult:
+        adapters_from: str | os.PathLike | None = None, evaluators: Sequence[Evaluator] = ()) -> FitResult:
     """Trains (or resumes) the run in `train_config.model_dir`; see the module docstring.
 
     `init_from`: the weights to start from: a checkpoint path (recorded in the run) or a params
@@ -139,6 +149,7 @@ def fit(model_config: ModelConfig, optim_config: OptimConfig, mesh_config: MeshC
     `adapters_from`: a PEFT LoRA adapter folder (`llamax.convert.peft`) whose adapters a fresh
       LoRA run starts from; its rank/alpha/targets are the LoraConfig unless `lora_config` says
       (then they must agree).
+    `evaluators`: more evaluation (e.g. lm-eval tasks) at the steps each chooses.
     """
     tc = train_config
     start_adapters = None
@@ -174,7 +185,8 @@ def fit(model_config: ModelConfig, optim_config: OptimConfig, mesh_config: MeshC
     try:
         state, frozen, start_step = _start_state(setup, checkpointer, loader, run, start_params, tc.seed,
                                                  start_adapters)
-        result = _loop(setup, tc, run, checkpointer, loader, eval_batches, state, frozen, start_step)
+        result = _loop(setup, tc, run, checkpointer, loader, eval_batches, state, frozen, start_step,
+                       evaluators)
     finally:
         checkpointer.close()
     run.write_outcome(result.status, result.step, loss=result.loss, eval_loss=result.eval_loss)
@@ -227,7 +239,8 @@ def _start_state(setup: TrainSetup, checkpointer: Checkpointer, loader, run: Run
 
 
 def _loop(setup: TrainSetup, tc: TrainConfig, run: RunDir, checkpointer: Checkpointer, loader,
-          eval_batches: list, state: Any, frozen: Any, start_step: int) -> FitResult:
+          eval_batches: list, state: Any, frozen: Any, start_step: int,
+          evaluators: Sequence[Evaluator] = ()) -> FitResult:
     log = MetricsLogger(run, tc.train_steps, start_step, progress_bar=tc.progress_bar)
     peak = peak_flops_per_device()
     result_loss = eval_loss = None
@@ -267,7 +280,8 @@ def _loop(setup: TrainSetup, tc: TrainConfig, run: RunDir, checkpointer: Checkpo
                 at_checkpoint = step % tc.checkpoint_every == 0 or step == tc.train_steps or preempted
                 at_eval = bool(eval_batches) and (
                     (tc.eval_every and step % tc.eval_every == 0) or step == tc.train_steps)
-                if at_checkpoint or at_eval or step % tc.log_every == 0:
+                due = [evaluator for evaluator in evaluators if evaluator.due(step, tc.train_steps)]
+                if at_checkpoint or at_eval or due or step % tc.log_every == 0:
                     values = check(*pending)  # never checkpoint before knowing the step was finite
                     pending = None
                     result_loss = values["loss"]
@@ -284,6 +298,8 @@ def _loop(setup: TrainSetup, tc: TrainConfig, run: RunDir, checkpointer: Checkpo
                         values.update({f"eval_{key}": value for key, value in evaluated.items()})
                         values["eval_s"] = time.perf_counter() - started
                         eval_loss = values.get("eval_loss")
+                    for evaluator in due:
+                        values.update(evaluator(step, setup, state.params, frozen))
                     if at_checkpoint:  # async: the time this loop is held up, not the write's
                         started = time.perf_counter()
                         extras = {"data": all_loader_states(loader), "step": step}
