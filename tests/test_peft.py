@@ -128,10 +128,21 @@ def test_lora_run_starts_from_a_peft_adapter_and_exports_peft(tiny_hf_dir, tmp_p
         fit(config, OptimConfig(), get_mesh_preset("fsdp"), data, train, init_from=str(tiny_hf_dir),
             lora_config=LoraConfig(rank=8), adapters_from=str(tmp_path / "peft"))
     assert not (tmp_path / "run").exists()  # nothing written
+    seen = []  # what evaluators (e.g. lm-eval's, which merges the adapters) are told
+
+    class RecordLora:
+        def due(self, step, final_step):
+            return step == final_step
+
+        def __call__(self, step, setup, params, frozen):
+            seen.append(setup.lora_config)
+            return {}
+
     fit(config, OptimConfig(learning_rate=1e-3, warmup_steps=1), get_mesh_preset("fsdp"), data, train,
-        init_from=str(tiny_hf_dir), adapters_from=str(tmp_path / "peft"))
+        init_from=str(tiny_hf_dir), adapters_from=str(tmp_path / "peft"), evaluators=[RecordLora()])
     lora = RunDir(tmp_path / "run").lora_config()
     assert (lora.rank, lora.alpha) == (4, 16.0)
+    assert seen == [lora]  # the config the adapter gave, though no lora_config was passed
     trained = restore_params(tmp_path / "run" / "checkpoints")
     _, started = load_peft(tmp_path / "peft", config)
     # Trained from the PEFT adapter (moved a little), not from a fresh B = 0.

@@ -234,9 +234,11 @@ class TaskEvaluator:
         if self._merge is None:
             from llamax.model.lora import merge_lora
 
-            if self.lora_config is None:
+            # The setup's: a run whose LoraConfig comes from ADAPTERS_FROM has no other.
+            lora_config = setup.lora_config or self.lora_config
+            if lora_config is None:
                 raise ConfigError("a LoRA run's evaluator needs the run's lora_config")
             self._merge = jax.jit(lambda adapters, base: merge_lora(setup.model_config, base, adapters,
-                                                                    self.lora_config),
+                                                                    lora_config),
                                   out_shardings=setup.frozen_shardings)
         return self._merge

@@ -112,6 +112,7 @@ class TrainSetup:
     train_step: Callable  # (state, batch[, frozen]) -> (state, metrics); state donated
     eval_step: Callable  # (trained params, batch[, frozen]) -> the objective's eval sums
     loss_and_grads: Callable  # (trained params, batch[, frozen]) -> (metrics, grads)
+    lora_config: lora.LoraConfig | None = None  # the run's adapters (trainable = them), or None
 
     @property
     def frozen_shardings(self) -> Any:
@@ -182,7 +183,8 @@ def make_train_setup(model_config: ModelConfig, optim_config: OptimConfig, mesh:
                        donate=(0,)),
         eval_step=jit("eval_step", eval_fn, (trainable.shardings, data), replicated(mesh), 1),
         loss_and_grads=jit("loss_and_grads", grads_fn, (trainable.shardings, data),
-                           (replicated(mesh), trainable.shardings), micro))
+                           (replicated(mesh), trainable.shardings), micro),
+        lora_config=lora_config)
 
 
 def _objective(objective: Objective | None, optim_config: OptimConfig) -> Objective:
