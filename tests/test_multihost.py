@@ -115,9 +115,10 @@ def test_two_processes_match_one_process_with_8_devices(tmp_path):
     multi_state, multi_extras = Checkpointer(multi / "checkpoints", read_only=True).restore(3)
     assert multi_extras == {"losses": two["losses"]}
     assert int(multi_state["step"]) == int(single_state["step"]) == 3
-    # Adam divides by the root of the squared gradients, so near-zero gradients turn rounding
-    # into ~1e-6 absolute differences; a missing or misplaced shard would be off by ~1e-2.
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=2e-5),
+    # Adam divides by the root of the squared gradients, so a near-zero gradient turns rounding
+    # into up to ~lr-sized differences (2.1e-5 seen once in 22528 embedding entries after 3
+    # steps); a missing or misplaced shard would be off by ~1e-2 in whole rows.
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4),
                  multi_state["params"], single_state["params"])
 
 
