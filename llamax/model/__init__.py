@@ -6,6 +6,7 @@
   splash.py     the Pallas TPU splash-attention kernel behind attention_impl='splash'
   rope.py       rotary embeddings in HF's half-split layout, with llama3 frequency scaling
   lora.py       LoRA adapters: LoraConfig, init, the forward's variables, merge for export
+  matmul.py     projection products: einsums, or 2-D matmuls in programs built for CPU
 """
 from llamax.model.attention import attend
 from llamax.model.llama import (LORA_COLLECTION, KVCache, Llama, abstract_params, init_params,

@@ -12,6 +12,8 @@
   checkpoint.py       orbax training checkpoints: async keep-N, restore onto any mesh, fallback
   checkpoint_tree.py  saved vs requested trees: restore targets, compatibility, restore args
   metrics.py          the metrics file, TensorBoard, progress bar
+  tensorboard.py      TensorBoard event files, written without TensorFlow
+  profiling.py        jax.profiler traces of chosen steps (TrainConfig.profile_steps)
   preemption.py       SIGTERM -> save and stop
 
 One training step, in order: `fit._loop` -> `setup.TrainSetup.train_step` (jit) ->
