@@ -225,7 +225,9 @@ def gin_call_error(error: BaseException, bindings: Sequence[str]) -> str | None:
                 f"ends (a value such as '@config.ModelConfig()' bound where ModelConfig reads it){': ' if calls else ''}"
                 f"{', '.join(calls)}")
     message = str(error)
-    if isinstance(error, TypeError) and "In call to configurable" in message:
+    # Only a configurable called without its arguments; any other TypeError (gin names the
+    # configurable it passed through for every exception) is a bug, shown in full.
+    if isinstance(error, TypeError) and "No values supplied by Gin or caller" in message:
         where = re.search(r"In call to configurable '([\w.]+)'", message)
         return (f"{message.splitlines()[0]} (calling gin configurable {where.group(1)})"
                 f"{'; check ' + ', '.join(calls) if calls else ''}")

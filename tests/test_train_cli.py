@@ -279,3 +279,16 @@ def test_a_rerun_compiles_nothing_again(shared, tmp_path):
             assert entries(), "the first run cached nothing"
         else:
             assert entries() == before, f"the rerun compiled again: {sorted(entries() - before)}"
+
+
+def test_a_bug_inside_the_run_keeps_its_traceback(tmp_path, monkeypatch):
+    """Only gin-made mistakes become one line: a TypeError raised by llamax's own code (a bug)
+    must reach the user whole, though gin notes the configurable it passed through."""
+    from experiments import train as train_cli
+
+    def broken_fit(*args, **kwargs):
+        raise TypeError("unsupported operand type(s) for +: 'int' and 'str'")
+
+    monkeypatch.setattr(train_cli, "fit", broken_fit)
+    with pytest.raises(TypeError, match="unsupported operand"):
+        train_cli.main(["--gin_file=configs/runs/tiny.gin", f"--gin.MODEL_DIR='{tmp_path / 'run'}'"])
