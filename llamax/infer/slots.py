@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from llamax.config import ModelConfig
-from llamax.infer.generate import CACHE_AXES, decoding_config, unstack_layers
+from llamax.infer.generate import CACHE_AXES, decode_compiler_options, decoding_config, unstack_layers
 from llamax.infer.row_sampling import SlotSampling, StepOutput, sample_rows
 from llamax.model.llama import KVCache, Llama
 
@@ -78,7 +78,8 @@ class SlotProgram:
             (name, None if name == "batch" else axes) for name, axes in rules)
         self._empty = jax.jit(self._empty_batch)
         self._prefill = jax.jit(self._prefill_slot, donate_argnums=(1,))
-        self._decode = jax.jit(self._decode_slots, donate_argnums=(1,), static_argnums=(2, 3))
+        self._decode = jax.jit(self._decode_slots, donate_argnums=(1,), static_argnums=(2, 3),
+                               compiler_options=decode_compiler_options(mesh))
 
     @contextlib.contextmanager
     def _context(self, rules: Rules | None) -> Iterator[None]:
