@@ -74,8 +74,10 @@ def main(argv: list[str] | None = None) -> int:
         if not gin_files:
             raise gin_config.GinError("pass at least one --gin_file=... (e.g. configs/runs/tiny.gin)")
         from llamax import compilation_cache
+        from llamax.backends import retain_freed_host_memory
         from llamax.distributed import initialize_from_options
 
+        retain_freed_host_memory()  # before any device query: XLA's threads pick their arena then
         initialize_from_options(options)
         import jax
 
