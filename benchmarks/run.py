@@ -5,6 +5,8 @@
 
 Measures, interleaving llamax and its peer so that a background load slows both alike:
   peak    fp32 matmul GFLOP/s of this machine, in jax and in torch (the max is the MFU peak);
+  memory  read bandwidth (GB/s) of a STREAM-like sum over 256 MB, in jax and torch (their threads);
+          decode rows report their tok/s as a fraction of bandwidth / bytes read per step;
   train   tokens/s of one optimizer step: `llamax.train.step.make_train_step` on a 1-device mesh vs
           `transformers.LlamaForCausalLM` + `torch.optim.AdamW` on the same weights and batch;
   decode  greedy tokens/s of `llamax.infer.generate.generate` vs `transformers` `generate`, batch 1 and 8.
@@ -24,8 +26,10 @@ import time
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
+from llamax.backends import retain_freed_host_memory
 from llamax.config import get_preset
 from llamax.convert import hf_to_params
 from llamax.train.optim import OptimConfig
@@ -81,6 +85,35 @@ def matmul_peak(size: int = 2048, repeats: int = 7) -> dict[str, float]:
     result = {f"{name}_gflops": round(flops / s / 1e9, 1) for name, s in medians.items()}
     result["peak_gflops"] = max(result.values())
     return result
+
+
+def memory_bandwidth(megabytes: int = 256, repeats: int = 7) -> dict[str, float]:
+    """Measured read bandwidth in GB/s: a sum over a `megabytes` fp32 array, jitted in jax and in
+    torch (each with its own threads, as their decode loops run); the best of `repeats`. The
+    array is far larger than any cache, so this is what a weight-streaming decode step can get."""
+    import torch
+    array = np.ones((megabytes << 20) // 4, np.float32)
+    array_jax = jax.device_put(array)
+    total = jax.jit(jnp.sum)
+    total(array_jax).block_until_ready()
+    array_torch = torch.from_numpy(array)
+    best = _interleaved({"jax": lambda: total(array_jax).block_until_ready(),
+                         "torch": lambda: torch.sum(array_torch)}, repeats, min)
+    result = {f"{name}_gb_s": round(array.nbytes / s / 1e9, 1) for name, s in best.items()}
+    result["bandwidth_gb_s"] = max(result.values())
+    return result
+
+
+def decode_bytes_per_step(config, batch: int, cache_length: int) -> int:
+    """Bytes one decode step must read from memory: every weight once (the embedding table only
+    for its looked-up rows, unless it is also the output layer) and each row's whole KV cache
+    (`generate` attends over its preallocated `cache_length` slots)."""
+    weight_bytes = jnp.dtype(config.weight_dtype).itemsize
+    table = config.vocab_size * config.hidden_size
+    weights = config.num_params() - (0 if config.tie_word_embeddings else table)
+    looked_up = batch * config.hidden_size
+    cache = 2 * config.num_layers * cache_length * config.num_kv_heads * config.head_dim
+    return (weights + looked_up) * weight_bytes + batch * cache * jnp.dtype(config.compute_dtype).itemsize
 
 
 # ---- train --------------------------------------------------------------------------------
@@ -195,12 +228,15 @@ def bench_train(config, batch_size: int, seq_len: int, steps: int, peak_gflops: 
 # ---- decode -------------------------------------------------------------------------------
 
 def bench_decode(config, batch_size: int, prompt_len: int, new_tokens: int, repeats: int,
-                 with_hf: bool = True) -> dict[str, Any]:
+                 with_hf: bool = True, bandwidth_gb_s: float | None = None) -> dict[str, Any]:
     """Greedy decode tokens/s of llamax `generate` vs HF `generate` (interleaved), same weights.
 
     Mirrors `benchmarks/decode.py` (which times the two one after the other) and adds
-    interleaving; `same_tokens` says whether both produced the same continuation.
+    interleaving; `same_tokens` says whether both produced the same continuation. With the
+    machine's `bandwidth_gb_s`, `roofline_tok_s` is what reading `decode_bytes_per_step` at that
+    bandwidth allows, and `roofline_fraction` llamax's share of it.
     """
+    from llamax.infer.generate import bucket_length
     import torch
     from llamax.infer.generate import generate
     hf_model = _hf_model(config).eval()
@@ -234,6 +270,11 @@ def bench_decode(config, batch_size: int, prompt_len: int, new_tokens: int, repe
     result = dict(batch=batch_size, prompt_len=prompt_len, new_tokens=new_tokens,
                   compile_s=round(first_call - medians["llamax"], 2),
                   llamax_tok_s=round(generated / medians["llamax"], 1))
+    if bandwidth_gb_s:
+        step_bytes = decode_bytes_per_step(config, batch_size, bucket_length(prompt_len) + new_tokens)
+        roofline = batch_size * bandwidth_gb_s * 1e9 / step_bytes
+        result.update(bytes_per_step=step_bytes, roofline_tok_s=round(roofline, 1),
+                      roofline_fraction=round(result["llamax_tok_s"] / roofline, 3))
     if with_hf:
         result.update(hf_tok_s=round(generated / medians["hf"], 1),
                       ratio=round(medians["hf"] / medians["llamax"], 2),
@@ -261,7 +302,13 @@ def format_table(results: dict) -> str:
     for row in results["decode"]["per_batch"]:
         lines.append(f"{'decode tok/s  b=' + str(row['batch']):<22}{row['llamax_tok_s']:>12.1f}"
                      f"{row.get('hf_tok_s', float('nan')):>12.1f}"
-                     f"{row.get('ratio', float('nan')):>8.2f}x{'5x':>7}")
+                     f"{row.get('ratio', float('nan')):>8.2f}x{'1.5x':>7}")
+    memory = results.get("memory")
+    if memory:
+        lines.append(f"{'memory read GB/s':<22}{memory['jax_gb_s']:>12.1f}{memory['torch_gb_s']:>12.1f}")
+        for row in results["decode"]["per_batch"]:
+            lines.append(f"{'  roofline b=' + str(row['batch']):<22}{row['roofline_tok_s']:>12.1f} tok/s: "
+                         f"llamax at {row['roofline_fraction']:.0%} ({row['bytes_per_step'] / 1e6:.1f} MB/step)")
     lines += ["", f"train: batch {train['batch']} x seq {train['seq_len']}, median of "
                   f"{train['steps']} steps, compile {train['compile_s']} s, MFU "
                   f"{train.get('mfu', float('nan')):.1%} (torch {train.get('torch_mfu', float('nan')):.1%}), "
@@ -297,6 +344,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE",
                         help="ModelConfig overrides, e.g. scan_layers=False remat_policy=full")
     args = parser.parse_args(argv)
+    # As the train CLI does (before the first device query): XLA's freed temporaries are reused,
+    # not faulted in afresh every step. It applies to the torch peer in this process alike.
+    host_memory_retained = retain_freed_host_memory()
 
     quick = args.quick
     preset = args.config or ("tiny" if quick else "bench")
@@ -312,7 +362,8 @@ def main(argv: list[str] | None = None) -> dict:
     new_tokens = args.new_tokens or (8 if quick else 128)
     peer = not args.gpu
 
-    results: dict[str, Any] = dict(machine=machine_info(), config=preset, dtype=args.dtype,
+    results: dict[str, Any] = dict(machine=dict(machine_info(), host_memory_retained=host_memory_retained),
+                                   config=preset, dtype=args.dtype,
                                    overrides={k: v for k, v in overrides.items() if k != "dtype"})
     if args.gpu:
         device_peak = peak_flops_per_device()
@@ -320,7 +371,9 @@ def main(argv: list[str] | None = None) -> dict:
                                source="llamax.train.step.PEAK_FLOPS_PER_DEVICE (dense bf16)")
     else:
         results["peak"] = matmul_peak(512 if quick else 2048, 2 if quick else 7)
+        results["memory"] = memory_bandwidth(32 if quick else 256, 2 if quick else 7)
     print(f"peak: {results['peak']}", flush=True)
+    bandwidth = results.get("memory", {}).get("bandwidth_gb_s")
 
     results["train"] = bench_train(config, batch, seq_len, steps, results["peak"]["peak_gflops"],
                                    with_torch=peer)
@@ -329,7 +382,7 @@ def main(argv: list[str] | None = None) -> dict:
     rows = []
     for decode_batch in args.decode_batches:
         rows.append(bench_decode(config, decode_batch, prompt_len, new_tokens, 2 if quick else 3,
-                                 with_hf=peer))
+                                 with_hf=peer, bandwidth_gb_s=bandwidth))
         print(f"decode: {rows[-1]}", flush=True)
     decode: dict[str, Any] = dict(per_batch=rows,
                                   llamax_tok_s=round(_geomean([r["llamax_tok_s"] for r in rows]), 1))
