@@ -4,10 +4,12 @@ import json
 
 import pytest
 
-from benchmarks import run
+from benchmarks import op_profile, run
 
 
-def test_quick_run_writes_the_documented_json(tmp_path, capsys):
+def test_quick_run_writes_the_documented_json(tmp_path, capsys, monkeypatch):
+    # The process-wide malloc setting is for a benchmark's own process, not pytest's.
+    monkeypatch.setattr(run, "retain_freed_host_memory", lambda: False)
     out = tmp_path / "bench.json"
     results = run.main(["--quick", "--json", str(out), "--seq_len", "16", "--steps", "1",
                         "--decode_batches", "1", "--new_tokens", "4"])
@@ -20,6 +22,9 @@ def test_quick_run_writes_the_documented_json(tmp_path, capsys):
     first = results["train"]["first_loss"]
     assert abs(first["llamax"] - first["torch"]) < 1e-3
     assert results["decode"]["per_batch"][0]["same_tokens"]
+    row = written["decode"]["per_batch"][0]
+    assert written["memory"]["bandwidth_gb_s"] > 0 and row["bytes_per_step"] > 0
+    assert row["roofline_fraction"] == pytest.approx(row["llamax_tok_s"] / row["roofline_tok_s"], rel=1e-2)
     assert "train tok/s" in capsys.readouterr().out
 
 
@@ -29,3 +34,35 @@ def test_value_parsing_and_geomean():
     assert run._geomean([2.0, 8.0]) == pytest.approx(4.0)
     batch = run.random_batch(100, 2, 8)
     assert (batch["targets"][:, :-1] == batch["tokens"][:, 1:]).all()
+
+
+def test_decode_bytes_count_every_weight_once_and_the_cache_per_row():
+    from llamax.config import get_preset
+    config = get_preset("tiny")
+    table = config.vocab_size * config.hidden_size
+    one = run.decode_bytes_per_step(config, 1, 100)
+    two = run.decode_bytes_per_step(config, 2, 100)
+    cache_row = 2 * config.num_layers * 100 * config.num_kv_heads * config.head_dim * 4
+    assert one == (config.num_params() - table + config.hidden_size) * 4 + cache_row
+    assert two - one == config.hidden_size * 4 + cache_row
+
+
+def test_op_classes_of_a_real_xla_module_and_of_aten_ops():
+    import jax
+    import jax.numpy as jnp
+    x, w = jnp.ones((64, 32)), jnp.ones((32, 16))
+    compiled = jax.jit(lambda x, w: jnp.sum(jnp.tanh(x @ w.T.T))).lower(x, w).compile()
+    classes = op_profile.hlo_classes(compiled.as_text())
+    assert "matmul" in classes.values()
+    assert op_profile.torch_class("aten::mm") == "matmul"
+    assert op_profile.torch_class("aten::_softmax") == "attention softmax"
+    assert op_profile.torch_class("aten::_foreach_mul_") == "optimizer"
+    assert op_profile.torch_class("aten::something_new") == "other"
+
+
+@pytest.mark.slow
+def test_profile_of_a_tiny_train_step_has_both_sides():
+    result = op_profile.profile_train("tiny", 2, 16, 1)
+    for side in ("llamax", "torch"):
+        assert result[side]["op_s"]["matmul"] > 0 and result[side]["step_s"] > 0
+        assert set(result[side]["op_s"]) == set(op_profile.CLASSES)
