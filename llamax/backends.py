@@ -65,10 +65,13 @@ def retain_freed_host_memory() -> bool:
     to the OS, which a training process that reaches its peak every step would not do anyway.
 
     Call it at the start of a process, before JAX's first device query: threads that already
-    hold their own malloc arena keep using it. It acts only where the CPU is JAX's backend and
-    the C library is glibc; elsewhere it does nothing.
+    hold their own malloc arena keep using it, so after that query (a notebook or test process
+    calling a CLI's `main`) it does nothing. It acts only where the CPU is JAX's backend and the
+    C library is glibc.
     """
-    if not _cpu_is_the_backend():
+    from jax._src import xla_bridge  # private: whether a device query has happened
+
+    if xla_bridge.backends_are_initialized() or not _cpu_is_the_backend():
         return False
     try:
         libc = ctypes.CDLL(None)

@@ -50,3 +50,12 @@ def test_it_leaves_processes_that_run_on_an_accelerator_alone(monkeypatch):
 
     monkeypatch.setattr(backends, "_cpu_is_the_backend", lambda: False)
     assert backends.retain_freed_host_memory() is False
+
+
+def test_it_does_nothing_once_jax_has_picked_its_devices():
+    import jax
+
+    from llamax import backends
+
+    jax.devices()  # this test process has initialized its backends
+    assert backends.retain_freed_host_memory() is False
