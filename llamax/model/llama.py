@@ -8,6 +8,9 @@ splits whole heads and the rules table can name them.
 LoRA: pass adapters as a second variable collection, `apply({'params': p, 'lora': adapters}, ...)`
 (see `llamax.model.lora`); every Projection that finds `lora_a`/`lora_b` there adds their low-rank term.
 
+Weight-only int8: `apply({'params': int8_params, 'quant': scales}, ...)` (see `llamax.model.quantize`);
+a Projection (or the tied embedding) that finds `scale` there multiplies its output columns by it.
+
 Logical axis names. Params: vocab, embed, heads, kv_heads, head_dim, mlp, norm (+ layers when
 scanned). Activations use their own names (act_*) because a param axis that is sharded for FSDP
 (embed) must stay whole in activations; `llamax.sharding` maps both to mesh axes.
@@ -35,6 +38,7 @@ ACT_KV_HEADS = ("batch", "length", "act_kv_heads", "head_dim")
 ACT_MLP = ("batch", "length", "act_mlp")
 ACT_VOCAB = ("batch", "length", "act_vocab")
 LORA_COLLECTION = "lora"  # variable collection of LoRA adapters; absent = the plain model
+QUANT_COLLECTION = "quant"  # per-output-column scales of int8 kernels; absent = unquantized
 
 
 @flax.struct.dataclass
@@ -118,7 +122,9 @@ class Projection(nn.Module):
 
     Kernels are laid out [inputs..., outputs...]. With LoRA adapters in the `lora` collection
     (lora_a [inputs..., rank], lora_b [rank, outputs...], already scaled by alpha / rank) it
-    computes y + (x A) B without ever forming the full-size product A B.
+    computes y + (x A) B without ever forming the full-size product A B. With an int8 kernel and
+    its per-output-column `scale` [outputs...] in the `quant` collection, y = (x K_int8) * scale:
+    the scale factors out of the contraction, so no dequantized copy of the kernel is formed.
     """
 
     config: ModelConfig
@@ -132,6 +138,8 @@ class Projection(nn.Module):
                             self.shape, self.config.weight_dtype)
         dtype = self.config.compute_dtype
         y = project(self.equation, x.astype(dtype), kernel.astype(dtype))
+        if self.has_variable(QUANT_COLLECTION, "scale"):
+            y = y * self.get_variable(QUANT_COLLECTION, "scale").astype(dtype)  # scale: [outputs...]
         if self.has_variable(LORA_COLLECTION, "lora_a"):
             y = y + self._low_rank(x.astype(dtype), dtype)
         return y
@@ -298,7 +306,7 @@ class Llama(nn.Module):
         if c.scan_layers:
             if per_layer:
                 raise ValueError("a per-layer KVCache needs unscanned layers (scan_layers=False)")
-            stack = nn.scan(block, variable_axes={"params": 0, LORA_COLLECTION: 0},
+            stack = nn.scan(block, variable_axes={"params": 0, LORA_COLLECTION: 0, QUANT_COLLECTION: 0},
                             split_rngs={"params": True},
                             # cos, sin, mask, segment_ids shared; caches split per layer
                             in_axes=(nn.broadcast,) * 4 + (0, nn.broadcast),
@@ -346,11 +354,17 @@ class EmbedTokens(nn.Module):
         # a lookup into a table still split along 'embed' gives rows split along 'embed', which
         # the batch-split activations can only be reached from by replicating them whole.
         table = nn.with_logical_constraint(self.embedding, ("vocab", None))  # [vocab, embed]
-        return jnp.take(table, tokens, axis=0).astype(self.config.compute_dtype)
+        rows = jnp.take(table, tokens, axis=0).astype(self.config.compute_dtype)  # [batch, seq, embed]
+        if self.has_variable(QUANT_COLLECTION, "scale"):  # int8 tied table: one scale per row
+            rows = rows * jnp.take(self.get_variable(QUANT_COLLECTION, "scale"), tokens, axis=0)[..., None]
+        return rows
 
     def attend(self, x: Array) -> Array:
         dtype = self.config.compute_dtype
-        return jnp.einsum("BTE,VE->BTV", x.astype(dtype), self.embedding.astype(dtype))
+        logits = jnp.einsum("BTE,VE->BTV", x.astype(dtype), self.embedding.astype(dtype))
+        if self.has_variable(QUANT_COLLECTION, "scale"):
+            logits = logits * self.get_variable(QUANT_COLLECTION, "scale").astype(dtype)  # scale: [vocab]
+        return logits
 
 
 def init_params(config: ModelConfig, rng: Array | int = 0) -> dict:
