@@ -40,6 +40,7 @@ from llamax.errors import ConfigError
 from llamax.infer.checks import all_stop_ids, check_generate_args
 from llamax.infer.sampling import Sampler, filter_logits, sample_tokens  # noqa: F401 (re-exported)
 from llamax.model.llama import KVCache, Llama
+from llamax.model.quantize import model_variables
 
 Array = jax.Array
 Rules = Sequence[tuple[str, Any]]
@@ -110,7 +111,7 @@ def decoding_config(config: ModelConfig) -> ModelConfig:
 def unstack_layers(config: ModelConfig, params: Any) -> Any:
     """Params of `config` in the layout of `decoding_config(config)`. Call inside jit: the
     per-layer slices are then taken once per call, outside the decode loop."""
-    if not config.scan_layers:
+    if not config.scan_layers or params is None:  # None: no int8 scales (`quant`)
         return params
     params = dict(params)
     stacked = params.pop("layers")
@@ -139,22 +140,22 @@ def decode_compiler_options(mesh: jax.sharding.Mesh | None = None) -> dict[str, 
 
 
 def prefill(config: ModelConfig, params: Any, tokens: Array, positions: Array, segment_ids: Array,
-            cache_length: int) -> tuple[Array, KVCache]:
+            cache_length: int, *, quant: Any = None) -> tuple[Array, KVCache]:
     """Runs the left-padded prompts [batch, prompt_len] through a fresh cache of `cache_length`.
 
     Returns (logits [batch, prompt_len, vocab], cache with index = prompt_len).
     """
     cache = KVCache.create(config, tokens.shape[0], cache_length, per_layer=not config.scan_layers)
     cache = cache.replace(key=_constrain_cache(cache.key), value=_constrain_cache(cache.value))
-    return Llama(config).apply({"params": params}, tokens, positions=positions,
+    return Llama(config).apply(model_variables(params, quant), tokens, positions=positions,
                                segment_ids=segment_ids, cache=cache)
 
 
 def decode_step(config: ModelConfig, params: Any, tokens: Array, positions: Array,
-                cache: KVCache) -> tuple[Array, KVCache]:
+                cache: KVCache, *, quant: Any = None) -> tuple[Array, KVCache]:
     """Feeds one token per row (tokens, positions: [batch]); returns (logits [batch, vocab], cache)."""
     logits, cache = Llama(config).apply(
-        {"params": params}, tokens[:, None], positions=positions[:, None],
+        model_variables(params, quant), tokens[:, None], positions=positions[:, None],
         segment_ids=jnp.ones_like(tokens)[:, None], cache=cache)
     return logits[:, 0], cache
 
@@ -169,7 +170,8 @@ def _start(config: ModelConfig, sampler: Sampler, max_new_tokens: int, params: A
            stop_ids: Array) -> DecodeState:
     """Prefill and sample the first new token."""
     batch, prompt_len = tokens.shape
-    logits, cache = prefill(config, params, tokens, positions, segment_ids, prompt_len + max_new_tokens)
+    logits, cache = prefill(config, params[0], tokens, positions, segment_ids, prompt_len + max_new_tokens,
+                            quant=params[1])  # params: (params, int8 scales or None)
     first = sample_tokens(logits[:, -1], jax.random.fold_in(key, 0), temperature, sampler)
     padding_row = jnp.arange(batch) >= num_real
     out = jnp.full((batch, max_new_tokens), -1, jnp.int32).at[:, 0].set(first)
@@ -180,7 +182,7 @@ def _start(config: ModelConfig, sampler: Sampler, max_new_tokens: int, params: A
 def _advance(config: ModelConfig, sampler: Sampler, params: Any, state: DecodeState, key: Array,
              temperature: Array, stop_ids: Array) -> DecodeState:
     """One decode step: feed `last`, sample the next token; finished rows record -1."""
-    logits, cache = decode_step(config, params, state.last, state.positions, state.cache)
+    logits, cache = decode_step(config, params[0], state.last, state.positions, state.cache, quant=params[1])
     token = sample_tokens(logits, jax.random.fold_in(key, state.step), temperature, sampler)
     recorded = jnp.where(state.done, -1, token)
     out = jax.lax.dynamic_update_slice(state.tokens, recorded[:, None], (0, state.step))
@@ -194,7 +196,7 @@ def _compiled_generate(config: ModelConfig, sampler: Sampler, max_new_tokens: in
     """The jitted prefill + while_loop; one per static key (jit adds one executable per shape)."""
 
     def run(params, tokens, positions, segment_ids, num_real, key_data, temperature, stop_ids):
-        decode_config, params = decoding_config(config), unstack_layers(config, params)
+        decode_config, params = decoding_config(config), tuple(unstack_layers(config, w) for w in params)
         key = jax.random.wrap_key_data(key_data)
         state = _start(decode_config, sampler, max_new_tokens, params, tokens, positions, segment_ids,
                        num_real, key, temperature, stop_ids)
@@ -212,7 +214,7 @@ def _compiled_stream(config: ModelConfig, sampler: Sampler, max_new_tokens: int,
     the decoding layout once per call; `extend` runs the loop up to a given step; `peek` copies
     (step, tokens, done) to every process."""
     decode_config = decoding_config(config)
-    unstack = jax.jit(functools.partial(unstack_layers, config))
+    unstack = jax.jit(lambda weights: tuple(unstack_layers(config, w) for w in weights))  # (params, quant)
 
     def start(params, tokens, positions, segment_ids, num_real, key_data, temperature, stop_ids):
         return _start(decode_config, sampler, max_new_tokens, params, tokens, positions, segment_ids,
@@ -258,7 +260,7 @@ def _stop_array(stops: Sequence[int]) -> np.ndarray:
 
 
 def _prepare(config, params, prompts, max_new_tokens, temperature, top_k, top_p, seed, eos_id,
-             stop_ids, mesh, rules):
+             stop_ids, mesh, rules, quant=None):
     """Shared setup of generate/generate_stream: checks, static key, padded device inputs."""
     arrays = check_generate_args(config, prompts, max_new_tokens, temperature, top_k, top_p, eos_id,
                                  stop_ids)
@@ -271,15 +273,16 @@ def _prepare(config, params, prompts, max_new_tokens, temperature, top_k, top_p,
         rules = tuple(tuple(rule) for rule in (LOGICAL_AXIS_RULES if rules is None else rules))
         data_parallel = mesh_axis_size(mesh, nn.logical_to_mesh_axes(("batch",), rules)[0])
         params = jax.device_put(params, _param_shardings(config, mesh, rules))
+        quant = None if quant is None else jax.device_put(quant, _replicated(mesh))
     else:
-        params = jax.device_put(params)
+        params, quant = jax.device_put((params, quant))
         rules = None
     batch = bucket_batch(len(arrays), data_parallel)
     length = bucket_length(max(len(a) for a in arrays))
     host = (*left_pad(arrays, length, batch), np.int32(len(arrays)),
             np.asarray(jax.random.key_data(jax.random.key(seed))), np.float32(temperature or 1.0),
             _stop_array(stops))
-    return sampler, mesh, rules, (params, *(_on_mesh(value, mesh) for value in host)), stops
+    return sampler, mesh, rules, ((params, quant), *(_on_mesh(value, mesh) for value in host)), stops
 
 
 @contextlib.contextmanager
@@ -302,7 +305,7 @@ def generate(config: ModelConfig, params: Any, prompts: Sequence[Sequence[int]],
              *, temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
              seed: int = 0, eos_id: int | None = None, stop_ids: Sequence[int] = (),
              stop: StopFn | None = None, check_every: int = 16, mesh: jax.sharding.Mesh | None = None,
-             rules: Rules | None = None) -> list[list[int]]:
+             rules: Rules | None = None, quant: Any = None) -> list[list[int]]:
     """Continues each prompt by up to `max_new_tokens` tokens.
 
     Args:
@@ -323,6 +326,7 @@ def generate(config: ModelConfig, params: Any, prompts: Sequence[Sequence[int]],
         looks for: cut them yourself, e.g. at the stop string).
       mesh, rules: run sharded: params are placed by the logical-axis `rules` (default
         `llamax.sharding.LOGICAL_AXIS_RULES`) and the batch is split over the data axes.
+      quant: the int8 scales of params quantized by `llamax.model.quantize.quantize_weights`.
 
     Returns:
       The new tokens of each prompt, in order: up to and including the first stop id.
@@ -331,7 +335,7 @@ def generate(config: ModelConfig, params: Any, prompts: Sequence[Sequence[int]],
                              or check_every < 1):
         raise ConfigError(f"check_every must be a positive integer, got {check_every!r}")
     sampler, mesh, rules, dynamic, stops = _prepare(config, params, prompts, max_new_tokens, temperature,
-                                                    top_k, top_p, seed, eos_id, stop_ids, mesh, rules)
+                                                    top_k, top_p, seed, eos_id, stop_ids, mesh, rules, quant)
     with _sharding_context(mesh, rules):
         if stop is None:
             tokens = _compiled_generate(config, sampler, max_new_tokens, mesh, rules)(*dynamic)
@@ -373,14 +377,14 @@ def generate_stream(config: ModelConfig, params: Any, prompt: Sequence[int], max
                     *, temperature: float = 0.0, top_k: int | None = None,
                     top_p: float | None = None, seed: int = 0, eos_id: int | None = None,
                     stop_ids: Sequence[int] = (), mesh: jax.sharding.Mesh | None = None,
-                    rules: Rules | None = None) -> Iterator[int]:
+                    rules: Rules | None = None, quant: Any = None) -> Iterator[int]:
     """Like `generate` for one prompt, but yields each new token as soon as it is sampled.
 
     Syncs with the host once per token (use `generate` for throughput). With the same arguments
     it yields exactly `generate(config, params, [prompt], ...)[0]`.
     """
     sampler, mesh, rules, dynamic, stops = _prepare(config, params, [prompt], max_new_tokens, temperature,
-                                                    top_k, top_p, seed, eos_id, stop_ids, mesh, rules)
+                                                    top_k, top_p, seed, eos_id, stop_ids, mesh, rules, quant)
     unstack, start, advance, _, _ = _compiled_stream(config, sampler, max_new_tokens, mesh, rules)
     key, temperature_, stop_array = dynamic[5:]
     with _sharding_context(mesh, rules):  # entered per call: the caller runs between yields
