@@ -3,6 +3,7 @@
     python -m experiments.eval --checkpoint PATH [--tokenizer PATH] [--data shakespeare|FILES|TFDS]
         [--split validation] [--seq_len 256] [--batch_size 8] [--max_batches K] [--step STEP]
         [--sft_template checkpoint|plain|llama2|llama3] [--base PATH] [--mesh fsdp|dp|fsdp_tp]
+        [--weights float32|bfloat16|int8]
 
 --checkpoint: a training run (newest checkpoint unless --step; LoRA runs are merged with their
 base, see `experiments.export_lora`), an orbax params checkpoint, an HF or Meta folder, or a PEFT
@@ -12,7 +13,8 @@ adapter folder (merged into --base, default the base it records).
 prepared tfds dataset with --tfds_data_dir). Documents are packed into rows with no padding
 (--sft_template: one conversation per row, response tokens scored; 'checkpoint' renders with the
 tokenizer's own chat template) and only `loss_mask` tokens
-count. Prints one JSON line {"loss", "perplexity", "tokens", ...}; for a run directory it then
+count. --weights bfloat16|int8 evaluates with weight-only reduced precision (the perplexity it
+costs; `llamax.model.quantize`). Prints one JSON line {"loss", "perplexity", "tokens", ...}; for a run directory it then
 appends the result to the run's metrics through the training loop's logger, in the record shape
 training uses ({"step", "eval_loss", "eval_perplexity", "eval_tokens", "eval_data", ...}).
 Errors print one line and exit with status 1 (the result, once computed, is printed first).
@@ -47,6 +49,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--tfds_data_dir", default=None)
     parser.add_argument("--text_split", default="paragraph", choices=["file", "paragraph", "line"])
     parser.add_argument("--text_key", default="text", help="JSONL field / tfds feature of the text")
+    parser.add_argument("--weights", default="float32", choices=("float32", "bfloat16", "int8"),
+                        help="weight-only precision of the projection kernels (default float32)")
     return parser.parse_args(argv)
 
 
@@ -57,6 +61,7 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict[str, Any]:
     from llamax.data.pipeline import DataConfig, open_split
     from llamax.data.loader import LoaderConfig, make_loader
     from llamax.infer.evaluate import evaluate_perplexity
+    from llamax.model.quantize import quantize_weights
     from llamax.run_dir import checkpoint_step
     from llamax.sharding import get_mesh_preset, make_mesh
 
@@ -64,6 +69,7 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict[str, Any]:
     tokenizer = checkpoint_tokenizer(args.checkpoint, args.tokenizer,
                                      vocab_size=read_config(args.checkpoint, base=args.base).vocab_size)
     config, params = load_any(args.checkpoint, step=step, base=args.base)
+    params, quant = quantize_weights(config, params, args.weights)
     data = DataConfig(tokenizer=args.tokenizer, train=args.data, validation=args.data,
                       validation_split=args.split, tfds_data_dir=args.tfds_data_dir,
                       text_split=args.text_split, text_key=args.text_key,
@@ -72,8 +78,8 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict[str, Any]:
         seq_len=args.seq_len, global_batch_size=args.batch_size, shuffle=False, num_epochs=1,
         sft_template=args.sft_template, fill_rows=args.sft_template is None))
     batches = loader if args.max_batches is None else itertools.islice(loader, args.max_batches)
-    result = evaluate_perplexity(config, params, batches, make_mesh(get_mesh_preset(args.mesh)))
-    return {**result, "data": args.data, "split": args.split, "seq_len": args.seq_len,
+    result = evaluate_perplexity(config, params, batches, make_mesh(get_mesh_preset(args.mesh)), quant=quant)
+    return {**result, "data": args.data, "split": args.split, "seq_len": args.seq_len, "weights": args.weights,
             "checkpoint": str(args.checkpoint), "step": step}
 
 

@@ -2,13 +2,15 @@
 
     python -m experiments.sample --checkpoint PATH --prompt "To be, or not to be" [--prompt "..."] \\
         [--tokenizer PATH] [--chat [--system TEXT]] [--max_new_tokens 64] \\
-        [--temperature 0.8 --top_k 50 --top_p 0.95 --seed 0]
+        [--temperature 0.8 --top_k 50 --top_p 0.95 --seed 0] [--weights float32|bfloat16|int8]
 
 `--checkpoint` may be an HF or Meta folder, a llamax params checkpoint or a training run
 directory (its newest checkpoint; a LoRA run is merged with its base), read by
 `llamax.convert.load_any` like every other CLI. The tokenizer is the checkpoint's own (an HF or
 Meta folder's, the one a run recorded) unless `--tokenizer` names another. Generation stops at
 any of the tokenizer's stop ids (e.g. `<|eot_id|>` and `<|end_of_text|>` for Llama-3).
+`--weights bfloat16|int8` decodes with weight-only reduced precision (`llamax.model.quantize`:
+projection kernels in bf16, or int8 with per-output-channel scales; activations stay float32).
 
 `--chat` sends each prompt as a user message (after `--system`, if given) through the
 checkpoint's chat template with the assistant prompt appended, and prints only the reply.
@@ -30,6 +32,7 @@ from llamax.config import ModelConfig
 from llamax.errors import CheckpointError, ConfigError, LlamaxError
 from llamax.infer.checks import check_generate_args, check_sampling_args
 from llamax.infer.generate import generate, generate_stream
+from llamax.model.quantize import WEIGHT_FORMATS, quantize_weights
 
 
 def load_model(path: str | Path) -> tuple[ModelConfig, Any]:
@@ -107,6 +110,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--top_k", type=int, default=None)
     parser.add_argument("--top_p", type=float, default=None)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--weights", default="float32", choices=WEIGHT_FORMATS,
+                        help="weight-only precision of the projection kernels (default float32)")
     return parser.parse_args(argv)
 
 
@@ -130,6 +135,7 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
         check_generate_args(config, prompts, args.max_new_tokens, args.temperature, args.top_k,
                             args.top_p, None, tokenizer.stop_ids)
         config, params = load_model(args.checkpoint)  # only now: every argument is known to be good
+        params, settings["quant"] = quantize_weights(config, params, args.weights)
         echo = not args.chat
         if len(prompts) == 1:
             stream_text(tokenizer, prompts[0], generate_stream(
