@@ -17,6 +17,9 @@ For weights float32, bfloat16 and int8 (per-output-channel scales):
               invariant and hoisted); int8 widened inside the loop (kept there by an
               optimization barrier); int8 multiply-and-reduce. Says what XLA:CPU can make of
               narrow weights.
+  tpu         (when libtpu is installed) generate's decode program compiled by libtpu for one v5e
+              chip, batch 8: argument and temp bytes per mode. A widened float32 copy of the
+              kernels would show in temp; it does not (the loop's fusions read the int8 kernels).
 
 Writes `benchmarks/results-weight-only-cpu-<date>.json` (or --json) and prints a table.
 """
@@ -164,6 +167,47 @@ def bench_formulations(steps: int = 200, repeats: int = 5) -> dict[str, float]:
     return {name: round(s / steps * 1e6, 1) for name, s in seconds.items()}
 
 
+def tpu_decode_memory(batch: int = 8, prompt_len: int = 32, new_tokens: int = 128) -> dict[str, dict] | None:
+    """{mode: {argument_mb, temp_mb}} of generate's decode program compiled for a v5e chip, or
+    None without libtpu."""
+    import importlib.util
+
+    if importlib.util.find_spec("libtpu") is None:
+        return None
+    import jax
+    import numpy as np
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    from llamax.aot.topology import Topology, compile_only_devices
+    from llamax.config import get_preset
+    from llamax.infer import generate as gen
+    from llamax.model.llama import init_params
+    from llamax.model.quantize import quantize_weights
+    from llamax.sharding import LOGICAL_AXIS_RULES
+
+    devices = compile_only_devices(Topology.parse("v5e-1"))
+    mesh = Mesh(np.array(devices[:1]).reshape(1, 1, 1), ("data", "fsdp", "tensor"))
+    replicated = NamedSharding(mesh, PartitionSpec())
+    rules = tuple(tuple(rule) for rule in LOGICAL_AXIS_RULES)
+    config = get_preset("bench")
+    params = init_params(config, 0)
+    result = {}
+    for mode in MODES:
+        quantized, quant = quantize_weights(config, params, mode)
+        # generate's own argument preparation, on the host; then abstract copies on the TPU mesh
+        sampler, _, _, dynamic, _ = gen._prepare(config, quantized, [[1] * prompt_len] * batch, new_tokens,
+                                                 0.0, None, None, 0, None, (), None, None, quant)
+        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=replicated),
+                                dynamic)
+        with gen._sharding_context(mesh, rules):
+            compiled = gen._compiled_generate(config, sampler, new_tokens, mesh, rules).lower(*abstract).compile()
+        memory = compiled.memory_analysis()
+        result[mode] = dict(argument_mb=round(memory.argument_size_in_bytes / 1e6, 1),
+                            temp_mb=round(memory.temp_size_in_bytes / 1e6, 1))
+        print(f"tpu v5e decode program {mode}: {result[mode]}", flush=True)
+    return result
+
+
 def format_table(results: dict) -> str:
     lines = [f"CPU: {results['machine']['cpu']}, {results['machine']['cores']} cores, "
              f"load {results['machine']['load_avg']}", "",
@@ -178,6 +222,9 @@ def format_table(results: dict) -> str:
         lines.append(f"{model[-48:]:<48}" + "".join(f"{values[m]:>10.3f}" for m in MODES))
     lines += ["", "formulation (us per [1,512]x[512,8192] product in a loop):"]
     lines += [f"  {name:<30}{us:>8}" for name, us in results["formulation"].items()]
+    if results.get("tpu"):
+        lines += ["", "TPU v5e decode program (libtpu AOT, batch 8): MB of arguments / temp"]
+        lines += [f"  {mode:<10}{row['argument_mb']:>8} / {row['temp_mb']}" for mode, row in results["tpu"].items()]
     return "\n".join(lines)
 
 
@@ -198,6 +245,7 @@ def main(argv: list[str] | None = None) -> dict:
                                capture_output=True, text=True, check=True)
         results["decode"]["ynn off"] = json.loads(child.stdout.strip().splitlines()[-1])
     results["formulation"] = bench_formulations()
+    results["tpu"] = tpu_decode_memory()
     results["perplexity"] = bench_perplexity(args.ppl_batches)
     for checkpoint in args.checkpoint:
         results["perplexity"] += checkpoint_perplexity(checkpoint, args.ppl_batches)
