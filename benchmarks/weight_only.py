@@ -1,13 +1,14 @@
 """Weight-only reduced precision (`llamax.model.quantize`): decode speed and the perplexity it costs.
 
     python -m benchmarks.weight_only [--checkpoint RUN_OR_HF_DIR ...] [--repeats 3] [--ppl_batches 8]
-                                     [--ynn both|on|off] [--json PATH]
+                                     [--ynn both|default|on] [--json PATH]
 
 For weights float32, bfloat16 and int8 (per-output-channel scales):
   decode      greedy tokens/s of `llamax.infer.generate.generate` on the bench preset (random
               weights), prompt 32, 128 new tokens, batch 1 and 8; the three modes interleaved,
-              median over repeats. `--ynn both` repeats it in a child process with XLA:CPU's
-              YNNPACK fusions off (`--xla_cpu_experimental_ynn_fusion_type=`).
+              median over repeats. generate compiles decode programs with XLA:CPU's YNNPACK
+              fusions off (`decode_compiler_options`: Eigen dots); `--ynn both` repeats the
+              decode rows in a child process with them on (the XLA default), to compare.
   perplexity  on the held-out Shakespeare plays: the bench model (random weights: its deltas only
               show the arithmetic works; tokenizer: the Shakespeare BPE of the bench vocab, 8192)
               and each `--checkpoint` (a trained run, e.g. `make demo`'s, or SmolLM2-135M), read
@@ -35,7 +36,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-YNN_OFF = "--xla_cpu_experimental_ynn_fusion_type="
 MODES = ("float32", "bfloat16", "int8")
 
 
@@ -45,7 +45,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--ppl_batches", type=int, default=8, help="validation batches (8 x 256 tokens)")
-    parser.add_argument("--ynn", default="both", choices=("both", "on", "off"))
+    parser.add_argument("--ynn", default="both", choices=("both", "default", "on"))
     parser.add_argument("--decode_only", action="store_true", help="(the child process of --ynn both)")
     parser.add_argument("--json", default=None)
     return parser.parse_args(argv)
@@ -138,6 +138,7 @@ def bench_formulations(steps: int = 200, repeats: int = 5) -> dict[str, float]:
     import numpy as np
 
     from benchmarks.run import _interleaved
+    from llamax.infer.generate import decode_compiler_options
 
     rng = np.random.RandomState(0)
     kernel32 = jnp.asarray(rng.randn(512, 8192).astype(np.float32))
@@ -158,8 +159,8 @@ def bench_formulations(steps: int = 200, repeats: int = 5) -> dict[str, float]:
              "int8 multiply-reduce": (multiply_reduce, kernel8)}
 
     def looped(product, kernel):
-        run = jax.jit(lambda k, x: jax.lax.fori_loop(
-            0, steps, lambda i, x: x + 1e-6 * product(x, k)[:, :512], x))
+        run = jax.jit(lambda k, x: jax.lax.fori_loop(  # compiled as generate compiles decode loops
+            0, steps, lambda i, x: x + 1e-6 * product(x, k)[:, :512], x), compiler_options=decode_compiler_options())
         run(kernel, x0).block_until_ready()
         return lambda: run(kernel, x0).block_until_ready()
 
@@ -230,20 +231,22 @@ def format_table(results: dict) -> str:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    if args.ynn == "off" and YNN_OFF not in os.environ.get("XLA_FLAGS", ""):
-        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + YNN_OFF).strip()
     from benchmarks.run import machine_info
+    from llamax.infer import generate as gen
+
+    if args.ynn == "on":  # XLA's default compiler options for the decode programs too
+        gen.decode_compiler_options = lambda mesh=None: None
 
     if args.decode_only:
         print(json.dumps(bench_decode(args.batches, args.repeats)), flush=True)
         return {}
     results: dict[str, Any] = dict(machine=machine_info(), batches=args.batches, decode={})
-    results["decode"]["ynn " + ("off" if args.ynn == "off" else "on")] = bench_decode(args.batches, args.repeats)
+    results["decode"]["ynn on" if args.ynn == "on" else "ynn off"] = bench_decode(args.batches, args.repeats)
     if args.ynn == "both":
-        child = subprocess.run([sys.executable, "-m", "benchmarks.weight_only", "--ynn", "off", "--decode_only",
+        child = subprocess.run([sys.executable, "-m", "benchmarks.weight_only", "--ynn", "on", "--decode_only",
                                 "--repeats", str(args.repeats), "--batches", *map(str, args.batches)],
                                capture_output=True, text=True, check=True)
-        results["decode"]["ynn off"] = json.loads(child.stdout.strip().splitlines()[-1])
+        results["decode"]["ynn on"] = json.loads(child.stdout.strip().splitlines()[-1])
     results["formulation"] = bench_formulations()
     results["tpu"] = tpu_decode_memory()
     results["perplexity"] = bench_perplexity(args.ppl_batches)

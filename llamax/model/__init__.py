@@ -7,10 +7,12 @@
   rope.py       rotary embeddings in HF's half-split layout, with llama3 frequency scaling
   lora.py       LoRA adapters: LoraConfig, init, the forward's variables, merge for export
   matmul.py     projection products: einsums, or 2-D matmuls in programs built for CPU
+  quantize.py   weight-only bf16 / int8 (per-output-channel scales in the `quant` collection)
 """
 from llamax.model.attention import attend
-from llamax.model.llama import (LORA_COLLECTION, KVCache, Llama, abstract_params, init_params,
-                                param_logical_axes)
+from llamax.model.llama import (LORA_COLLECTION, QUANT_COLLECTION, KVCache, Llama, abstract_params,
+                                init_params, param_logical_axes)
+from llamax.model.quantize import WEIGHT_FORMATS, quantize_weights
 
-__all__ = ["LORA_COLLECTION", "KVCache", "Llama", "abstract_params", "attend", "init_params",
-           "param_logical_axes"]
+__all__ = ["LORA_COLLECTION", "QUANT_COLLECTION", "WEIGHT_FORMATS", "KVCache", "Llama", "abstract_params",
+           "attend", "init_params", "param_logical_axes", "quantize_weights"]
