@@ -11,6 +11,7 @@ import torch
 
 from data_fixtures import small_tokenizer  # noqa: F401 (fixture)
 from finetune_fixtures import compilation_cache_dir, tiny_hf_dir  # noqa: F401 (fixtures)
+from lm_eval_fixtures import lm_eval_hf_dir  # noqa: F401 (fixture)
 from llamax.config import get_preset
 from llamax.convert.hub import load_any
 from llamax.errors import ConfigError
@@ -157,3 +158,25 @@ def test_sample_cli_decodes_with_int8_weights(tiny_hf_dir, small_tokenizer, caps
     with pytest.raises(SystemExit):
         cli.main(argv + ["--weights", "fp8"])
     assert "invalid choice: 'fp8'" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_lm_eval_backend_with_int8_weights_equals_the_dequantized_model(lm_eval_hf_dir):  # noqa: F811
+    from lm_eval.api.instance import Instance
+
+    from llamax.infer.lm_eval_backend import LlamaxLM
+    from llamax.tokenizer import load_tokenizer
+
+    ours = LlamaxLM(checkpoint=str(lm_eval_hf_dir), max_length=64, batch_size=2, weights="int8")
+    config, params = load_any(lm_eval_hf_dir)
+    int8_params, quant = quantize_weights(config, params, "int8")
+    reference = LlamaxLM.from_params(config, dequantize_weights(config, int8_params, quant),
+                                     load_tokenizer(lm_eval_hf_dir), max_length=64, batch_size=2)
+    scored = [Instance("loglikelihood", {}, pair, i) for i, pair in
+              enumerate([("ROMEO:", " O, she doth teach"), ("To be, or not", " to be"), ("KING", ":")])]
+    generated = [Instance("generate_until", {}, ("ROMEO:\n", {"until": ["\n\n"], "max_gen_toks": 8}), 0)]
+    for got, want in zip(ours.loglikelihood(scored), reference.loglikelihood(scored), strict=True):
+        assert got[0] == pytest.approx(want[0], rel=1e-5) and got[1] == want[1]
+    assert ours.generate_until(generated) == reference.generate_until(generated)
+    with pytest.raises(ConfigError, match="weights must be one of"):
+        LlamaxLM(checkpoint=str(lm_eval_hf_dir), weights="int4")

@@ -39,6 +39,7 @@ from llamax.dtypes import float_dtype_name
 from llamax.errors import CheckpointError, ConfigError, DataError
 from llamax.infer.generate import generate
 from llamax.infer.scoring import SequenceScorer
+from llamax.model.quantize import check_weights, quantize_weights
 from llamax.sharding import MESH_PRESETS, MeshConfig, Rules, make_mesh
 
 logger = logging.getLogger(__name__)
@@ -81,13 +82,15 @@ def load_checkpoint_tokenizer(checkpoint: str | os.PathLike, tokenizer: Any = No
 
 class LlamaxLM(TemplateLM):
     """lm-eval model args: checkpoint (required), tokenizer, batch_size (8), max_length (the
-    model's context), dtype (float32 | bfloat16 | float16), mesh, step and base (of a run),
+    model's context), dtype (float32 | bfloat16 | float16), weights (float32 | bfloat16 | int8:
+    weight-only precision of the projections, `llamax.model.quantize`), mesh, step and base (of a run),
     max_gen_toks (256), add_bos_token, prefix_token_id, seed (0), truncate_left (False),
     check_every (16: tokens between stop-string checks)."""
 
     def __init__(self, checkpoint: str | None = None, tokenizer: str | None = None,
                  batch_size: int | str = 8, max_length: int | None = None, dtype: str = "float32",
-                 mesh: Any = None, step: int | None = None, base: str | None = None, **options: Any):
+                 mesh: Any = None, step: int | None = None, base: str | None = None,
+                 weights: str = "float32", **options: Any):
         super().__init__()
         if not checkpoint:
             raise ConfigError("the llamax model needs checkpoint=PATH (an HF or Meta folder, an orbax "
@@ -99,27 +102,31 @@ class LlamaxLM(TemplateLM):
             raise CheckpointError(f"checkpoint {checkpoint} does not exist")
         # Everything that can be wrong with the arguments fails before the weights are read.
         dtype = float_dtype_name(dtype, "dtype")
+        check_weights(weights)
         options = _check_options(options)
         mesh = parse_mesh(mesh)
         tokenizer = load_checkpoint_tokenizer(checkpoint, tokenizer)
         self.step = checkpoint_step(checkpoint, None if step is None else int(step))
         config, params = load_any(checkpoint, step=self.step, base=base, dtype=dtype, param_dtype=dtype)
+        params, quant = quantize_weights(config, params, weights)
         self.checkpoint = str(checkpoint)
-        self._setup(config, params, tokenizer, mesh, None, batch_size, max_length, **options)
+        self._setup(config, params, tokenizer, mesh, None, batch_size, max_length, quant, **options)
 
     @classmethod
     def from_params(cls, config: ModelConfig, params: Any, tokenizer: Any, *,
                     mesh: jax.sharding.Mesh | None = None, rules: Rules | None = None,
-                    batch_size: int = 8, max_length: int | None = None, **options: Any) -> "LlamaxLM":
-        """A backend over params already in memory (e.g. the training loop's, on its mesh)."""
+                    batch_size: int = 8, max_length: int | None = None, quant: Any = None,
+                    **options: Any) -> "LlamaxLM":
+        """A backend over params already in memory (e.g. the training loop's, on its mesh; `quant`:
+        the int8 scales of `llamax.model.quantize.quantize_weights`)."""
         lm = cls.__new__(cls)
         TemplateLM.__init__(lm)
         lm.checkpoint, lm.step = None, None
-        lm._setup(config, params, tokenizer, mesh, rules, batch_size, max_length, **_check_options(options))
+        lm._setup(config, params, tokenizer, mesh, rules, batch_size, max_length, quant, **_check_options(options))
         return lm
 
     def _setup(self, config: ModelConfig, params: Any, tokenizer: Any, mesh, rules, batch_size,
-               max_length, *, max_gen_toks=DEFAULT_MAX_GEN_TOKS, add_bos_token=None,
+               max_length, quant, *, max_gen_toks=DEFAULT_MAX_GEN_TOKS, add_bos_token=None,
                prefix_token_id=None, seed=0, truncate_left=False, check_every=16) -> None:
         from llamax.tokenizer import check_vocab
 
@@ -135,6 +142,8 @@ class LlamaxLM(TemplateLM):
         self.scorer = SequenceScorer(config, mesh, rules, int(batch_size), max_length)
         self.mesh, self.rules = self.scorer.mesh, self.scorer.rules
         self.params = self.scorer.place(params)
+        replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
+        self.quant = None if quant is None else jax.device_put(quant, replicated)  # int8 scales
         self._max_length, self._max_gen_toks = max_length, int(max_gen_toks)
         self._batch_size = int(batch_size)
         self.add_bos_token = add_bos_token
@@ -211,7 +220,7 @@ class LlamaxLM(TemplateLM):
             pairs.append((list(context), list(continuation)))
         everyone = _allgather_objects(pairs)  # every process scores the union
         start = sum(len(part) for part in everyone[:self.rank])
-        results = self.scorer.score(self.params, [pair for part in everyone for pair in part])
+        results = self.scorer.score(self.params, [pair for part in everyone for pair in part], self.quant)
         return results[start:start + len(pairs)]
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
@@ -275,7 +284,7 @@ class LlamaxLM(TemplateLM):
                 self.config, self.params, [prompts[i] for i in batch], max_gen_toks,
                 temperature=temperature, top_k=kwargs.get("top_k"), top_p=kwargs.get("top_p"),
                 seed=self.seed + self._calls, stop_ids=self.tokenizer.stop_ids, mesh=self.mesh,
-                rules=self.rules, check_every=self.check_every,
+                rules=self.rules, check_every=self.check_every, quant=self.quant,
                 stop=lambda _, tokens: any(s and s in self.tok_decode(tokens) for s in until))
             self._calls += 1
             for index, tokens in zip(batch, new_tokens):
@@ -311,7 +320,7 @@ def _check_options(options: dict) -> dict:
     unknown = sorted(set(options) - known)
     if unknown:
         raise ConfigError(f"unknown llamax model args {unknown}; valid: checkpoint, tokenizer, batch_size, "
-                          f"max_length, dtype, mesh, step, base, {', '.join(sorted(known))}")
+                          f"max_length, dtype, mesh, step, base, weights, {', '.join(sorted(known))}")
     return options
 
 

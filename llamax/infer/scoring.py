@@ -38,6 +38,7 @@ from llamax.config import ModelConfig
 from llamax.errors import ConfigError, DataError
 from llamax.infer.generate import bucket_length, left_pad
 from llamax.model.llama import KVCache, Llama
+from llamax.model.quantize import model_variables
 from llamax.sharding import (LOGICAL_AXIS_RULES, MeshConfig, Rules, batch_sharding, data_parallel_size,
                              make_mesh, param_shardings)
 
@@ -54,20 +55,22 @@ def _target_scores(logits: Array, targets: Array) -> tuple[Array, Array]:
 
 
 def score_flat(config: ModelConfig, params: Any, tokens: Array, targets: Array, scored: Array,
-               segment_ids: Array) -> tuple[Array, Array]:
+               segment_ids: Array, quant: Any = None) -> tuple[Array, Array]:
     """(summed log-prob [batch], all-greedy [batch]) of the `scored` targets of right-padded rows.
 
     tokens, targets, segment_ids: [batch, length] int32 (segment 0 = padding); scored: [batch,
     length] bool, True where targets[b, t] is a continuation token predicted at position t.
+    quant: int8 scales (`llamax.model.quantize`).
     """
-    logits = Llama(config).apply({"params": params}, tokens, segment_ids=segment_ids)  # [batch, length, vocab]
+    logits = Llama(config).apply(model_variables(params, quant), tokens,
+                                 segment_ids=segment_ids)  # [batch, length, vocab]
     log_prob, greedy = _target_scores(logits, targets)  # [batch, length]
     return (jnp.sum(jnp.where(scored, log_prob, 0.0), axis=-1),
             jnp.all(jnp.where(scored, greedy, True), axis=-1))
 
 
 def score_shared(config: ModelConfig, params: Any, context: Array, positions: Array, segment_ids: Array,
-                 firsts: Array, inputs: Array, targets: Array) -> tuple[Array, Array]:
+                 firsts: Array, inputs: Array, targets: Array, quant: Any = None) -> tuple[Array, Array]:
     """(summed log-prob [groups, choices], all-greedy [groups, choices]) of continuations that
     share their group's context.
 
@@ -81,7 +84,7 @@ def score_shared(config: ModelConfig, params: Any, context: Array, positions: Ar
     cache = KVCache.create(config, groups, ctx_len + cont_len)
     cache = cache.replace(key=nn.with_logical_constraint(cache.key, CACHE_AXES),
                           value=nn.with_logical_constraint(cache.value, CACHE_AXES))
-    logits, cache = Llama(config).apply({"params": params}, context, positions=positions,
+    logits, cache = Llama(config).apply(model_variables(params, quant), context, positions=positions,
                                         segment_ids=segment_ids, cache=cache)  # [groups, ctx_len, vocab]
     last = jnp.broadcast_to(logits[:, -1:], (groups, choices, logits.shape[-1]))  # [groups, choices, vocab]
     total, greedy = _target_scores(last, firsts)  # [groups, choices]
@@ -95,7 +98,7 @@ def score_shared(config: ModelConfig, params: Any, context: Array, positions: Ar
     after = positions[:, -1:] + 1 + jnp.arange(cont_len)  # [groups, cont_len]
     rows = groups * choices
     logits, _ = Llama(config).apply(
-        {"params": params}, inputs.reshape(rows, cont_len), positions=jnp.repeat(after, choices, axis=0),
+        model_variables(params, quant), inputs.reshape(rows, cont_len), positions=jnp.repeat(after, choices, axis=0),
         segment_ids=jnp.ones((rows, cont_len), jnp.int32), cache=copies)  # [rows, cont_len, vocab]
     log_prob, is_argmax = _target_scores(logits, targets.reshape(rows, cont_len))  # [rows, cont_len]
     real = targets.reshape(rows, cont_len) >= 0
@@ -107,15 +110,15 @@ def score_shared(config: ModelConfig, params: Any, context: Array, positions: Ar
 @functools.lru_cache(maxsize=16)
 def _compiled(config: ModelConfig, mesh: jax.sharding.Mesh, rules: Rules):
     """(flat, shared): `score_flat` and `score_shared` jitted for one model on one mesh (shared by
-    every scorer of them; jit adds one executable per batch shape)."""
+    every scorer of them; jit adds one executable per batch shape). Both take (params, quant)."""
     def traced(fn):
-        def run(params, *arrays):
+        def run(weights, *arrays):
             with nn.logical_axis_rules(rules):
-                return fn(config, params, *arrays)
+                return fn(config, weights[0], *arrays, quant=weights[1])
         return run
 
     rows, replicated = batch_sharding(mesh, rules), NamedSharding(mesh, PartitionSpec())
-    shardings = param_shardings(config, mesh, rules)
+    shardings = (param_shardings(config, mesh, rules), replicated)  # int8 scales: small, replicated
     flat = jax.jit(traced(score_flat), in_shardings=(shardings, rows, rows, rows, rows),
                    out_shardings=(replicated, replicated))
     shared = jax.jit(traced(score_shared), in_shardings=(shardings, *[rows] * 6),
@@ -154,7 +157,7 @@ class SequenceScorer:
         """The params sharded on the mesh (a no-op for params already placed so)."""
         return jax.device_put(params, self.param_shardings)
 
-    def score(self, params: Any, requests: Sequence[Request]) -> list[tuple[float, bool]]:
+    def score(self, params: Any, requests: Sequence[Request], quant: Any = None) -> list[tuple[float, bool]]:
         """[(summed log-prob of the continuation given the context, is_greedy)] per request.
 
         DataError if a context is empty, a continuation is empty, or context + continuation is
@@ -182,14 +185,14 @@ class SequenceScorer:
             flat.sort(key=lambda i: -len(keys[i][0]) - len(keys[i][1]))  # similar lengths together
             for start in range(0, len(flat), self.batch_rows):
                 chunk = flat[start:start + self.batch_rows]
-                pending.append(([[i] for i in chunk], flat_fn(params, *self._flat_arrays([keys[i] for i in chunk]))))
+                pending.append(([[i] for i in chunk], flat_fn((params, quant), *self._flat_arrays([keys[i] for i in chunk]))))
             shared.sort(key=lambda group: (-len(keys[group[0]][0]), -len(group)))
             width = 1 << (max((len(group) for group in shared), default=1) - 1).bit_length()  # choices bucket
             groups_per_batch = self._round(max(1, self.batch_rows // width))
             for start in range(0, len(shared), groups_per_batch):
                 chunk = shared[start:start + groups_per_batch]
                 arrays = self._shared_arrays([[keys[i] for i in group] for group in chunk], groups_per_batch, width)
-                pending.append((chunk, shared_fn(params, *arrays)))
+                pending.append((chunk, shared_fn((params, quant), *arrays)))
         results: list[tuple[float, bool]] = [(0.0, False)] * len(keys)
         for chunk, (log_probs, greedy) in jax.device_get(pending):
             for row, group in enumerate(chunk):
