@@ -309,11 +309,57 @@ def format_table(results: dict) -> str:
         for row in results["decode"]["per_batch"]:
             lines.append(f"{'  roofline b=' + str(row['batch']):<22}{row['roofline_tok_s']:>12.1f} tok/s: "
                          f"llamax at {row['roofline_fraction']:.0%} ({row['bytes_per_step'] / 1e6:.1f} MB/step)")
-    lines += ["", f"train: batch {train['batch']} x seq {train['seq_len']}, median of "
+    lines += ["", f"train (freed host memory kept: {train.get('host_memory_retained')}): "
+                  f"batch {train['batch']} x seq {train['seq_len']}, median of "
                   f"{train['steps']} steps, compile {train['compile_s']} s, MFU "
                   f"{train.get('mfu', float('nan')):.1%} (torch {train.get('torch_mfu', float('nan')):.1%}), "
                   f"XLA temp {train.get('temp_mib', '?')} MiB"]
     return "\n".join(lines)
+
+
+def _settings(args) -> tuple[Any, str, int, int, int, int, int]:
+    """(config, preset, train batch, seq_len, steps, prompt_len, new_tokens) from the CLI."""
+    preset = args.config or ("tiny" if args.quick else "bench")
+    overrides: dict[str, Any] = {"dtype": args.dtype}
+    for item in args.set:
+        name, value = item.split("=", 1)
+        overrides[name] = _parse_value(value)
+    return (get_preset(preset, **overrides), preset, args.batch or (2 if args.quick else 4),
+            args.seq_len or (64 if args.quick else 512), args.steps or (2 if args.quick else 7),
+            args.prompt_len or (8 if args.quick else 32), args.new_tokens or (8 if args.quick else 128))
+
+
+def _train_in_child(argv: list[str] | None, peak_gflops: float | None) -> dict[str, Any]:
+    """The train section, run by a child process of this script with `--train_only`.
+
+    The train CLI keeps freed host memory (`llamax.backends.retain_freed_host_memory`: one malloc
+    arena, process-wide, set before JAX's first device query), which saves a CPU train step
+    ~0.5 s of page faults but slows batched decoding, whose threads then share that arena
+    (bench preset, batch 8: ~400 vs ~520 tok/s). So each section runs as its CLI does: training
+    in a child that keeps freed memory (its torch peer too), decoding here with glibc's defaults.
+    """
+    import subprocess
+    import sys
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as folder:
+        out = os.path.join(folder, "train.json")
+        command = [sys.executable, "-m", "benchmarks.run", *(sys.argv[1:] if argv is None else argv),
+                   "--train_only", "--json", out]
+        if peak_gflops:
+            command += ["--peak_gflops", str(peak_gflops)]
+        subprocess.run(command, check=True)
+        with open(out) as f:
+            return json.load(f)
+
+
+def _train_section(args, host_memory_retained: bool) -> dict[str, Any]:
+    config, _, batch, seq_len, steps, _, _ = _settings(args)
+    train = bench_train(config, batch, seq_len, steps, args.peak_gflops, with_torch=not args.gpu)
+    train["host_memory_retained"] = host_memory_retained
+    with open(args.json, "w") as f:
+        json.dump(train, f)
+    return train
 
 
 def _parse_value(text: str) -> Any:
@@ -343,28 +389,18 @@ def main(argv: list[str] | None = None) -> dict:
                         help="accelerator run: no torch CPU peer; MFU from the device's bf16 peak")
     parser.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE",
                         help="ModelConfig overrides, e.g. scan_layers=False remat_policy=full")
+    parser.add_argument("--train_only", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--peak_gflops", type=float, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    # As the train CLI does (before the first device query): XLA's freed temporaries are reused,
-    # not faulted in afresh every step. It applies to the torch peer in this process alike.
-    host_memory_retained = retain_freed_host_memory()
+    if args.train_only:  # the child of `_train_in_child`: freed memory kept, as the train CLI does
+        return _train_section(args, retain_freed_host_memory())
 
     quick = args.quick
-    preset = args.config or ("tiny" if quick else "bench")
-    overrides: dict[str, Any] = {"dtype": args.dtype}
-    for item in args.set:
-        name, value = item.split("=", 1)
-        overrides[name] = _parse_value(value)
-    config = get_preset(preset, **overrides)
-    batch = args.batch or (2 if quick else 4)
-    seq_len = args.seq_len or (64 if quick else 512)
-    steps = args.steps or (2 if quick else 7)
-    prompt_len = args.prompt_len or (8 if quick else 32)
-    new_tokens = args.new_tokens or (8 if quick else 128)
+    config, preset, batch, seq_len, steps, prompt_len, new_tokens = _settings(args)
     peer = not args.gpu
 
-    results: dict[str, Any] = dict(machine=dict(machine_info(), host_memory_retained=host_memory_retained),
-                                   config=preset, dtype=args.dtype,
-                                   overrides={k: v for k, v in overrides.items() if k != "dtype"})
+    results: dict[str, Any] = dict(machine=machine_info(), config=preset, dtype=args.dtype,
+                                   overrides=dict(item.split("=", 1) for item in args.set))
     if args.gpu:
         device_peak = peak_flops_per_device()
         results["peak"] = dict(peak_gflops=device_peak / 1e9 if device_peak else None,
@@ -375,8 +411,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"peak: {results['peak']}", flush=True)
     bandwidth = results.get("memory", {}).get("bandwidth_gb_s")
 
-    results["train"] = bench_train(config, batch, seq_len, steps, results["peak"]["peak_gflops"],
-                                   with_torch=peer)
+    results["train"] = _train_in_child(argv, results["peak"]["peak_gflops"])
     print(f"train: {results['train']}", flush=True)
 
     rows = []
