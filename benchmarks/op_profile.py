@@ -8,7 +8,7 @@ each under a profiler: `jax.profiler` for llamax, whose events are XLA's thunks,
 the HLO instructions of the compiled step, and `torch.profiler` for the PyTorch peer, whose
 events are aten ops (self time). Both are summed per op class:
 
-  matmul                 dots (XLA: dot, or a YNNPACK/oneDNN fusion around one; aten mm/bmm/...)
+  matmul                 dots (XLA: dot, or a fusion around one, e.g. YNNPACK's; aten mm/bmm/...)
   attention softmax      (torch: softmax and its backward; XLA fuses them into `reductions`)
   scan buffers           XLA only: zero-filling the stacked per-layer residuals of `nn.scan`
                          (`wrapped_broadcast`) and writing/reading them (dynamic(-update)-slice)
@@ -71,8 +71,8 @@ def hlo_classes(hlo_text: str) -> dict[str, str]:
 
 
 def _classify(name: str, opcode: str, inside: set[str]) -> str:
-    if opcode in ("dot", "convolution") or "dot" in inside or re.match(r"(ynn|xnn|onednn)_fusion", name):
-        return "matmul"
+    if opcode in ("dot", "convolution") or inside & {"dot", "convolution"}:
+        return "matmul"  # YNNPACK/oneDNN fusions around a dot too (their other ones: by contents)
     if name.startswith("wrapped_broadcast") or inside & {"dynamic-update-slice", "dynamic-slice"} \
             or opcode in ("dynamic-update-slice", "dynamic-slice"):
         return "scan buffers"
