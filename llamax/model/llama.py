@@ -124,7 +124,9 @@ class Projection(nn.Module):
     (lora_a [inputs..., rank], lora_b [rank, outputs...], already scaled by alpha / rank) it
     computes y + (x A) B without ever forming the full-size product A B. With an int8 kernel and
     its per-output-column `scale` [outputs...] in the `quant` collection, y = (x K_int8) * scale:
-    the scale factors out of the contraction, so no dequantized copy of the kernel is formed.
+    the scale factors out of the contraction. The kernel itself is widened to the compute dtype
+    for the product; XLA:CPU hoists that out of a decode loop (one float copy per `generate`
+    call), libtpu keeps it int8 inside (docs/performance.md, "Weight-only decode").
     """
 
     config: ModelConfig
