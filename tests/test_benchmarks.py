@@ -23,7 +23,8 @@ def test_quick_run_writes_the_documented_json(tmp_path, capsys):
     assert results["decode"]["per_batch"][0]["same_tokens"]
     row = written["decode"]["per_batch"][0]
     assert written["memory"]["bandwidth_gb_s"] > 0 and row["bytes_per_step"] > 0
-    assert row["roofline_fraction"] == pytest.approx(row["llamax_tok_s"] / row["roofline_tok_s"], rel=1e-2)
+    # Rounded to 3 decimals in the JSON (a tiny model's fraction is ~0.005).
+    assert row["roofline_fraction"] == pytest.approx(row["llamax_tok_s"] / row["roofline_tok_s"], abs=1e-3)
     assert "train tok/s" in capsys.readouterr().out
     # Training ran in a child that kept freed host memory, as the train CLI does (glibc hosts).
     assert written["train"]["host_memory_retained"] is sys.platform.startswith("linux")
