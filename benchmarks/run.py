@@ -411,7 +411,11 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"peak: {results['peak']}", flush=True)
     bandwidth = results.get("memory", {}).get("bandwidth_gb_s")
 
-    results["train"] = _train_in_child(argv, results["peak"]["peak_gflops"])
+    if jax.default_backend() == "cpu":
+        results["train"] = _train_in_child(argv, results["peak"]["peak_gflops"])
+    else:  # an accelerator: the malloc setting does not apply, and a child would share the device
+        results["train"] = bench_train(config, batch, seq_len, steps, results["peak"]["peak_gflops"],
+                                       with_torch=peer)
     print(f"train: {results['train']}", flush=True)
 
     rows = []
