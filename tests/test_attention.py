@@ -1,6 +1,7 @@
 """`llamax.model.llama.attend`: causal query blocks equal dense attention (values and gradients), the
 model with small blocks still matches transformers, and the mask semantics equal
-`jax.nn.dot_product_attention` (the call the cuDNN path makes) for GQA + causal + segments."""
+`jax.nn.dot_product_attention` (the call the cuDNN path makes) for GQA + causal + segments, as do
+`attend_cached`'s two forms over a heads-major KV cache."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,6 +11,8 @@ from hf_models import hf_logits, make_hf_model
 from llamax.config import ModelConfig, get_preset
 from llamax.convert import hf_to_params
 from llamax.model import Llama, attend, init_params
+from llamax.model.attention import attend_cached
+from llamax.model.matmul import flat_matmuls
 
 BATCH, SEQ, HEADS, KV_HEADS, HEAD_DIM = 2, 80, 4, 2, 16
 
@@ -77,3 +80,17 @@ def test_blocks_do_not_change_cached_prefill():
     uncached = model.apply({"params": params}, tokens)
     cached, _ = model.apply({"params": params}, tokens, cache=KVCache.create(config, 1, 32))
     np.testing.assert_allclose(cached, uncached, atol=1e-5)
+
+
+@pytest.mark.parametrize("cpu_form", [True, False])  # one matrix-vector product per group / grouped einsum
+@pytest.mark.parametrize("q_len", [1, 3])
+def test_attend_cached_over_heads_major_keys_matches_jax(cpu_form, q_len):
+    """Queries at the end of a padded cache (the last q_len slots): keys/values given
+    heads-major equal jax.nn.dot_product_attention on the same keys in [batch, seq, heads, dim]."""
+    q, k, v, mask = _inputs(4)
+    q, mask = q[:, -q_len:], mask[:, -q_len:]  # [batch, q_len, heads, dim], [batch, q_len, seq]
+    heads_major = lambda x: jnp.swapaxes(x, 1, 2)  # noqa: E731  [batch, kv_heads, seq, dim]
+    with flat_matmuls(cpu_form):
+        ours = jax.jit(lambda *a: attend_cached(*a, get_preset("tiny")))(q, heads_major(k), heads_major(v), mask)
+    theirs = jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], implementation="xla")
+    np.testing.assert_allclose(ours, theirs, atol=1e-5)

@@ -39,14 +39,13 @@ from llamax.config import ModelConfig
 from llamax.errors import ConfigError
 from llamax.infer.checks import all_stop_ids, check_generate_args
 from llamax.infer.sampling import Sampler, filter_logits, sample_tokens  # noqa: F401 (re-exported)
-from llamax.model.llama import KVCache, Llama
+from llamax.model.llama import CACHE_AXES, KVCache, Llama
 from llamax.model.quantize import model_variables
 
 Array = jax.Array
 Rules = Sequence[tuple[str, Any]]
 StopFn = Callable[[int, list[int]], bool]
 
-CACHE_AXES = ("layers", "batch", "length", "act_kv_heads", "head_dim")
 STOP_IDS_BUCKET = 8  # stop-id arrays are padded to a multiple of this, so most share one executable
 
 
@@ -122,7 +121,7 @@ def unstack_layers(config: ModelConfig, params: Any) -> Any:
 
 def _constrain_cache(buffers: Array | tuple[Array, ...]) -> Array | tuple[Array, ...]:
     """Shards a stacked cache buffer, or each per-layer buffer, by CACHE_AXES."""
-    if isinstance(buffers, tuple):  # per layer: [batch, length, kv_heads, head_dim]
+    if isinstance(buffers, tuple):  # per layer: [batch, kv_heads, length, head_dim]
         return tuple(nn.with_logical_constraint(b, CACHE_AXES[1:]) for b in buffers)
     return nn.with_logical_constraint(buffers, CACHE_AXES)
 

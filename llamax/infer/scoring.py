@@ -37,14 +37,13 @@ from jax.sharding import NamedSharding, PartitionSpec
 from llamax.config import ModelConfig
 from llamax.errors import ConfigError, DataError
 from llamax.infer.generate import bucket_length, left_pad
-from llamax.model.llama import KVCache, Llama
+from llamax.model.llama import CACHE_AXES, KVCache, Llama
 from llamax.model.quantize import model_variables
 from llamax.sharding import (LOGICAL_AXIS_RULES, MeshConfig, Rules, batch_sharding, data_parallel_size,
                              make_mesh, param_shardings)
 
 Array = jax.Array
 Request = tuple[Sequence[int], Sequence[int]]  # (context tokens, continuation tokens)
-CACHE_AXES = ("layers", "batch", "length", "act_kv_heads", "head_dim")
 
 
 def _target_scores(logits: Array, targets: Array) -> tuple[Array, Array]:

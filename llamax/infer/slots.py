@@ -27,14 +27,14 @@ import jax
 import jax.numpy as jnp
 
 from llamax.config import ModelConfig
-from llamax.infer.generate import CACHE_AXES, decode_compiler_options, decoding_config, unstack_layers
+from llamax.infer.generate import decode_compiler_options, decoding_config, unstack_layers
 from llamax.infer.row_sampling import SlotSampling, StepOutput, sample_rows
-from llamax.model.llama import KVCache, Llama
+from llamax.model.llama import CACHE_AXES, KVCache, Llama
 
 Array = jax.Array
 Rules = Sequence[tuple[str, Any]]
 
-LAYER_CACHE_AXES = CACHE_AXES[1:]  # one layer's buffer: [batch, length, kv_heads, head_dim]
+LAYER_CACHE_AXES = CACHE_AXES[1:]  # one layer's buffer: [batch, kv_heads, length, head_dim]
 
 
 @flax.struct.dataclass

@@ -4,6 +4,10 @@ The `Attention` module (`llamax.model.llama`) computes the projections, rotary e
 KV cache; this file only combines q, k and v, and holds one function per implementation
 (`ModelConfig.attention_impl`): 'xla' (here), 'cudnn' (jax.nn.dot_product_attention) and
 'splash' (the Pallas TPU kernel, `llamax.model.splash`).
+
+`attend` takes keys/values as the projections give them ([batch, seq, kv_heads, head_dim]);
+`attend_cached` takes them as the KV cache stores them, heads-major ([batch, kv_heads, length,
+head_dim]), so that each (row, kv head) reads one contiguous [length, head_dim] matrix.
 """
 from __future__ import annotations
 
@@ -11,6 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from llamax.config import ModelConfig
+from llamax.model.matmul import use_flat_matmuls
 
 Array = jax.Array
 
@@ -60,4 +65,43 @@ def _attend_dense(q: Array, k: Array, v: Array, mask: Array) -> Array:
     scores = jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)  # [batch, kv_heads, groups, q_len, kv_len]
     out = jnp.einsum("BKGTS,BSKD->BTKGD", probs, v.astype(q.dtype))
+    return out.reshape(batch, q_len, heads, head_dim)
+
+
+def attend_cached(q: Array, k: Array, v: Array, mask: Array, config: ModelConfig) -> Array:
+    """`attend` over a KV cache: q [batch, q_len, heads, head_dim]; k, v heads-major [batch,
+    kv_heads, kv_len, head_dim]; mask [batch, q_len, kv_len]. Returns [batch, q_len, heads,
+    head_dim].
+
+    A decode step (q_len 1) on CPU runs one batched matrix-vector product per query head of a
+    group: XLA:CPU turns a [groups, kv_len] x [kv_len, head_dim] product per (row, kv head)
+    into a slow loop of tiny matmuls, but emits a vectorized kernel for matrix-vector products.
+    AMD EPYC (Zen 3), 16 rows x 256 keys, 4 kv heads x 2 groups, one layer: 0.85 ms, where the
+    grouped einsum took 3.4 ms, and 3.3 ms with the cache in [batch, length, kv_heads,
+    head_dim] order (two transposes per layer). On accelerators, where the cache read bounds a
+    decode step, the grouped einsum reads it once instead of once per group.
+    """
+    if config.attention_impl == "cudnn":
+        k, v = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)  # cuDNN takes [batch, length, heads, dim]
+        return jax.nn.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype),
+                                            mask=mask[:, None], implementation="cudnn")
+    batch, q_len, heads, head_dim = q.shape
+    kv_heads = k.shape[1]
+    groups = heads // kv_heads
+    k, v = k.astype(q.dtype), v.astype(q.dtype)
+    if q_len == 1 and use_flat_matmuls():
+        q = q.reshape(batch, kv_heads, groups, head_dim)
+        outputs = []
+        for group in range(groups):  # static: one matrix-vector product per query head
+            scores = jnp.einsum("BKD,BKSD->BKS", q[:, :, group], k,
+                                preferred_element_type=jnp.float32) * (head_dim ** -0.5)
+            scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)  # mask [batch, 1, kv_len]
+            probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)  # [batch, kv_heads, kv_len]
+            outputs.append(jnp.einsum("BKS,BKSD->BKD", probs, v))
+        return jnp.stack(outputs, axis=2).reshape(batch, 1, heads, head_dim)
+    q = q.reshape(batch, q_len, kv_heads, groups, head_dim)
+    scores = jnp.einsum("BTKGD,BKSD->BKGTS", q, k, preferred_element_type=jnp.float32) * (head_dim ** -0.5)
+    scores = jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)  # [batch, kv_heads, groups, q_len, kv_len]
+    out = jnp.einsum("BKGTS,BKSD->BTKGD", probs, v)
     return out.reshape(batch, q_len, heads, head_dim)

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
 from llamax.config import ModelConfig
-from llamax.model.attention import attend
+from llamax.model.attention import attend, attend_cached
 from llamax.model.matmul import project
 from llamax.model.rope import apply_rotary, inverse_frequencies, rotary_cos_sin
 
@@ -37,6 +37,8 @@ ACT_HEADS = ("batch", "length", "act_heads", "head_dim")
 ACT_KV_HEADS = ("batch", "length", "act_kv_heads", "head_dim")
 ACT_MLP = ("batch", "length", "act_mlp")
 ACT_VOCAB = ("batch", "length", "act_vocab")
+# A stacked KVCache buffer; a per-layer buffer drops "layers". Heads-major, as HF stores it.
+CACHE_AXES = ("layers", "batch", "act_kv_heads", "length", "head_dim")
 LORA_COLLECTION = "lora"  # variable collection of LoRA adapters; absent = the plain model
 QUANT_COLLECTION = "quant"  # per-output-column scales of int8 kernels; absent = unquantized
 
@@ -57,9 +59,13 @@ class KVCache:
     `key`/`value` are one stacked array, or (unscanned layers only, `per_layer=True`) a tuple of
     per-layer arrays: a call that is not inside a loop then updates each layer's buffer in place,
     where a stacked cache is sliced and re-stacked, i.e. copied whole, by every call.
+
+    Buffers are heads-major ([batch, kv_heads, length, head_dim], HF's order): each (row, kv
+    head) reads one contiguous [length, head_dim] matrix, which XLA:CPU multiplies in place
+    (`llamax.model.attention.attend_cached`).
     """
 
-    key: Array | tuple[Array, ...]  # [layers, batch, max_length, kv_heads, head_dim], or per layer
+    key: Array | tuple[Array, ...]  # [layers, batch, kv_heads, max_length, head_dim], or per layer
     value: Array | tuple[Array, ...]  # same layout as key
     segment_ids: Array  # [batch, max_length]; 0 = empty slot or padding
     index: Array  # [] or [batch] int32: the next slot to write
@@ -70,7 +76,7 @@ class KVCache:
     @classmethod
     def create(cls, config: ModelConfig, batch_size: int, max_length: int,
                per_layer: bool = False) -> "KVCache":
-        shape = (batch_size, max_length, config.num_kv_heads, config.head_dim)
+        shape = (batch_size, config.num_kv_heads, max_length, config.head_dim)
 
         def buffers():
             if per_layer:
@@ -83,7 +89,7 @@ class KVCache:
 
     @property
     def max_length(self) -> int:
-        return self.key[0].shape[1]  # layer 0: [batch, max_length, kv_heads, head_dim]
+        return self.key[0].shape[2]  # layer 0: [batch, kv_heads, max_length, head_dim]
 
 
 def write_at(buffer: Array, update: Array, index: Array) -> Array:
@@ -96,6 +102,19 @@ def write_at(buffer: Array, update: Array, index: Array) -> Array:
     rows = jnp.arange(batch)[:, None]  # [batch, 1]
     slots = index[:, None] + jnp.arange(seq)  # [batch, seq]
     return buffer.at[rows, slots].set(update)  # out-of-range slots are dropped
+
+
+def write_keys(buffer: Array, update: Array, index: Array) -> Array:
+    """`write_at` for a heads-major cache buffer [rows, kv_heads, length, head_dim]: `update`
+    [batch, seq, kv_heads, head_dim], as projected, is written along the length axis."""
+    if index.ndim == 0:
+        update = jnp.swapaxes(update, 1, 2)  # [batch, kv_heads, seq, head_dim]
+        return jax.lax.dynamic_update_slice(buffer, update, (0, 0, index, 0))
+    batch, seq = update.shape[:2]
+    rows = jnp.arange(batch)[:, None]  # [batch, 1]
+    slots = index[:, None] + jnp.arange(seq)  # [batch, seq]
+    # Indices on axes 0 and 2 around a slice: the indexed view is [batch, seq, kv_heads, head_dim].
+    return buffer.at[rows, :, slots].set(update)  # out-of-range slots are dropped
 
 
 def _init(config: ModelConfig):
@@ -185,19 +204,19 @@ class Attention(nn.Module):
 
         new_cache = None
         if layer_cache is not None:
-            cached_key, cached_value = layer_cache  # [batch, max_length, kv_heads, head_dim]
-            k = write_at(cached_key, k.astype(cached_key.dtype), cache_index)
-            v = write_at(cached_value, v.astype(cached_value.dtype), cache_index)
+            cached_key, cached_value = layer_cache  # [batch, kv_heads, max_length, head_dim]
+            k = write_keys(cached_key, k.astype(cached_key.dtype), cache_index)
+            v = write_keys(cached_value, v.astype(cached_value.dtype), cache_index)
             new_cache = (k, v)
             # A serving cache: only its first rows are in this batch, and `mask` may cover only
             # the first slots (KVCache.attend_length).
-            if k.shape[:2] != (x.shape[0], mask.shape[-1]):
-                k, v = k[:x.shape[0], :mask.shape[-1]], v[:x.shape[0], :mask.shape[-1]]
-
-        # Without a cache, query i sits at key slot i, so `mask` is causal in slot order (and
-        # `segment_ids` [batch, seq] is all splash needs to rebuild it inside its kernel).
-        out = attend(q, k, v, mask, c, causal=layer_cache is None,
-                     segment_ids=segment_ids)  # [batch, seq, heads, head_dim]
+            if (k.shape[0], k.shape[2]) != (x.shape[0], mask.shape[-1]):
+                k, v = k[:x.shape[0], :, :mask.shape[-1]], v[:x.shape[0], :, :mask.shape[-1]]
+            out = attend_cached(q, k, v, mask, c)  # [batch, seq, heads, head_dim]
+        else:
+            # Without a cache, query i sits at key slot i, so `mask` is causal in slot order (and
+            # `segment_ids` [batch, seq] is all splash needs to rebuild it inside its kernel).
+            out = attend(q, k, v, mask, c, causal=True, segment_ids=segment_ids)
         out = nn.with_logical_constraint(out, ACT_HEADS)
         out = Projection(c, (heads, head_dim, embed), ("heads", "head_dim", "embed"),
                          "BTHD,HDE->BTE", name="o_proj")(out)
