@@ -180,3 +180,13 @@ def test_lm_eval_backend_with_int8_weights_equals_the_dequantized_model(lm_eval_
     assert ours.generate_until(generated) == reference.generate_until(generated)
     with pytest.raises(ConfigError, match="weights must be one of"):
         LlamaxLM(checkpoint=str(lm_eval_hf_dir), weights="int4")
+
+
+def test_quantized_eval_step_takes_neither_lora_nor_a_reference():
+    """The int8 scales take the eval step's frozen argument, which LoRA (its base) and DPO (its
+    reference) would need too: asking for both is one clear error, not a wrong program."""
+    from llamax.sharding import MeshConfig, make_mesh
+    from llamax.train.setup import make_eval_step
+
+    with pytest.raises(ConfigError, match="int8 .quantized. evaluation takes neither LoRA"):
+        make_eval_step(get_preset("tiny"), make_mesh(MeshConfig()), lora_config=LoraConfig(), quantized=True)

@@ -11,11 +11,9 @@ Weight-only int8 params are evaluated with their scales: `evaluate_perplexity(..
 """
 from __future__ import annotations
 
-import functools
 import math
 from typing import Any, Callable, Iterable
 
-import flax.linen as nn
 import jax
 
 from llamax.config import ModelConfig
@@ -23,10 +21,6 @@ from llamax.sharding import to_global_batch
 from llamax.errors import DataError
 from llamax.sharding import (LOGICAL_AXIS_RULES, MeshConfig, Rules, batch_sharding, make_mesh,
                              param_shardings)
-from llamax.model.llama import Llama
-from llamax.model.matmul import flat_matmuls
-from llamax.model.quantize import model_variables
-from llamax.train.objectives import cross_entropy_sums
 from llamax.train.setup import make_eval_step
 
 Batch = dict[str, Any]
@@ -82,31 +76,11 @@ def evaluate_perplexity(config: ModelConfig, params: Any, batches: Iterable[Batc
     rules = LOGICAL_AXIS_RULES if rules is None else rules
     mesh = make_mesh(MeshConfig()) if mesh is None else mesh
     placed = jax.device_put(params, param_shardings(config, mesh, rules))
-    if quant is None:
-        eval_step = make_eval_step(config, mesh, rules)
-    else:  # the scales ride as the `frozen` argument, replicated (a few KB per layer)
-        eval_step = _quantized_eval_step(config, mesh, tuple(map(tuple, rules)))
-        quant = jax.device_put(quant, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+    # int8: the scales ride as the step's frozen argument (`make_trainable(quantized=True)`).
+    eval_step = make_eval_step(config, mesh, rules, quantized=quant is not None)
     result = summarize(*sum_nll(eval_step, placed, batches, batch_sharding(mesh, rules), quant))
     if not result:
         raise DataError("no scored tokens in the evaluation batches (every loss_mask is 0); "
                          "check the data is not empty and seq_len >= 2")
     return result
 
-
-@functools.lru_cache(maxsize=8)
-def _quantized_eval_step(config: ModelConfig, mesh: jax.sharding.Mesh, rules: Rules) -> Callable:
-    """Jitted `(int8 params, batch, quant) -> {'loss_sum', 'scored_tokens'}`: the cross-entropy
-    eval step of `llamax.train.setup.make_eval_step`, with the `quant` collection added."""
-    on_cpu = mesh.devices.flat[0].platform == "cpu"
-
-    def eval_step(params: Any, batch: Batch, quant: Any) -> dict:
-        with (jax.sharding.use_abstract_mesh(mesh.abstract_mesh), nn.logical_axis_rules(rules),
-              flat_matmuls(on_cpu)):
-            logits = Llama(config).apply(model_variables(params, quant), batch["tokens"],
-                                         positions=batch.get("positions"),
-                                         segment_ids=batch.get("segment_ids"))  # [batch, seq, vocab]
-        loss_sum, _ = cross_entropy_sums(logits, batch["targets"], batch["loss_mask"])
-        return {"loss_sum": loss_sum, "scored_tokens": jax.numpy.sum(batch["loss_mask"].astype("float32"))}
-
-    return jax.jit(eval_step, out_shardings=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))

@@ -35,7 +35,7 @@ import optax
 from llamax.config import ModelConfig
 from llamax.errors import ConfigError
 from llamax.model import lora
-from llamax.model.llama import Llama, abstract_params
+from llamax.model.llama import QUANT_COLLECTION, Llama, abstract_params
 from llamax.model.matmul import flat_matmuls
 from llamax.sharding import (LOGICAL_AXIS_RULES, Rules, batch_sharding, check_heads_divisible,
                              replicated, tree_shardings)
@@ -56,7 +56,7 @@ class Trainable:
     shardings: NamedSharding of every trained leaf.
     variables: (trained, frozen) -> the flax variables of a forward pass.
     frozen_shardings: shardings of the frozen params (the LoRA base, or a full fine-tuning run's
-        DPO reference); None when nothing is frozen.
+        DPO reference, or the int8 scales of a quantized evaluation); None when nothing is frozen.
     trains_model_params: the trained values are the model params (full training), so a run
         that starts from a checkpoint starts them from it; False: LoRA adapters.
     """
@@ -72,16 +72,28 @@ def _full_variables(params: Any, frozen: Any) -> dict:
     return {"params": params}
 
 
+def _quantized_variables(params: Any, quant: Any) -> dict:
+    return {"params": params, QUANT_COLLECTION: quant}  # as llamax.model.quantize.model_variables
+
+
 def _model_params(model_config: ModelConfig, key: Array) -> Any:
     return nn.meta.unbox(Llama(model_config).init(key, jnp.zeros((1, 1), jnp.int32))["params"])
 
 
 def make_trainable(model_config: ModelConfig, mesh: Mesh, rules: Rules = LOGICAL_AXIS_RULES,
-                   lora_config: lora.LoraConfig | None = None, reference: bool = False) -> Trainable:
+                   lora_config: lora.LoraConfig | None = None, reference: bool = False,
+                   quantized: bool = False) -> Trainable:
     """The one branch between full training and LoRA. `reference`: the objective reads a frozen
-    reference model (DPO); full training then holds one, LoRA uses its base."""
+    reference model (DPO); full training then holds one, LoRA uses its base. `quantized`: the
+    params are int8 kernels (`llamax.model.quantize`) and the frozen argument is their scales,
+    replicated (a few KB per layer); for evaluation only."""
     check_heads_divisible(model_config, mesh, rules)
     param_shardings = tree_shardings(*abstract_params(model_config), mesh, rules)
+    if quantized:
+        if lora_config is not None or reference:
+            raise ConfigError("an int8 (quantized) evaluation takes neither LoRA adapters nor a DPO reference")
+        return Trainable(init=functools.partial(_model_params, model_config), shardings=param_shardings,
+                         variables=_quantized_variables, frozen_shardings=replicated(mesh))
     if lora_config is None:
         return Trainable(init=functools.partial(_model_params, model_config),
                          shardings=param_shardings, variables=_full_variables,
@@ -132,14 +144,16 @@ def _initial_state(init: Callable[[Array], Any], optimizer: optax.GradientTransf
 def make_train_setup(model_config: ModelConfig, optim_config: OptimConfig, mesh: Mesh,
                      rules: Rules = LOGICAL_AXIS_RULES,
                      lora_config: lora.LoraConfig | None = None,
-                     objective: Objective | None = None) -> TrainSetup:
+                     objective: Objective | None = None, quantized: bool = False) -> TrainSetup:
     """Derives the abstract state, every sharding and the jitted init and steps of a run once.
 
     `objective`: what the steps differentiate (default: `CrossEntropy` with the optim config's
-    z_loss_weight; `objectives.DPO()` for preference data)."""
+    z_loss_weight; `objectives.DPO()` for preference data). `quantized`: int8 params with their
+    scales as the frozen argument (`make_trainable`); only `eval_step` applies."""
     rules = tuple(tuple(rule) for rule in rules)
     objective = _objective(objective, optim_config)
-    trainable = make_trainable(model_config, mesh, rules, lora_config, objective.needs_reference_model)
+    trainable = make_trainable(model_config, mesh, rules, lora_config, objective.needs_reference_model,
+                               quantized)
     optimizer = make_optimizer(optim_config)
     abstract = jax.eval_shape(functools.partial(_initial_state, trainable.init, optimizer), jax.random.key(0))
     is_sharding = lambda x: isinstance(x, jax.sharding.NamedSharding)  # noqa: E731
@@ -289,10 +303,11 @@ def make_train_step(model_config: ModelConfig, optim_config: OptimConfig, mesh: 
 
 
 def make_eval_step(model_config: ModelConfig, mesh: Mesh, rules: Rules = LOGICAL_AXIS_RULES,
-                   lora_config: lora.LoraConfig | None = None) -> Callable:
+                   lora_config: lora.LoraConfig | None = None, quantized: bool = False) -> Callable:
     """Jitted `eval_step(params, batch) -> {'loss_sum', 'scored_tokens'}` (LoRA:
-    `(adapters, batch, base_params)`); sum both over batches for perplexity."""
-    return make_train_setup(model_config, OptimConfig(), mesh, rules, lora_config).eval_step
+    `(adapters, batch, base_params)`; quantized: `(int8 params, batch, scales)`); sum both over
+    batches for perplexity."""
+    return make_train_setup(model_config, OptimConfig(), mesh, rules, lora_config, quantized=quantized).eval_step
 
 
 def make_loss_and_grads(model_config: ModelConfig, optim_config: OptimConfig, mesh: Mesh,
