@@ -218,3 +218,28 @@ def test_knobs_follow_what_overflowed():
     assert {"OptimConfig.grad_accum_steps": 4} in settings  # 4 sequences per chip -> 1
     assert {"MeshConfig.tensor": 8, "MeshConfig.fsdp": 2} in settings
     assert not any("topology" in s for s in settings)
+
+
+@needs_libtpu
+def test_inference_programs_for_a_tpu_mesh_take_the_tpu_form_on_a_cpu_host():
+    """generate, the serving slots and the scorer trace under the mesh's platform: einsum
+    projections and the grouped decode attention for a TPU mesh, though jax's default backend
+    here is the CPU (they used to follow the default backend, so a TPU program built on a CPU
+    host took the CPU form)."""
+    import numpy as np
+    from jax.sharding import Mesh
+
+    from llamax.infer import generate as gen
+    from llamax.infer.slots import SlotProgram
+    from llamax.model.matmul import use_flat_matmuls
+    from llamax.sharding import LOGICAL_AXIS_RULES
+
+    rules = tuple(tuple(rule) for rule in LOGICAL_AXIS_RULES)
+    tpu = Mesh(np.array(compile_only_devices(Topology.parse("v5e-1"))[:1]).reshape(1, 1, 1),
+               ("data", "fsdp", "tensor"))
+    cpu = Mesh(np.array(jax.devices("cpu")[:1]).reshape(1, 1, 1), ("data", "fsdp", "tensor"))
+    for mesh, cpu_form in ((tpu, False), (cpu, True)):
+        with gen._sharding_context(mesh, rules):
+            assert use_flat_matmuls() is cpu_form
+        with SlotProgram(get_preset("tiny"), 2, 32, mesh=mesh)._context(rules):
+            assert use_flat_matmuls() is cpu_form

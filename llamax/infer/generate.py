@@ -40,6 +40,7 @@ from llamax.errors import ConfigError
 from llamax.infer.checks import all_stop_ids, check_generate_args
 from llamax.infer.sampling import Sampler, filter_logits, sample_tokens  # noqa: F401 (re-exported)
 from llamax.model.llama import CACHE_AXES, KVCache, Llama
+from llamax.model.matmul import flat_matmuls_for
 from llamax.model.quantize import model_variables
 
 Array = jax.Array
@@ -283,11 +284,12 @@ def _prepare(config, params, prompts, max_new_tokens, temperature, top_k, top_p,
 
 @contextlib.contextmanager
 def _sharding_context(mesh: jax.sharding.Mesh | None, rules: Rules | None) -> Iterator[None]:
-    """`with mesh, nn.logical_axis_rules(rules)` when sharded; nothing otherwise."""
+    """`with mesh, nn.logical_axis_rules(rules)` when sharded; nothing otherwise. Either way the
+    model's products take the form of the devices the program is built for (`flat_matmuls_for`)."""
     if mesh is None:
         yield
         return
-    with mesh, nn.logical_axis_rules(rules):
+    with mesh, nn.logical_axis_rules(rules), flat_matmuls_for(mesh):
         yield
 
 

@@ -38,6 +38,7 @@ from llamax.config import ModelConfig
 from llamax.errors import ConfigError, DataError
 from llamax.infer.generate import bucket_length, left_pad
 from llamax.model.llama import CACHE_AXES, KVCache, Llama
+from llamax.model.matmul import flat_matmuls_for
 from llamax.model.quantize import model_variables
 from llamax.sharding import (LOGICAL_AXIS_RULES, MeshConfig, Rules, batch_sharding, data_parallel_size,
                              make_mesh, param_shardings)
@@ -112,7 +113,7 @@ def _compiled(config: ModelConfig, mesh: jax.sharding.Mesh, rules: Rules):
     every scorer of them; jit adds one executable per batch shape). Both take (params, quant)."""
     def traced(fn):
         def run(weights, *arrays):
-            with nn.logical_axis_rules(rules):
+            with nn.logical_axis_rules(rules), flat_matmuls_for(mesh):
                 return fn(config, weights[0], *arrays, quant=weights[1])
         return run
 

@@ -30,6 +30,7 @@ from llamax.config import ModelConfig
 from llamax.infer.generate import decode_compiler_options, decoding_config, unstack_layers
 from llamax.infer.row_sampling import SlotSampling, StepOutput, sample_rows
 from llamax.model.llama import CACHE_AXES, KVCache, Llama
+from llamax.model.matmul import flat_matmuls_for
 
 Array = jax.Array
 Rules = Sequence[tuple[str, Any]]
@@ -86,7 +87,7 @@ class SlotProgram:
         if self.mesh is None:
             yield
             return
-        with self.mesh, nn.logical_axis_rules(rules):
+        with self.mesh, nn.logical_axis_rules(rules), flat_matmuls_for(self.mesh):
             yield
 
     # ---- host-facing calls ------------------------------------------------------------------

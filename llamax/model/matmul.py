@@ -34,6 +34,12 @@ def flat_matmuls(enabled: bool | None):
         _FLAT.reset(token)
 
 
+def flat_matmuls_for(mesh: jax.sharding.Mesh | None):
+    """`flat_matmuls` for programs built for `mesh`'s devices (2-D on CPU, einsums on TPU/GPU,
+    even when a CPU host compiles them ahead of time); no mesh: follow the default backend."""
+    return flat_matmuls(None if mesh is None else mesh.devices.flat[0].platform == "cpu")
+
+
 def use_flat_matmuls() -> bool:
     setting = _FLAT.get()
     return jax.default_backend() == "cpu" if setting is None else setting

@@ -36,7 +36,7 @@ from llamax.config import ModelConfig
 from llamax.errors import ConfigError
 from llamax.model import lora
 from llamax.model.llama import QUANT_COLLECTION, Llama, abstract_params
-from llamax.model.matmul import flat_matmuls
+from llamax.model.matmul import flat_matmuls_for
 from llamax.sharding import (LOGICAL_AXIS_RULES, Rules, batch_sharding, check_heads_divisible,
                              replicated, tree_shardings)
 from llamax.train import step as steps
@@ -169,14 +169,12 @@ def make_train_setup(model_config: ModelConfig, optim_config: OptimConfig, mesh:
     micro = optim_config.grad_accum_steps
     data = batch_sharding(mesh, rules)
 
-    on_cpu = mesh.devices.flat[0].platform == "cpu"  # not jax's default: AOT builds for a TPU
-
     def in_context(fn: Callable) -> Callable:
         """`fn` traced under the mesh and the logical-axis rules (its constraints resolve), with
         projections in the form the mesh's devices run best (`llamax.model.matmul`)."""
         def traced(*args):
             with (jax.sharding.use_abstract_mesh(mesh.abstract_mesh), nn.logical_axis_rules(rules),
-                  flat_matmuls(on_cpu)):
+                  flat_matmuls_for(mesh)):  # the mesh's devices, not jax's default: AOT builds for a TPU
                 return fn(*args)
         return traced
 
