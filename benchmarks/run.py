@@ -10,6 +10,8 @@ Measures, interleaving llamax and its peer so that a background load slows both 
   train   tokens/s of one optimizer step: `llamax.train.step.make_train_step` on a 1-device mesh vs
           `transformers.LlamaForCausalLM` + `torch.optim.AdamW` on the same weights and batch;
   decode  greedy tokens/s of `llamax.infer.generate.generate` vs `transformers` `generate`, batch 1 and 8.
+  maxtext (with `--maxtext_python PATH`) MaxText's train step on the same shapes, from its own
+          virtualenv, right after the train section (`benchmarks.maxtext`: install and recipe).
 
 Every number is the median over repeats; compile time is reported apart from step time. `--gpu`
 skips the torch CPU peer and uses the device's tabulated bf16 peak (`llamax.train.step`) for MFU.
@@ -299,6 +301,12 @@ def format_table(results: dict) -> str:
     lines.append(f"{'train tok/s':<22}{train['llamax_tok_s']:>12.1f}"
                  f"{train.get('torch_tok_s', float('nan')):>12.1f}"
                  f"{train.get('ratio', float('nan')):>8.2f}x{'1.2x':>7}")
+    maxtext = results.get("maxtext")
+    if maxtext and "tok_s" in maxtext:
+        lines.append(f"{'train vs MaxText':<22}{train['llamax_tok_s']:>12.1f}{maxtext['tok_s']:>12.1f}"
+                     f"{train['llamax_tok_s'] / maxtext['tok_s']:>8.2f}x{'1.0x':>7}")
+    elif maxtext:
+        lines.append(f"{'train vs MaxText':<22}not measured: {maxtext['error'].splitlines()[0]}")
     for row in results["decode"]["per_batch"]:
         lines.append(f"{'decode tok/s  b=' + str(row['batch']):<22}{row['llamax_tok_s']:>12.1f}"
                      f"{row.get('hf_tok_s', float('nan')):>12.1f}"
@@ -389,9 +397,15 @@ def main(argv: list[str] | None = None) -> dict:
                         help="accelerator run: no torch CPU peer; MFU from the device's bf16 peak")
     parser.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE",
                         help="ModelConfig overrides, e.g. scan_layers=False remat_policy=full")
+    parser.add_argument("--maxtext_python", default=None, metavar="PATH",
+                        help="the interpreter of a MaxText virtualenv: adds MaxText's train step "
+                             "on the same shapes (see benchmarks/maxtext.py)")
     parser.add_argument("--train_only", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--peak_gflops", type=float, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.maxtext_python and not os.access(args.maxtext_python, os.X_OK):
+        parser.error(f"--maxtext_python {args.maxtext_python}: no such executable (a MaxText "
+                     "virtualenv's bin/python; see benchmarks/maxtext.py)")
     if args.train_only:  # the child of `_train_in_child`: freed memory kept, as the train CLI does
         return _train_section(args, retain_freed_host_memory())
 
@@ -417,6 +431,13 @@ def main(argv: list[str] | None = None) -> dict:
         results["train"] = bench_train(config, batch, seq_len, steps, results["peak"]["peak_gflops"],
                                        with_torch=peer)
     print(f"train: {results['train']}", flush=True)
+    if args.maxtext_python:
+        from benchmarks.maxtext import bench_maxtext
+        try:
+            results["maxtext"] = bench_maxtext(args.maxtext_python, config, batch, seq_len)
+        except RuntimeError as error:  # the llamax rows still count; the table says why
+            results["maxtext"] = {"error": str(error)}
+        print(f"maxtext: {results['maxtext']}", flush=True)
 
     rows = []
     for decode_batch in args.decode_batches:

@@ -5,13 +5,14 @@ import sys
 
 import pytest
 
-from benchmarks import op_profile, run
+from benchmarks import maxtext, op_profile, run
 
 
 def test_quick_run_writes_the_documented_json(tmp_path, capsys):
     out = tmp_path / "bench.json"
+    # This interpreter has no MaxText: the MaxText row reports why, and the rest still runs.
     results = run.main(["--quick", "--json", str(out), "--seq_len", "16", "--steps", "1",
-                        "--decode_batches", "1", "--new_tokens", "4"])
+                        "--decode_batches", "1", "--new_tokens", "4", "--maxtext_python", sys.executable])
     written = json.loads(out.read_text())
     assert written["train"].keys() >= {"llamax_tok_s", "torch_tok_s", "ratio", "mfu", "compile_s"}
     assert written["decode"].keys() >= {"llamax_tok_s", "hf_tok_s", "ratio", "per_batch"}
@@ -25,9 +26,35 @@ def test_quick_run_writes_the_documented_json(tmp_path, capsys):
     assert written["memory"]["bandwidth_gb_s"] > 0 and row["bytes_per_step"] > 0
     # Rounded to 3 decimals in the JSON (a tiny model's fraction is ~0.005).
     assert row["roofline_fraction"] == pytest.approx(row["llamax_tok_s"] / row["roofline_tok_s"], abs=1e-3)
-    assert "train tok/s" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "train tok/s" in printed
+    assert "cannot import maxtext" in written["maxtext"]["error"]
+    assert "train vs MaxText      not measured" in printed
     # Training ran in a child that kept freed host memory, as the train CLI does (glibc hosts).
     assert written["train"]["host_memory_retained"] is sys.platform.startswith("linux")
+
+
+# Lines of a real MaxText 0.2.5 run (benchmarks.maxtext, AMD EPYC, 2026-12-05).
+MAXTEXT_LOG = """\
+I1205 17:47:56.047366 139730083474304 metric_logger.py:265] completed step: 0, seconds: 0.060, TFLOP/s/device: 6.166, Tokens/s/device: 34389.535, total_weights: 2048, loss: 9.473
+I1205 17:48:01.525195 139730083474304 metric_logger.py:265] completed step: 1, seconds: 0.264, TFLOP/s/device: 1.390, Tokens/s/device: 7754.462, total_weights: 2048, loss: 8.745
+I1205 17:48:08.571214 139730083474304 metric_logger.py:265] completed step: 2, seconds: 5.391, TFLOP/s/device: 0.068, Tokens/s/device: 379.908, total_weights: 2048, loss: 8.080
+"""
+
+
+def test_maxtext_step_lines_and_overrides():
+    assert maxtext.parse_steps(MAXTEXT_LOG) == {0: 0.06, 1: 0.264, 2: 5.391}
+    overrides = dict(item.split("=", 1) for item in maxtext.maxtext_overrides(
+        run.get_preset("bench"), 4, 512, 12, "full", "/tmp/out"))
+    assert (overrides["base_emb_dim"], overrides["base_mlp_dim"], overrides["base_num_kv_heads"],
+            overrides["max_target_length"], overrides["per_device_batch_size"]) == ("512", "1408", "4", "512", "4")
+    assert overrides["weight_dtype"] == overrides["dtype"] == "float32"
+
+
+def test_maxtext_python_that_is_not_there_is_one_clear_error(capsys):
+    with pytest.raises(SystemExit):
+        run.main(["--quick", "--maxtext_python", "/nonexistent/bin/python"])
+    assert "--maxtext_python /nonexistent/bin/python: no such executable" in capsys.readouterr().err
 
 
 def test_value_parsing_and_geomean():
