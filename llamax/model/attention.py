@@ -76,11 +76,11 @@ def attend_cached(q: Array, k: Array, v: Array, mask: Array, config: ModelConfig
     A decode step (q_len 1) on CPU runs one batched matrix-vector product per query head of a
     group: XLA:CPU turns a [groups, kv_len] x [kv_len, head_dim] product per (row, kv head)
     into a slow loop of tiny matmuls, but emits a vectorized kernel for matrix-vector products.
-    AMD EPYC (Zen 3), 16 rows x 256 keys, 4 kv heads x 2 groups, one layer: 0.85 ms, where the
-    grouped einsum took 3.4 ms, and 3.3 ms with the cache in [batch, length, kv_heads,
-    head_dim] order (two transposes per layer). On accelerators, where the cache read bounds a
-    decode step, the grouped einsum reads it once instead of once per group.
-    """
+    AMD EPYC (Zen 3), one layer, 16 rows x 512 cached keys, 4 kv heads x 2 groups: 0.85 ms,
+    where the grouped einsum took 3.4 ms (the old [batch, length, kv_heads, head_dim] cache
+    order: 3.3 ms over 256 keys, two transposes). On accelerators, where the cache read bounds a
+    decode step, the grouped einsum reads it once instead of once per group
+    (docs/performance.md, change 5)."""
     if config.attention_impl == "cudnn":
         k, v = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)  # cuDNN takes [batch, length, heads, dim]
         return jax.nn.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype),
