@@ -34,8 +34,8 @@ import optax
 
 from llamax.config import ModelConfig
 from llamax.errors import ConfigError
-from llamax.model import lora
-from llamax.model.llama import QUANT_COLLECTION, Llama, abstract_params
+from llamax.model import lora, quantize
+from llamax.model.llama import Llama, abstract_params
 from llamax.model.matmul import flat_matmuls_for
 from llamax.sharding import (LOGICAL_AXIS_RULES, Rules, batch_sharding, check_heads_divisible,
                              replicated, tree_shardings)
@@ -72,10 +72,6 @@ def _full_variables(params: Any, frozen: Any) -> dict:
     return {"params": params}
 
 
-def _quantized_variables(params: Any, quant: Any) -> dict:
-    return {"params": params, QUANT_COLLECTION: quant}  # as llamax.model.quantize.model_variables
-
-
 def _model_params(model_config: ModelConfig, key: Array) -> Any:
     return nn.meta.unbox(Llama(model_config).init(key, jnp.zeros((1, 1), jnp.int32))["params"])
 
@@ -93,7 +89,7 @@ def make_trainable(model_config: ModelConfig, mesh: Mesh, rules: Rules = LOGICAL
         if lora_config is not None or reference:
             raise ConfigError("an int8 (quantized) evaluation takes neither LoRA adapters nor a DPO reference")
         return Trainable(init=functools.partial(_model_params, model_config), shardings=param_shardings,
-                         variables=_quantized_variables, frozen_shardings=replicated(mesh))
+                         variables=quantize.model_variables, frozen_shardings=replicated(mesh))
     if lora_config is None:
         return Trainable(init=functools.partial(_model_params, model_config),
                          shardings=param_shardings, variables=_full_variables,
