@@ -5,7 +5,8 @@
 
 `benchmarks.run --maxtext_python PATH` adds the same measurement as a row of its table, right
 after its own train section. MaxText is not a dependency of llamax: it needs Python >= 3.12 and
-pins of its own, so it lives in its own virtualenv (pyenv's 3.12 on these machines):
+pins of its own, so it lives in its own virtualenv (pyenv's 3.12 on these machines:
+/root/.pyenv/versions/3.12.1/bin/python3.12; `python3.12` where one is on PATH):
 
     python3.12 -m venv ~/maxtext-venv && P=~/maxtext-venv/bin/pip
     $P install jax==0.10.2 jaxlib==0.10.2
