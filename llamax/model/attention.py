@@ -31,7 +31,8 @@ def attend(q: Array, k: Array, v: Array, mask: Array, config: ModelConfig,
     masked upper triangle is never computed (about half the attention work and memory at long
     sequences). cuDNN gets `is_causal=True` and skips it itself. Splash builds its causal and
     same-segment mask from `segment_ids` [batch, seq] inside the kernel and ignores `mask`;
-    without causal (a KV cache) splash does not apply and the XLA path runs.
+    without causal, splash does not apply and the XLA path runs. (The model attends over a KV
+    cache with `attend_cached`.)
     """
     if config.attention_impl == "splash" and causal:
         from llamax.model.splash import splash_attention  # imports Pallas only when chosen
