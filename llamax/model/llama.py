@@ -92,29 +92,21 @@ class KVCache:
         return self.key[0].shape[2]  # layer 0: [batch, kv_heads, max_length, head_dim]
 
 
-def write_at(buffer: Array, update: Array, index: Array) -> Array:
-    """`update` [batch, seq, ...] written into `buffer` [rows, length, ...] from slot `index`:
+def write_at(buffer: Array, update: Array, index: Array, length_axis: int = 1) -> Array:
+    """`update` [batch, seq, ...] written into `buffer` from slot `index` of its `length_axis`
+    (segment ids [rows, length]: 1; a heads-major cache [rows, kv_heads, length, head_dim]: 2):
     one slot for every row ([], rows = batch), or one per row ([batch], a scatter into the first
     `batch` rows; later rows are left as they are)."""
     if index.ndim == 0:
-        return jax.lax.dynamic_update_slice(buffer, update, (0, index) + (0,) * (buffer.ndim - 2))
+        update = jnp.moveaxis(update, 1, length_axis)  # seq to the buffer's length axis
+        start = [0] * buffer.ndim
+        start[length_axis] = index
+        return jax.lax.dynamic_update_slice(buffer, update, tuple(start))
     batch, seq = update.shape[:2]
     rows = jnp.arange(batch)[:, None]  # [batch, 1]
     slots = index[:, None] + jnp.arange(seq)  # [batch, seq]
-    return buffer.at[rows, slots].set(update)  # out-of-range slots are dropped
-
-
-def write_keys(buffer: Array, update: Array, index: Array) -> Array:
-    """`write_at` for a heads-major cache buffer [rows, kv_heads, length, head_dim]: `update`
-    [batch, seq, kv_heads, head_dim], as projected, is written along the length axis."""
-    if index.ndim == 0:
-        update = jnp.swapaxes(update, 1, 2)  # [batch, kv_heads, seq, head_dim]
-        return jax.lax.dynamic_update_slice(buffer, update, (0, 0, index, 0))
-    batch, seq = update.shape[:2]
-    rows = jnp.arange(batch)[:, None]  # [batch, 1]
-    slots = index[:, None] + jnp.arange(seq)  # [batch, seq]
-    # Indices on axes 0 and 2 around a slice: the indexed view is [batch, seq, kv_heads, head_dim].
-    return buffer.at[rows, :, slots].set(update)  # out-of-range slots are dropped
+    where = (rows,) + (slice(None),) * (length_axis - 1) + (slots,)  # view: [batch, seq, rest...]
+    return buffer.at[where].set(update)  # out-of-range slots are dropped
 
 
 def _init(config: ModelConfig):
@@ -205,8 +197,8 @@ class Attention(nn.Module):
         new_cache = None
         if layer_cache is not None:
             cached_key, cached_value = layer_cache  # [batch, kv_heads, max_length, head_dim]
-            k = write_keys(cached_key, k.astype(cached_key.dtype), cache_index)
-            v = write_keys(cached_value, v.astype(cached_value.dtype), cache_index)
+            k = write_at(cached_key, k.astype(cached_key.dtype), cache_index, length_axis=2)
+            v = write_at(cached_value, v.astype(cached_value.dtype), cache_index, length_axis=2)
             new_cache = (k, v)
             # A serving cache: only its first rows are in this batch, and `mask` may cover only
             # the first slots (KVCache.attend_length).
