@@ -84,7 +84,8 @@ def bench_maxtext(python: str, config, batch: int, seq_len: int, steps: int = 12
         spec = subprocess.run([python, "-c", "import maxtext, os; print(os.path.dirname(maxtext.__file__))"],
                               capture_output=True, text=True)
         if spec.returncode:
-            raise RuntimeError(f"{python} cannot import maxtext: {spec.stderr.strip().splitlines()[-1:]}")
+            last = (spec.stderr.strip().splitlines() or ["no error output"])[-1]
+            raise RuntimeError(f"{python} cannot import maxtext: {last}")
         base_yml = os.path.join(spec.stdout.strip(), "configs", "base.yml")
         env = {**os.environ, "DECOUPLE_GCLOUD": "TRUE", "JAX_PLATFORMS": "cpu"}
         run = subprocess.run([python, "-c", LAUNCHER, base_yml,

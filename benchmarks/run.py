@@ -403,6 +403,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--train_only", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--peak_gflops", type=float, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.maxtext_python and args.gpu:
+        parser.error("--maxtext_python runs MaxText on the CPU (hardware=cpu): it is not a peer "
+                     "of a --gpu run")
     if args.maxtext_python and not os.access(args.maxtext_python, os.X_OK):
         parser.error(f"--maxtext_python {args.maxtext_python}: no such executable (a MaxText "
                      "virtualenv's bin/python; see benchmarks/maxtext.py)")

@@ -55,6 +55,9 @@ def test_maxtext_python_that_is_not_there_is_one_clear_error(capsys):
     with pytest.raises(SystemExit):
         run.main(["--quick", "--maxtext_python", "/nonexistent/bin/python"])
     assert "--maxtext_python /nonexistent/bin/python: no such executable" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        run.main(["--quick", "--gpu", "--maxtext_python", sys.executable])
+    assert "runs MaxText on the CPU (hardware=cpu): it is not a peer of a --gpu run" in capsys.readouterr().err
 
 
 def test_value_parsing_and_geomean():
