@@ -200,7 +200,7 @@ def tpu_decode_memory(batch: int = 8, prompt_len: int = 32, new_tokens: int = 12
                                                  0.0, None, None, 0, None, (), None, None, quant)
         abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=replicated),
                                 dynamic)
-        with gen._sharding_context(mesh, rules):
+        with gen.sharding_context(mesh, rules):
             compiled = gen._compiled_generate(config, sampler, new_tokens, mesh, rules).lower(*abstract).compile()
         memory = compiled.memory_analysis()
         result[mode] = dict(argument_mb=round(memory.argument_size_in_bytes / 1e6, 1),

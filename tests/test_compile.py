@@ -239,7 +239,7 @@ def test_inference_programs_for_a_tpu_mesh_take_the_tpu_form_on_a_cpu_host():
                ("data", "fsdp", "tensor"))
     cpu = Mesh(np.array(jax.devices("cpu")[:1]).reshape(1, 1, 1), ("data", "fsdp", "tensor"))
     for mesh, cpu_form in ((tpu, False), (cpu, True)):
-        with gen._sharding_context(mesh, rules):
+        with gen.sharding_context(mesh, rules):
             assert use_flat_matmuls() is cpu_form
         with SlotProgram(get_preset("tiny"), 2, 32, mesh=mesh)._context(rules):
             assert use_flat_matmuls() is cpu_form

@@ -283,7 +283,7 @@ def _prepare(config, params, prompts, max_new_tokens, temperature, top_k, top_p,
 
 
 @contextlib.contextmanager
-def _sharding_context(mesh: jax.sharding.Mesh | None, rules: Rules | None) -> Iterator[None]:
+def sharding_context(mesh: jax.sharding.Mesh | None, rules: Rules | None) -> Iterator[None]:
     """`with mesh, nn.logical_axis_rules(rules)` when sharded; nothing otherwise. Either way the
     model's products take the form of the devices the program is built for (`flat_matmuls_for`)."""
     if mesh is None:
@@ -334,7 +334,7 @@ def generate(config: ModelConfig, params: Any, prompts: Sequence[Sequence[int]],
         raise ConfigError(f"check_every must be a positive integer, got {check_every!r}")
     sampler, mesh, rules, dynamic, stops = _prepare(config, params, prompts, max_new_tokens, temperature,
                                                     top_k, top_p, seed, eos_id, stop_ids, mesh, rules, quant)
-    with _sharding_context(mesh, rules):
+    with sharding_context(mesh, rules):
         if stop is None:
             tokens = _compiled_generate(config, sampler, max_new_tokens, mesh, rules)(*dynamic)
             tokens = np.asarray(jax.device_get(tokens))  # [batch, max_new_tokens]; the one host sync
@@ -385,12 +385,12 @@ def generate_stream(config: ModelConfig, params: Any, prompt: Sequence[int], max
                                                     top_k, top_p, seed, eos_id, stop_ids, mesh, rules, quant)
     unstack, start, advance, _, _ = _compiled_stream(config, sampler, max_new_tokens, mesh, rules)
     key, temperature_, stop_array = dynamic[5:]
-    with _sharding_context(mesh, rules):  # entered per call: the caller runs between yields
+    with sharding_context(mesh, rules):  # entered per call: the caller runs between yields
         params = unstack(dynamic[0])
         state = start(params, *dynamic[1:])
     for step in range(max_new_tokens):
         if step:
-            with _sharding_context(mesh, rules):
+            with sharding_context(mesh, rules):
                 state = advance(params, state, key, temperature_, stop_array)
         token = int(state.last[0])  # the per-token host sync
         yield token

@@ -17,9 +17,8 @@ requests with different temperature/top-k/top-p/seed share a step.
 """
 from __future__ import annotations
 
-import contextlib
 import functools
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import flax
 import flax.linen as nn
@@ -27,10 +26,9 @@ import jax
 import jax.numpy as jnp
 
 from llamax.config import ModelConfig
-from llamax.infer.generate import decode_compiler_options, decoding_config, unstack_layers
+from llamax.infer.generate import decode_compiler_options, decoding_config, sharding_context, unstack_layers
 from llamax.infer.row_sampling import SlotSampling, StepOutput, sample_rows
 from llamax.model.llama import CACHE_AXES, KVCache, Llama
-from llamax.model.matmul import flat_matmuls_for
 
 Array = jax.Array
 Rules = Sequence[tuple[str, Any]]
@@ -82,13 +80,8 @@ class SlotProgram:
         self._decode = jax.jit(self._decode_slots, donate_argnums=(1,), static_argnums=(2, 3),
                                compiler_options=decode_compiler_options(mesh))
 
-    @contextlib.contextmanager
-    def _context(self, rules: Rules | None) -> Iterator[None]:
-        if self.mesh is None:
-            yield
-            return
-        with self.mesh, nn.logical_axis_rules(rules), flat_matmuls_for(self.mesh):
-            yield
+    def _context(self, rules: Rules | None):
+        return sharding_context(self.mesh, rules)
 
     # ---- host-facing calls ------------------------------------------------------------------
 
