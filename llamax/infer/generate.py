@@ -39,7 +39,8 @@ from llamax.config import ModelConfig
 from llamax.errors import ConfigError
 from llamax.infer.checks import all_stop_ids, check_generate_args
 from llamax.infer.sampling import Sampler, filter_logits, sample_tokens  # noqa: F401 (re-exported)
-from llamax.model.llama import CACHE_AXES, KVCache, Llama
+from llamax.model.kv_cache import CACHE_AXES, KVCache
+from llamax.model.llama import Llama
 from llamax.model.matmul import flat_matmuls_for
 from llamax.model.quantize import model_variables
 

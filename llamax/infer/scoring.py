@@ -37,7 +37,8 @@ from jax.sharding import NamedSharding, PartitionSpec
 from llamax.config import ModelConfig
 from llamax.errors import ConfigError, DataError
 from llamax.infer.generate import bucket_length, left_pad
-from llamax.model.llama import CACHE_AXES, KVCache, Llama
+from llamax.model.kv_cache import CACHE_AXES, KVCache
+from llamax.model.llama import Llama
 from llamax.model.matmul import flat_matmuls_for
 from llamax.model.quantize import model_variables
 from llamax.sharding import (LOGICAL_AXIS_RULES, MeshConfig, Rules, batch_sharding, data_parallel_size,

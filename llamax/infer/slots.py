@@ -28,7 +28,8 @@ import jax.numpy as jnp
 from llamax.config import ModelConfig
 from llamax.infer.generate import decode_compiler_options, decoding_config, sharding_context, unstack_layers
 from llamax.infer.row_sampling import SlotSampling, StepOutput, sample_rows
-from llamax.model.llama import CACHE_AXES, KVCache, Llama
+from llamax.model.kv_cache import CACHE_AXES, KVCache
+from llamax.model.llama import Llama
 
 Array = jax.Array
 Rules = Sequence[tuple[str, Any]]

@@ -1,7 +1,8 @@
 """The LLaMA decoder: the forward pass and what plugs into it.
 
   llama.py      the linen modules (Llama, DecoderLayer, Attention, MLP, RMSNorm, Projection,
-                EmbedTokens), the KV cache, `init_params`, `abstract_params`
+                EmbedTokens), `init_params`, `abstract_params`
+  kv_cache.py   the KV cache: KVCache, how a step writes it and attends over it
   attention.py  softmax attention arithmetic: GQA, masks, causal query blocks, cuDNN
   splash.py     the Pallas TPU splash-attention kernel behind attention_impl='splash'
   rope.py       rotary embeddings in HF's half-split layout, with llama3 frequency scaling

@@ -106,3 +106,31 @@ def attend_cached(q: Array, k: Array, v: Array, mask: Array, config: ModelConfig
     probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)  # [batch, kv_heads, groups, q_len, kv_len]
     out = jnp.einsum("BKGTS,BKSD->BTKGD", probs, v)
     return out.reshape(batch, q_len, heads, head_dim)
+
+
+def attend_step(q: Array, k_old: Array, v_old: Array, k_new: Array, v_new: Array, mask: Array,
+                config: ModelConfig) -> Array:
+    """One decode step on CPU over the KV cache as it was before the step, plus the step's own
+    key/value (`llamax.model.kv_cache.update_and_attend` says why).
+
+    q [batch, 1, heads, head_dim]; k_old, v_old heads-major [batch, kv_heads, kv_len, head_dim];
+    k_new, v_new [batch, 1, kv_heads, head_dim]; mask [batch, 1, kv_len] without the step's own
+    slot (the old cache holds something stale there). Like `attend_cached`'s CPU form: one
+    batched matrix-vector product per query head of a group. Returns [batch, 1, heads, head_dim].
+    """
+    batch, _, heads, head_dim = q.shape
+    kv_heads = k_old.shape[1]
+    groups = heads // kv_heads
+    q = q.reshape(batch, kv_heads, groups, head_dim)
+    k_old, v_old = k_old.astype(q.dtype), v_old.astype(q.dtype)
+    k_new, v_new = k_new[:, 0].astype(q.dtype), v_new[:, 0].astype(q.dtype)  # [batch, kv_heads, head_dim]
+    outputs = []
+    for group in range(groups):  # static: one matrix-vector product per query head
+        query = q[:, :, group]  # [batch, kv_heads, head_dim]
+        scores = jnp.einsum("BKD,BKSD->BKS", query, k_old, preferred_element_type=jnp.float32)
+        scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)  # mask [batch, 1, kv_len]
+        own = jnp.einsum("BKD,BKD->BK", query, k_new, preferred_element_type=jnp.float32)[..., None]
+        scores = jnp.concatenate([scores, own], axis=-1) * (head_dim ** -0.5)  # [batch, kv_heads, kv_len + 1]
+        probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
+        outputs.append(jnp.einsum("BKS,BKSD->BKD", probs[..., :-1], v_old) + probs[..., -1:] * v_new)
+    return jnp.stack(outputs, axis=2).reshape(batch, 1, heads, head_dim)

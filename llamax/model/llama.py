@@ -19,14 +19,14 @@ from __future__ import annotations
 
 from typing import Any
 
-import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
 from llamax.config import ModelConfig
-from llamax.model.attention import attend, attend_cached
+from llamax.model.attention import attend
+from llamax.model.kv_cache import KVCache, update_and_attend, write_at
 from llamax.model.matmul import project
 from llamax.model.rope import apply_rotary, inverse_frequencies, rotary_cos_sin
 
@@ -37,76 +37,8 @@ ACT_HEADS = ("batch", "length", "act_heads", "head_dim")
 ACT_KV_HEADS = ("batch", "length", "act_kv_heads", "head_dim")
 ACT_MLP = ("batch", "length", "act_mlp")
 ACT_VOCAB = ("batch", "length", "act_vocab")
-# A stacked KVCache buffer; a per-layer buffer drops "layers". Heads-major, as HF stores it.
-CACHE_AXES = ("layers", "batch", "act_kv_heads", "length", "head_dim")
 LORA_COLLECTION = "lora"  # variable collection of LoRA adapters; absent = the plain model
 QUANT_COLLECTION = "quant"  # per-output-column scales of int8 kernels; absent = unquantized
-
-
-@flax.struct.dataclass
-class KVCache:
-    """Preallocated keys/values for incremental decoding, GQA-shaped (kv_heads, not heads).
-
-    Slot s of every row holds the token fed at step s. Rows may be left-padded: padding slots
-    carry segment id 0 and real tokens segment id 1, so no real token attends to padding.
-
-    `index` is one write position for the whole batch ([], as `create` makes it) or one per row
-    ([batch]): rows of a serving batch hold unrelated requests that have reached different
-    lengths (`llamax.infer.engine`), and each writes its new keys at its own position. A per-row
-    index may cover only the first rows of the cache: a server at low load runs just the slots in
-    use, and the other rows are left untouched (not copied).
-
-    `key`/`value` are one stacked array, or (unscanned layers only, `per_layer=True`) a tuple of
-    per-layer arrays: a call that is not inside a loop then updates each layer's buffer in place,
-    where a stacked cache is sliced and re-stacked, i.e. copied whole, by every call.
-
-    Buffers are heads-major ([batch, kv_heads, length, head_dim], HF's order): each (row, kv
-    head) reads one contiguous [length, head_dim] matrix, which XLA:CPU multiplies in place
-    (`llamax.model.attention.attend_cached`).
-    """
-
-    key: Array | tuple[Array, ...]  # [layers, batch, kv_heads, max_length, head_dim], or per layer
-    value: Array | tuple[Array, ...]  # same layout as key
-    segment_ids: Array  # [batch, max_length]; 0 = empty slot or padding
-    index: Array  # [] or [batch] int32: the next slot to write
-    # Static: queries attend to slots [0, attend_length) only (None: all). A server whose rows
-    # are all shorter than the cache reads just that much of it; every query must lie inside.
-    attend_length: int | None = flax.struct.field(pytree_node=False, default=None)
-
-    @classmethod
-    def create(cls, config: ModelConfig, batch_size: int, max_length: int,
-               per_layer: bool = False) -> "KVCache":
-        shape = (batch_size, config.num_kv_heads, max_length, config.head_dim)
-
-        def buffers():
-            if per_layer:
-                return tuple(jnp.zeros(shape, config.compute_dtype) for _ in range(config.num_layers))
-            return jnp.zeros((config.num_layers, *shape), config.compute_dtype)
-
-        return cls(key=buffers(), value=buffers(),
-                   segment_ids=jnp.zeros((batch_size, max_length), jnp.int32),
-                   index=jnp.zeros((), jnp.int32))
-
-    @property
-    def max_length(self) -> int:
-        return self.key[0].shape[2]  # layer 0: [batch, kv_heads, max_length, head_dim]
-
-
-def write_at(buffer: Array, update: Array, index: Array, length_axis: int = 1) -> Array:
-    """`update` [batch, seq, ...] written into `buffer` from slot `index` of its `length_axis`
-    (segment ids [rows, length]: 1; a heads-major cache [rows, kv_heads, length, head_dim]: 2):
-    one slot for every row ([], rows = batch), or one per row ([batch], a scatter into the first
-    `batch` rows; later rows are left as they are)."""
-    if index.ndim == 0:
-        update = jnp.moveaxis(update, 1, length_axis)  # seq to the buffer's length axis
-        start = [0] * buffer.ndim
-        start[length_axis] = index
-        return jax.lax.dynamic_update_slice(buffer, update, tuple(start))
-    batch, seq = update.shape[:2]
-    rows = jnp.arange(batch)[:, None]  # [batch, 1]
-    slots = index[:, None] + jnp.arange(seq)  # [batch, seq]
-    where = (rows,) + (slice(None),) * (length_axis - 1) + (slots,)  # view: [batch, seq, rest...]
-    return buffer.at[where].set(update)  # out-of-range slots are dropped
 
 
 def _init(config: ModelConfig):
@@ -196,15 +128,7 @@ class Attention(nn.Module):
 
         new_cache = None
         if layer_cache is not None:
-            cached_key, cached_value = layer_cache  # [batch, kv_heads, max_length, head_dim]
-            k = write_at(cached_key, k.astype(cached_key.dtype), cache_index, length_axis=2)
-            v = write_at(cached_value, v.astype(cached_value.dtype), cache_index, length_axis=2)
-            new_cache = (k, v)
-            # A serving cache: only its first rows are in this batch, and `mask` may cover only
-            # the first slots (KVCache.attend_length).
-            if (k.shape[0], k.shape[2]) != (x.shape[0], mask.shape[-1]):
-                k, v = k[:x.shape[0], :, :mask.shape[-1]], v[:x.shape[0], :, :mask.shape[-1]]
-            out = attend_cached(q, k, v, mask, c)  # [batch, seq, heads, head_dim]
+            out, new_cache = update_and_attend(q, k, v, layer_cache, cache_index, mask, c)
         else:
             # Without a cache, query i sits at key slot i, so `mask` is causal in slot order (and
             # `segment_ids` [batch, seq] is all splash needs to rebuild it inside its kernel).
