@@ -137,6 +137,26 @@ def test_kv_cache_with_a_write_index_per_row_equals_full_forward(scan_layers):
         np.testing.assert_array_equal(cache.value[layer][2], 7.0)
 
 
+@pytest.mark.parametrize("scan_layers", [True, False])
+def test_logits_at_one_position_per_row_equal_the_full_forward_there(scan_layers):
+    """`logits_at` (a prefill's last prompt token) computes only those rows' logits, with or
+    without a cache, and the cache it fills is the one a full forward fills."""
+    config = get_preset("tiny", scan_layers=scan_layers)
+    params = init_params(config)
+    tokens = jnp.asarray(np.random.RandomState(2).randint(0, config.vocab_size, (3, 10)))
+    model = Llama(config)
+    full = model.apply({"params": params}, tokens)  # [3, 10, vocab]
+    at = jnp.asarray([9, 0, 4], jnp.int32)
+    picked = model.apply({"params": params}, tokens, logits_at=at)
+    assert picked.shape == (3, 1, config.vocab_size)
+    np.testing.assert_allclose(picked[:, 0], full[np.arange(3), at], atol=1e-5)
+    empty = KVCache.create(config, batch_size=3, max_length=16)
+    cached, cache = model.apply({"params": params}, tokens, cache=empty, logits_at=at)
+    np.testing.assert_allclose(cached[:, 0], full[np.arange(3), at], atol=1e-5)
+    _, want = model.apply({"params": params}, tokens, cache=empty)
+    np.testing.assert_array_equal(cache.key, want.key)
+
+
 def test_bfloat16_compute_with_float32_params_tracks_float32():
     config = get_preset("tiny")
     params = init_params(config)

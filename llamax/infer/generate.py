@@ -138,15 +138,18 @@ def decode_compiler_options(mesh: jax.sharding.Mesh | None = None) -> dict[str, 
 
 
 def prefill(config: ModelConfig, params: Any, tokens: Array, positions: Array, segment_ids: Array,
-            cache_length: int, *, quant: Any = None) -> tuple[Array, KVCache]:
+            cache_length: int, *, quant: Any = None, last_only: bool = False) -> tuple[Array, KVCache]:
     """Runs the left-padded prompts [batch, prompt_len] through a fresh cache of `cache_length`.
 
-    Returns (logits [batch, prompt_len, vocab], cache with index = prompt_len).
+    Returns (logits [batch, prompt_len, vocab], cache with index = prompt_len); with `last_only`,
+    the last position's logits [batch, vocab] alone (the others are never computed).
     """
     cache = KVCache.create(config, tokens.shape[0], cache_length, per_layer=not config.scan_layers)
     cache = cache.replace(key=_constrain_cache(cache.key), value=_constrain_cache(cache.value))
-    return Llama(config).apply(model_variables(params, quant), tokens, positions=positions,
-                               segment_ids=segment_ids, cache=cache)
+    last = jnp.full((tokens.shape[0],), tokens.shape[1] - 1, jnp.int32) if last_only else None  # left padding
+    logits, cache = Llama(config).apply(model_variables(params, quant), tokens, positions=positions,
+                                        segment_ids=segment_ids, cache=cache, logits_at=last)
+    return (logits[:, 0] if last_only else logits), cache
 
 
 def decode_step(config: ModelConfig, params: Any, tokens: Array, positions: Array,
@@ -169,8 +172,8 @@ def _start(config: ModelConfig, sampler: Sampler, max_new_tokens: int, params: A
     """Prefill and sample the first new token."""
     batch, prompt_len = tokens.shape
     logits, cache = prefill(config, params[0], tokens, positions, segment_ids, prompt_len + max_new_tokens,
-                            quant=params[1])  # params: (params, int8 scales or None)
-    first = sample_tokens(logits[:, -1], jax.random.fold_in(key, 0), temperature, sampler)
+                            quant=params[1], last_only=True)  # params: (params, int8 scales or None)
+    first = sample_tokens(logits, jax.random.fold_in(key, 0), temperature, sampler)
     padding_row = jnp.arange(batch) >= num_real
     out = jnp.full((batch, max_new_tokens), -1, jnp.int32).at[:, 0].set(first)
     return DecodeState(step=jnp.ones((), jnp.int32), cache=cache, tokens=out, last=first,

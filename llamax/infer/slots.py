@@ -164,9 +164,9 @@ class SlotProgram:
         segment_ids = (places < length).astype(jnp.int32)  # right padding: segment 0
         fresh = KVCache.create(self.decode_config, 1, bucket, per_layer=True)
         logits, prompt_cache = Llama(self.decode_config).apply(
-            {"params": params}, tokens, positions=places, segment_ids=segment_ids, cache=fresh)
-        last_logits = jax.lax.dynamic_index_in_dim(logits[0], length - 1, keepdims=True)  # [1, vocab]
-        first = sample_rows(last_logits, sampling, jnp.zeros((1,), jnp.int32))
+            {"params": params}, tokens, positions=places, segment_ids=segment_ids, cache=fresh,
+            logits_at=length[None] - 1)  # the prompt's last token only: [1, 1, vocab]
+        first = sample_rows(logits[:, 0], sampling, jnp.zeros((1,), jnp.int32))
 
         cache = batch.cache
         into_slot = lambda layers, rows: tuple(  # noqa: E731

@@ -203,14 +203,18 @@ class Llama(nn.Module):
 
     positions [batch, seq] (default 0..seq-1, or continuing from the cache) drive RoPE;
     segment_ids [batch, seq] (default all 1) keep packed documents from attending to each other;
-    0 marks padding. With `cache`, returns (logits, updated cache).
+    0 marks padding. With `cache`, returns (logits, updated cache). `logits_at` [batch] picks one
+    position per row whose logits alone are computed ([batch, 1, vocab]): a prompt's prefill
+    needs only its last token's, and the full [batch, seq, vocab] float32 logits are the
+    largest buffer of a long prompt with a large vocabulary.
     """
 
     config: ModelConfig
 
     @nn.compact
     def __call__(self, tokens: Array, positions: Array | None = None,
-                 segment_ids: Array | None = None, cache: KVCache | None = None) -> Any:
+                 segment_ids: Array | None = None, cache: KVCache | None = None,
+                 logits_at: Array | None = None) -> Any:
         c = self.config
         batch, seq = tokens.shape
         start = jnp.zeros((), jnp.int32) if cache is None else cache.index  # [] or [batch]
@@ -261,6 +265,8 @@ class Llama(nn.Module):
                 tuple(out[j] for out in outputs) if per_layer else jnp.stack([out[j] for out in outputs])
                 for j in range(2))
 
+        if logits_at is not None:
+            x = jnp.take_along_axis(x, jnp.reshape(logits_at, (batch, 1, 1)), axis=1)  # [batch, 1, embed]
         x = RMSNorm(c, name="norm")(x)
         if c.tie_word_embeddings:
             logits = embed_tokens.attend(x)
