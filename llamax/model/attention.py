@@ -91,15 +91,7 @@ def attend_cached(q: Array, k: Array, v: Array, mask: Array, config: ModelConfig
     groups = heads // kv_heads
     k, v = k.astype(q.dtype), v.astype(q.dtype)
     if q_len == 1 and use_flat_matmuls():
-        q = q.reshape(batch, kv_heads, groups, head_dim)
-        outputs = []
-        for group in range(groups):  # static: one matrix-vector product per query head
-            scores = jnp.einsum("BKD,BKSD->BKS", q[:, :, group], k,
-                                preferred_element_type=jnp.float32) * (head_dim ** -0.5)
-            scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)  # mask [batch, 1, kv_len]
-            probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)  # [batch, kv_heads, kv_len]
-            outputs.append(jnp.einsum("BKS,BKSD->BKD", probs, v))
-        return jnp.stack(outputs, axis=2).reshape(batch, 1, heads, head_dim)
+        return _one_query_per_head(q, k, v, mask)
     q = q.reshape(batch, q_len, kv_heads, groups, head_dim)
     scores = jnp.einsum("BTKGD,BKSD->BKGTS", q, k, preferred_element_type=jnp.float32) * (head_dim ** -0.5)
     scores = jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
@@ -118,19 +110,28 @@ def attend_step(q: Array, k_old: Array, v_old: Array, k_new: Array, v_new: Array
     slot (the old cache holds something stale there). Like `attend_cached`'s CPU form: one
     batched matrix-vector product per query head of a group. Returns [batch, 1, heads, head_dim].
     """
+    own = (k_new[:, 0].astype(q.dtype), v_new[:, 0].astype(q.dtype))  # [batch, kv_heads, head_dim]
+    return _one_query_per_head(q, k_old.astype(q.dtype), v_old.astype(q.dtype), mask, own)
+
+
+def _one_query_per_head(q: Array, k: Array, v: Array, mask: Array,
+                        own: tuple[Array, Array] | None = None) -> Array:
+    """CPU decode attention: q [batch, 1, heads, head_dim] over heads-major k, v [batch, kv_heads,
+    kv_len, head_dim] (q's dtype) where mask [batch, 1, kv_len], one batched matrix-vector product
+    per query head of a group; `own` (key, value [batch, kv_heads, head_dim]) is one more key that
+    every query sees. Returns [batch, 1, heads, head_dim]."""
     batch, _, heads, head_dim = q.shape
-    kv_heads = k_old.shape[1]
-    groups = heads // kv_heads
-    q = q.reshape(batch, kv_heads, groups, head_dim)
-    k_old, v_old = k_old.astype(q.dtype), v_old.astype(q.dtype)
-    k_new, v_new = k_new[:, 0].astype(q.dtype), v_new[:, 0].astype(q.dtype)  # [batch, kv_heads, head_dim]
+    kv_heads = k.shape[1]
+    q = q.reshape(batch, kv_heads, heads // kv_heads, head_dim)
     outputs = []
-    for group in range(groups):  # static: one matrix-vector product per query head
+    for group in range(q.shape[2]):  # static: one matrix-vector product per query head
         query = q[:, :, group]  # [batch, kv_heads, head_dim]
-        scores = jnp.einsum("BKD,BKSD->BKS", query, k_old, preferred_element_type=jnp.float32)
-        scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)  # mask [batch, 1, kv_len]
-        own = jnp.einsum("BKD,BKD->BK", query, k_new, preferred_element_type=jnp.float32)[..., None]
-        scores = jnp.concatenate([scores, own], axis=-1) * (head_dim ** -0.5)  # [batch, kv_heads, kv_len + 1]
+        scores = jnp.einsum("BKD,BKSD->BKS", query, k, preferred_element_type=jnp.float32) * (head_dim ** -0.5)
+        scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)  # [batch, kv_heads, kv_len]
+        if own is not None:
+            own_score = jnp.einsum("BKD,BKD->BK", query, own[0], preferred_element_type=jnp.float32)
+            scores = jnp.concatenate([scores, own_score[..., None] * (head_dim ** -0.5)], axis=-1)
         probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
-        outputs.append(jnp.einsum("BKS,BKSD->BKD", probs[..., :-1], v_old) + probs[..., -1:] * v_new)
+        out = jnp.einsum("BKS,BKSD->BKD", probs[..., :k.shape[2]], v)
+        outputs.append(out if own is None else out + probs[..., -1:] * own[1])
     return jnp.stack(outputs, axis=2).reshape(batch, 1, heads, head_dim)

@@ -109,6 +109,7 @@ def update_and_attend(q: Array, k: Array, v: Array, layer_cache: tuple[Array, Ar
                      write_at(cached_value, v + after, index, length_axis=2))
     keys = write_at(cached_key, k, index, length_axis=2)
     values = write_at(cached_value, v, index, length_axis=2)
+    read_k, read_v = keys, values
     if not whole:  # a serving cache: this batch is its first rows, `mask` its first slots
-        return attend_cached(q, keys[:rows, :, :window], values[:rows, :, :window], mask, config), (keys, values)
-    return attend_cached(q, keys, values, mask, config), (keys, values)
+        read_k, read_v = keys[:rows, :, :window], values[:rows, :, :window]
+    return attend_cached(q, read_k, read_v, mask, config), (keys, values)
