@@ -14,7 +14,7 @@ from llamax.config import PRESETS, ModelConfig, get_preset
 MODELS_DIR = Path(__file__).resolve().parent.parent / "configs" / "models"
 # Fields a run decides (numerics, memory), not the architecture: left to the run / mesh files.
 RUN_FIELDS = ("dtype", "param_dtype", "remat_policy", "scan_layers", "attention_impl",
-              "attention_block_size", "initializer_range")
+              "attention_block_size", "initializer_range", "kernel_layout")
 
 
 def gin_text(name: str) -> str:

@@ -23,6 +23,7 @@ logger = logging.getLogger(__name__)
 REMAT_POLICIES = ("none", "full", "dots", "dots_with_no_batch_dims", "save_qkv_projections",
                   "save_projections", "offload_projections", "offload_dots_with_no_batch_dims")
 ATTENTION_IMPLS = ("xla", "cudnn", "splash")
+KERNEL_LAYOUTS = ("in_out", "out_in")
 # transformers maps both names to SiLU (ACT2FN); anything else (gelu, relu, ...) is another MLP.
 SUPPORTED_HIDDEN_ACTS = ("silu", "swish")
 
@@ -68,6 +69,10 @@ class ModelConfig:
     # Causal attention without a cache runs in query blocks of this many tokens, each reading
     # only the keys up to its end (skips the masked upper triangle); 0 = one dense block.
     attention_block_size: int = 128
+    # How projection kernels are stored: "in_out" = [inputs..., outputs...] (as trained, saved and
+    # sharded); "out_in" = one [outputs, inputs] matrix each, the CPU decoding layout
+    # (`llamax.infer.generate.decoding_config`; `llamax.model.llama.kernels_out_in` converts).
+    kernel_layout: str = "in_out"
 
     def __post_init__(self):
         # One canonical name per dtype: jnp.bfloat16, 'bf16' and 'bfloat16' are the same config.
@@ -113,6 +118,8 @@ class ModelConfig:
         if not isinstance(self.attention_impl, str) or self.attention_impl not in ATTENTION_IMPLS:
             raise ConfigError(
                 f"attention_impl={self.attention_impl!r}; expected one of {ATTENTION_IMPLS}")
+        if not isinstance(self.kernel_layout, str) or self.kernel_layout not in KERNEL_LAYOUTS:
+            raise ConfigError(f"kernel_layout={self.kernel_layout!r}; expected one of {KERNEL_LAYOUTS}")
         check_int(self.attention_block_size, "ModelConfig.attention_block_size", 0, "0 = no blocking")
 
     @property

@@ -92,6 +92,7 @@ def test_from_hf_names_missing_fields():
     ({"vocab_size": 0}, "vocab_size"),
     ({"remat_policy": "sometimes"}, "remat_policy"),
     ({"dtype": "float17"}, "dtype"),
+    ({"kernel_layout": "transposed"}, "kernel_layout"),
 ])
 def test_invalid_model_config_fields_are_named(change, message):
     with pytest.raises(ConfigError, match=message):

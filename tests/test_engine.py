@@ -45,6 +45,12 @@ def reference(model, prompts):
 
 
 def test_solo_greedy_equals_generate(engine, prompts, reference):
+    # On CPU the engine decodes with [outputs, inputs] kernels (generate with the trained layout):
+    # the same tokens from both layouts.
+    config = engine.config
+    assert engine.program.decode_config.kernel_layout == "out_in"
+    assert engine.params["layers_0"]["mlp"]["up_proj"]["kernel"].shape == (config.intermediate_size,
+                                                                        config.hidden_size)
     for prompt, expected in zip(prompts, reference):
         request = engine.submit(prompt, SamplingParams(max_tokens=NEW))
         assert request.tokens(timeout=TIMEOUT) == expected

@@ -181,3 +181,40 @@ def test_every_param_has_logical_axes_matching_its_rank():
             if scan_layers and path[0].key == "layers":
                 assert spec[0] == "layers"
         assert ("lm_head" in params) != config.tie_word_embeddings
+
+
+@pytest.mark.parametrize("weights", ["float32", "int8", "lora"])
+def test_out_in_kernels_prefill_and_decode_like_the_trained_layout(weights):
+    """kernel_layout 'out_in' (the serving engine's CPU layout: `decoding_params` transposes every
+    projection kernel to [outputs, inputs]) gives the logits of the trained layout, for a
+    prefill of many rows and a decode step of few (the two forms of `project_out_in`)."""
+    from llamax.infer.generate import decoding_config, decoding_params
+    from llamax.model.llama import kernels_out_in
+    from llamax.model.lora import LoraConfig, init_adapters, model_variables as lora_variables
+    from llamax.model.quantize import model_variables, quantize_weights
+
+    config = get_preset("tiny")  # scanned: decoding_params unstacks the layers too
+    params, quant, adapters = init_params(config, 0), None, None
+    if weights == "int8":
+        params, quant = quantize_weights(config, params, "int8")
+    tokens = jnp.asarray(np.random.RandomState(3).randint(0, config.vocab_size, (2, 40)))  # 80 rows
+    results = {}
+    for layout in ("in_out", "out_in"):
+        decode = decoding_config(config, layout)
+        variables = model_variables(decoding_params(config, params, layout), decoding_params(config, quant, layout))
+        if weights == "lora":
+            lora = LoraConfig(rank=4, targets=("q_proj", "o_proj", "down_proj"))
+            adapters = jax.tree.map(lambda x: x + 0.05, init_adapters(config, lora, 0))  # B != 0
+            variables = lora_variables(decoding_params(config, adapters), variables["params"], lora)
+        model = Llama(decode)
+        cache = KVCache.create(decode, batch_size=2, max_length=48, per_layer=True)
+        prefill, cache = model.apply(variables, tokens[:, :39], cache=cache)
+        step, _ = model.apply(variables, tokens[:, 39:], cache=cache)  # 2 rows
+        results[layout] = (prefill, step)
+        if layout == "out_in":
+            q_proj = variables["params"]["layers_0"]["self_attn"]["q_proj"]["kernel"]
+            assert q_proj.shape == (config.num_heads * config.head_dim, config.hidden_size)
+    for ours, trained in zip(results["out_in"], results["in_out"]):
+        np.testing.assert_allclose(ours, trained, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="scanned"):
+        kernels_out_in(params)  # a scanned stack must be unstacked first

@@ -16,7 +16,7 @@ from llamax.errors import ConfigError, DataError, LlamaxError
 from llamax.model import Llama
 from llamax.infer.generate import (Sampler, _compiled_generate, bucket_length, decode_step, decoding_config,
                            filter_logits, generate, generate_stream, left_pad, prefill, sample_tokens,
-                           unstack_layers)
+                           decoding_params)
 
 PROMPT_LENGTHS = (3, 9, 30)  # ragged; 30 + new tokens crosses llama31_scaled's original context 32
 NEW = 12  # one max_new_tokens (and one prompt bucket) for most tests: they share executables
@@ -122,7 +122,7 @@ def test_a_stop_callback_cuts_rows_as_the_plain_loop_would_and_keeps_samples(gqa
 
 def test_kv_cache_logits_equal_full_forward_across_prefill_and_decode(gqa):
     _, config, params = gqa
-    params = jax.jit(functools.partial(unstack_layers, config))(params)
+    params = jax.jit(functools.partial(decoding_params, config))(params)
     config = decoding_config(config)
     sequences = _prompts(config.vocab_size, lengths=(9, 14, 11), seed=1)
     prompt_lengths = (3, 8, 5)  # then 6 decode steps each, teacher-forced

@@ -40,7 +40,7 @@ from llamax.errors import ConfigError
 from llamax.infer.checks import all_stop_ids, check_generate_args
 from llamax.infer.sampling import Sampler, filter_logits, sample_tokens  # noqa: F401 (re-exported)
 from llamax.model.kv_cache import CACHE_AXES, KVCache
-from llamax.model.llama import Llama
+from llamax.model.llama import Llama, kernels_out_in
 from llamax.model.matmul import flat_matmuls_for
 from llamax.model.quantize import model_variables
 
@@ -99,25 +99,34 @@ def left_pad(prompts: Sequence[np.ndarray], length: int, batch: int | None = Non
 
 # ---- model calls ----------------------------------------------------------------------------
 
-def decoding_config(config: ModelConfig) -> ModelConfig:
-    """The same model with unscanned layers (`layers_0`, `layers_1`, ...) and no remat.
+def decoding_config(config: ModelConfig, kernel_layout: str = "in_out") -> ModelConfig:
+    """The same model with unscanned layers (`layers_0`, `layers_1`, ...), no remat, and
+    projection kernels in `kernel_layout`.
 
     Under `lax.while_loop`, a scanned layer stack reads the cache as scan input and writes it as
     scan output, which copies the whole KV cache every step (3x slower decoding at batch 8 on
-    CPU); unscanned layers update it in place.
+    CPU); unscanned layers update it in place. 'out_in' kernels make a CPU decode step faster
+    but cost a transposed copy of every weight: worth it where params are placed once (the
+    serving engine, `llamax.infer.slots`), not per `generate` call (docs/performance.md, change 8).
     """
-    return config.replace(scan_layers=False, remat_policy="none")
+    return config.replace(scan_layers=False, remat_policy="none", kernel_layout=kernel_layout)
 
 
-def unstack_layers(config: ModelConfig, params: Any) -> Any:
-    """Params of `config` in the layout of `decoding_config(config)`. Call inside jit: the
-    per-layer slices are then taken once per call, outside the decode loop."""
-    if not config.scan_layers or params is None:  # None: no int8 scales (`quant`)
-        return params
-    params = dict(params)
-    stacked = params.pop("layers")
-    for layer in range(config.num_layers):
-        params[f"layers_{layer}"] = jax.tree.map(lambda x, i=layer: x[i], stacked)
+def decoding_params(config: ModelConfig, params: Any, kernel_layout: str = "in_out") -> Any:
+    """Params (or int8 params, or their scales) of `config` in the layout of
+    `decoding_config(config, kernel_layout)`. Call inside jit: the per-layer slices (and kernel
+    transposes) are then made once per call, outside the decode loop."""
+    if params is None:  # no int8 scales (`quant`)
+        return None
+    if config.scan_layers:
+        params = dict(params)
+        stacked = params.pop("layers")
+        for layer in range(config.num_layers):
+            params[f"layers_{layer}"] = jax.tree.map(lambda x, i=layer: x[i], stacked)
+    if kernel_layout != config.kernel_layout:
+        if config.kernel_layout != "in_out":
+            raise ValueError(f"no conversion from kernel_layout {config.kernel_layout!r} to {kernel_layout!r}")
+        params = kernels_out_in(params)
     return params
 
 
@@ -132,7 +141,9 @@ def decode_compiler_options(mesh: jax.sharding.Mesh | None = None) -> dict[str, 
     """XLA options for programs that decode (a few rows per step) on the mesh's platform. On CPU
     a decode step's dots are thin ([batch <= 16, embed] @ [embed, out]): Eigen runs them faster
     than the YNNPACK fusions XLA picks by default (AMD EPYC, bench preset, batch 8: 15.2 vs
-    17.4 ms per step), while a train step's large dots gain from YNNPACK (3.55 vs 3.77 s)."""
+    17.4 ms per step), while a train step's large dots gain from YNNPACK (3.55 vs 3.77 s). The
+    serving engine's [outputs, inputs] kernels run faster with YNNPACK: it keeps the default
+    (docs/performance.md, change 8)."""
     platform = jax.default_backend() if mesh is None else mesh.devices.flat[0].platform
     return {"xla_cpu_experimental_ynn_fusion_type": ""} if platform == "cpu" else None
 
@@ -197,7 +208,7 @@ def _compiled_generate(config: ModelConfig, sampler: Sampler, max_new_tokens: in
     """The jitted prefill + while_loop; one per static key (jit adds one executable per shape)."""
 
     def run(params, tokens, positions, segment_ids, num_real, key_data, temperature, stop_ids):
-        decode_config, params = decoding_config(config), tuple(unstack_layers(config, w) for w in params)
+        decode_config, params = decoding_config(config), tuple(decoding_params(config, w) for w in params)
         key = jax.random.wrap_key_data(key_data)
         state = _start(decode_config, sampler, max_new_tokens, params, tokens, positions, segment_ids,
                        num_real, key, temperature, stop_ids)
@@ -211,11 +222,11 @@ def _compiled_generate(config: ModelConfig, sampler: Sampler, max_new_tokens: in
 
 @functools.lru_cache(maxsize=64)
 def _compiled_stream(config: ModelConfig, sampler: Sampler, max_new_tokens: int, mesh: Any, rules: Any):
-    """(unstack, start, advance, extend, peek): the decode loop in pieces. Params are converted to
+    """(to_decoding, start, advance, extend, peek): the decode loop in pieces. Params are converted to
     the decoding layout once per call; `extend` runs the loop up to a given step; `peek` copies
     (step, tokens, done) to every process."""
     decode_config = decoding_config(config)
-    unstack = jax.jit(lambda weights: tuple(unstack_layers(config, w) for w in weights))  # (params, quant)
+    to_decoding = jax.jit(lambda weights: tuple(decoding_params(config, w) for w in weights))  # (params, quant)
 
     def start(params, tokens, positions, segment_ids, num_real, key_data, temperature, stop_ids):
         return _start(decode_config, sampler, max_new_tokens, params, tokens, positions, segment_ids,
@@ -232,7 +243,7 @@ def _compiled_stream(config: ModelConfig, sampler: Sampler, max_new_tokens: int,
 
     peek = jax.jit(lambda state: (state.step, state.tokens, state.done), out_shardings=_replicated(mesh))
     options = decode_compiler_options(mesh)
-    return (unstack, jax.jit(start, compiler_options=options),
+    return (to_decoding, jax.jit(start, compiler_options=options),
             jax.jit(advance, donate_argnums=(1,), compiler_options=options),
             jax.jit(extend, donate_argnums=(1,), compiler_options=options), peek)
 
@@ -351,8 +362,8 @@ def generate(config: ModelConfig, params: Any, prompts: Sequence[Sequence[int]],
 def _generate_in_chunks(config, sampler, max_new_tokens, mesh, rules, dynamic, num_prompts, stops,
                         stop, check_every) -> np.ndarray:
     """The decode loop `check_every` steps at a time; between chunks `stop` ends rows on the host."""
-    unstack, start, _, extend, peek = _compiled_stream(config, sampler, max_new_tokens, mesh, rules)
-    params, key_temperature_stops = unstack(dynamic[0]), dynamic[5:]
+    to_decoding, start, _, extend, peek = _compiled_stream(config, sampler, max_new_tokens, mesh, rules)
+    params, key_temperature_stops = to_decoding(dynamic[0]), dynamic[5:]
     state = start(params, *dynamic[1:])
     stopped = np.zeros(dynamic[1].shape[0], bool)  # [batch] rows ended by `stop`
     step = 1
@@ -387,10 +398,10 @@ def generate_stream(config: ModelConfig, params: Any, prompt: Sequence[int], max
     """
     sampler, mesh, rules, dynamic, stops = _prepare(config, params, [prompt], max_new_tokens, temperature,
                                                     top_k, top_p, seed, eos_id, stop_ids, mesh, rules, quant)
-    unstack, start, advance, _, _ = _compiled_stream(config, sampler, max_new_tokens, mesh, rules)
+    to_decoding, start, advance, _, _ = _compiled_stream(config, sampler, max_new_tokens, mesh, rules)
     key, temperature_, stop_array = dynamic[5:]
     with sharding_context(mesh, rules):  # entered per call: the caller runs between yields
-        params = unstack(dynamic[0])
+        params = to_decoding(dynamic[0])
         state = start(params, *dynamic[1:])
     for step in range(max_new_tokens):
         if step:

@@ -17,6 +17,7 @@ scanned). Activations use their own names (act_*) because a param axis that is s
 """
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import flax.linen as nn
@@ -27,7 +28,7 @@ from jax.ad_checkpoint import checkpoint_name
 from llamax.config import ModelConfig
 from llamax.model.attention import attend
 from llamax.model.kv_cache import KVCache, update_and_attend, write_at
-from llamax.model.matmul import project
+from llamax.model.matmul import out_in_shape, project, project_out_in
 from llamax.model.rope import apply_rotary, inverse_frequencies, rotary_cos_sin
 
 Array = jax.Array
@@ -39,6 +40,9 @@ ACT_MLP = ("batch", "length", "act_mlp")
 ACT_VOCAB = ("batch", "length", "act_vocab")
 LORA_COLLECTION = "lora"  # variable collection of LoRA adapters; absent = the plain model
 QUANT_COLLECTION = "quant"  # per-output-column scales of int8 kernels; absent = unquantized
+# Projection name -> number of leading input (contracted) axes of its kernel [inputs..., outputs...].
+KERNEL_INPUT_AXES = {"q_proj": 1, "k_proj": 1, "v_proj": 1, "o_proj": 2,  # o_proj: [heads, head_dim, embed]
+                     "gate_proj": 1, "up_proj": 1, "down_proj": 1, "lm_head": 1}
 
 
 def _init(config: ModelConfig):
@@ -63,13 +67,15 @@ class RMSNorm(nn.Module):
 class Projection(nn.Module):
     """A bias-free linear map whose kernel keeps named axes: y = einsum(equation, x, kernel).
 
-    Kernels are laid out [inputs..., outputs...]. With LoRA adapters in the `lora` collection
-    (lora_a [inputs..., rank], lora_b [rank, outputs...], already scaled by alpha / rank) it
-    computes y + (x A) B without ever forming the full-size product A B. With an int8 kernel and
-    its per-output-column `scale` [outputs...] in the `quant` collection, y = (x K_int8) * scale:
-    the scale factors out of the contraction. The kernel itself is widened to the compute dtype
-    for the product; XLA:CPU hoists that out of a decode loop (one float copy per `generate`
-    call), libtpu keeps it int8 inside (docs/performance.md, "Weight-only decode").
+    Kernels are laid out [inputs..., outputs...], or (kernel_layout 'out_in', CPU decoding) as
+    one [outputs, inputs] matrix, made from the first by `kernels_out_in`. With LoRA adapters in
+    the `lora` collection (lora_a [inputs..., rank], lora_b [rank, outputs...], already scaled
+    by alpha / rank) it computes y + (x A) B without ever forming the full-size product A B.
+    With an int8 kernel and its per-output-column `scale` [outputs...] in the `quant`
+    collection, y = (x K_int8) * scale: the scale factors out of the contraction. The kernel
+    itself is widened to the compute dtype for the product; XLA:CPU hoists that out of a decode
+    loop (one float copy per `generate` call), libtpu keeps it int8 inside (docs/performance.md,
+    "Weight-only decode").
     """
 
     config: ModelConfig
@@ -79,10 +85,13 @@ class Projection(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
-        kernel = self.param("kernel", nn.with_logical_partitioning(_init(self.config), self.axes),
-                            self.shape, self.config.weight_dtype)
+        out_in = self.config.kernel_layout == "out_in"
+        shape, axes = (out_in_shape(self.equation, self.shape), (None, None)) if out_in else (self.shape, self.axes)
+        kernel = self.param("kernel", nn.with_logical_partitioning(_init(self.config), axes), shape,
+                            self.config.weight_dtype)
         dtype = self.config.compute_dtype
-        y = project(self.equation, x.astype(dtype), kernel.astype(dtype))
+        x, kernel = x.astype(dtype), kernel.astype(dtype)
+        y = project_out_in(self.equation, x, kernel, self.shape) if out_in else project(self.equation, x, kernel)
         if self.has_variable(QUANT_COLLECTION, "scale"):
             y = y * self.get_variable(QUANT_COLLECTION, "scale").astype(dtype)  # scale: [outputs...]
         if self.has_variable(LORA_COLLECTION, "lora_a"):
@@ -102,6 +111,21 @@ class Projection(nn.Module):
         # 'R' is the rank; no projection equation uses it.
         down = project(f"{x_letters},{in_letters}R->{lead}R", x, a)  # [batch, seq, rank]
         return project(f"{lead}R,R{rest}->{out_letters}", down, b)
+
+
+def kernels_out_in(params: Any) -> Any:
+    """Unscanned params (float or int8) with every projection kernel [inputs..., outputs...]
+    stored as one [outputs, inputs] matrix: the params of kernel_layout 'out_in'."""
+    def matrix(path, leaf):
+        names = [getattr(key, "key", None) for key in path]
+        if names[-1] != "kernel":
+            return leaf
+        if names[0] == "layers" or names[-2] not in KERNEL_INPUT_AXES:  # "layers": a scanned stack
+            raise ValueError(f"param {'/'.join(map(str, names))} {leaf.shape} is not an unscanned "
+                             f"projection kernel (known: {', '.join(KERNEL_INPUT_AXES)})")
+        inputs = math.prod(leaf.shape[:KERNEL_INPUT_AXES[names[-2]]])
+        return leaf.reshape(inputs, -1).T
+    return jax.tree_util.tree_map_with_path(matrix, params)
 
 
 class Attention(nn.Module):

@@ -43,14 +43,10 @@ import numpy as np
 
 from llamax.config import ModelConfig
 from llamax.errors import ConfigError
-from llamax.model.llama import QUANT_COLLECTION
+from llamax.model.llama import KERNEL_INPUT_AXES, QUANT_COLLECTION
 
 WEIGHT_FORMATS = ("float32", "bfloat16", "int8")
 INT8_MAX = 127  # symmetric range [-127, 127]: -128 unused, so negation never overflows
-
-# Projection name -> number of leading input (contracted) axes of its kernel [inputs..., outputs...].
-_INPUT_AXES = {"q_proj": 1, "k_proj": 1, "v_proj": 1, "o_proj": 2,  # o_proj: [heads, head_dim, embed]
-               "gate_proj": 1, "up_proj": 1, "down_proj": 1, "lm_head": 1}
 
 
 def check_weights(weights: str) -> str:
@@ -97,11 +93,11 @@ def _quantized_leaves(config: ModelConfig, params: dict) -> list[tuple[tuple[str
         stacked = config.scan_layers and path[0] == "layers"  # [layers, ...]: one scale set per layer
         if path[-1] == "embedding":
             input_axes = (leaf.ndim - 1,)  # [vocab, embed]: the output layer contracts embed
-        elif path[-2] in _INPUT_AXES:
-            input_axes = tuple(range(int(stacked), int(stacked) + _INPUT_AXES[path[-2]]))
+        elif path[-2] in KERNEL_INPUT_AXES:
+            input_axes = tuple(range(int(stacked), int(stacked) + KERNEL_INPUT_AXES[path[-2]]))
         else:
             raise ConfigError(f"param {'/'.join(path)}: no quantization rule for a projection named "
-                              f"{path[-2]!r} (known: {', '.join(_INPUT_AXES)})")
+                              f"{path[-2]!r} (known: {', '.join(KERNEL_INPUT_AXES)})")
         found.append((path, input_axes))
     return found
 
@@ -159,7 +155,7 @@ def dequantize_weights(config: ModelConfig, params: Any, quant: dict | None) -> 
             continue
         stacked = config.scan_layers and path[0] == "layers"
         input_axes = ((leaf.ndim - 1,) if path[-1] == "embedding"
-                      else tuple(range(int(stacked), int(stacked) + _INPUT_AXES[path[-2]])))
+                      else tuple(range(int(stacked), int(stacked) + KERNEL_INPUT_AXES[path[-2]])))
         result = _with(result, path, dequantize_int8(leaf, _get(quant, (*path[:-1], "scale")), input_axes))
     return result
 
