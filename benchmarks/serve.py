@@ -157,11 +157,7 @@ def engine_only(checkpoint: Path, clients_list: list[int], prompt_len: int, max_
                 print(json.dumps({"engine_only": runs[clients][-1]}), flush=True)
     finally:
         engine.stop()
-    rows = []
-    for clients, measured in runs.items():
-        median = sorted(measured, key=lambda row: row["tokens_per_s"])[len(measured) // 2]
-        rows.append({**median, "repeats_tokens_per_s": [row["tokens_per_s"] for row in measured]})
-    return rows
+    return median_rows(runs)
 
 
 def server_rows(args: argparse.Namespace, checkpoint: Path, url: str, vocab: int, report: dict) -> list[dict]:
@@ -188,8 +184,13 @@ def server_rows(args: argparse.Namespace, checkpoint: Path, url: str, vocab: int
     if 1 in runs and 16 in runs:
         report["batch16_speedup_repeats"] = [round(many["tokens_per_s"] / one["tokens_per_s"], 2)
                                              for one, many in zip(runs[1], runs[16])]
+    return median_rows(runs)
+
+
+def median_rows(runs: dict[int, list[dict]]) -> list[dict]:
+    """Per concurrency, its median repeat (by tokens/s) with every repeat's tokens/s."""
     rows = []
-    for clients, measured in runs.items():
+    for measured in runs.values():
         median = sorted(measured, key=lambda row: row["tokens_per_s"])[len(measured) // 2]
         rows.append({**median, "repeats_tokens_per_s": [row["tokens_per_s"] for row in measured]})
     return rows

@@ -41,7 +41,7 @@ from llamax.infer.checks import all_stop_ids, check_generate_args
 from llamax.infer.sampling import Sampler, filter_logits, sample_tokens  # noqa: F401 (re-exported)
 from llamax.model.kv_cache import CACHE_AXES, KVCache
 from llamax.model.llama import Llama, kernels_out_in
-from llamax.model.matmul import flat_matmuls_for
+from llamax.model.matmul import flat_matmuls_for, runs_on_cpu
 from llamax.model.quantize import model_variables
 
 Array = jax.Array
@@ -144,8 +144,7 @@ def decode_compiler_options(mesh: jax.sharding.Mesh | None = None) -> dict[str, 
     17.4 ms per step), while a train step's large dots gain from YNNPACK (3.55 vs 3.77 s). The
     serving engine's [outputs, inputs] kernels run faster with YNNPACK: it keeps the default
     (docs/performance.md, change 8)."""
-    platform = jax.default_backend() if mesh is None else mesh.devices.flat[0].platform
-    return {"xla_cpu_experimental_ynn_fusion_type": ""} if platform == "cpu" else None
+    return {"xla_cpu_experimental_ynn_fusion_type": ""} if runs_on_cpu(mesh) else None
 
 
 def prefill(config: ModelConfig, params: Any, tokens: Array, positions: Array, segment_ids: Array,
