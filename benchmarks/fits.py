@@ -26,12 +26,13 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from benchmarks.machine import cpu_model
 
 REPO = Path(__file__).resolve().parent.parent
 PRESETS = ("llama3.2_1b", "llama3.2_3b", "llama3_8b", "llama3_70b", "llama3.1_405b")
@@ -161,20 +162,12 @@ def main(argv: list[str] | None = None) -> None:
             rows.append(dict(_row(report), model=preset))
         columns = ["model", "topology", "seq", "attention", "remat", "fits", "arguments_gib",
                    "temp_gib", "host_temp_gib", "total_gib", "compile_s"]
-    record = dict(mode=args.mode, started=started, libtpu=libtpu_version(), cpu=_cpu_model(),
+    record = dict(mode=args.mode, started=started, libtpu=libtpu_version(), cpu=cpu_model(),
                   cores=os.cpu_count(), load_average_start=load_at_start,
                   load_average_end=os.getloadavg(), rows=rows)
     path = Path(args.json or REPO / "benchmarks" / f"tpu-{args.mode}.json")
     path.write_text(json.dumps(record, indent=2) + "\n")
     print(markdown(rows, columns))
-
-
-def _cpu_model() -> str:
-    try:
-        return next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
-                    if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor()
 
 
 if __name__ == "__main__":

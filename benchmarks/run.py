@@ -22,7 +22,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import statistics
 import time
 from typing import Any, Callable
@@ -31,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks.machine import cpu_model
 from llamax.backends import retain_freed_host_memory
 from llamax.config import get_preset
 from llamax.convert import hf_to_params
@@ -46,14 +46,8 @@ OPTIM = OptimConfig(learning_rate=1e-4, warmup_steps=0, decay="constant", clip_n
 
 def machine_info() -> dict[str, Any]:
     """CPU model, core count, load averages, library versions and the date, for the record."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
     import torch
-    return dict(date=datetime.datetime.now().isoformat(timespec="seconds"), cpu=cpu,
+    return dict(date=datetime.datetime.now().isoformat(timespec="seconds"), cpu=cpu_model(),
                 cores=os.cpu_count(), load_avg=[round(x, 2) for x in os.getloadavg()],
                 jax_backend=jax.default_backend(), jax_device=jax.devices()[0].device_kind,
                 jax=jax.__version__, torch=torch.__version__, torch_threads=torch.get_num_threads())

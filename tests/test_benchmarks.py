@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from benchmarks import maxtext, op_profile, run
+from benchmarks import machine, maxtext, op_profile, run
 
 
 def test_quick_run_writes_the_documented_json(tmp_path, capsys):
@@ -98,3 +98,19 @@ def test_profile_of_a_tiny_train_step_has_both_sides():
     for side in ("llamax", "torch"):
         assert result[side]["op_s"]["matmul"] > 0 and result[side]["step_s"] > 0
         assert set(result[side]["op_s"]) == set(op_profile.CLASSES)
+
+
+@pytest.mark.parametrize("flags, expected", [
+    ("fpu avx2 fma", "AMD EPYC (family 25 model 1, AVX2)"),
+    ("fpu avx2 avx512f avx512bw", "AMD EPYC (family 25 model 17, AVX-512)"),
+    ("avx2 avx512f amx_bf16 amx_tile", "AMD EPYC (family 25 model 17, AVX-512 + AMX)"),
+])
+def test_the_recorded_cpu_tells_the_machine_kinds_apart(tmp_path, flags, expected):
+    """VMs report only 'AMD EPYC' as the model name; family, model and the widest vector
+    extension are what separate the machine kinds the benchmark ratios depend on."""
+    model = "1" if "avx512f" not in flags else "17"
+    first = f"processor\t: 0\nmodel name\t: AMD EPYC\ncpu family\t: 25\nmodel\t\t: {model}\nflags\t\t: {flags}\n"
+    second = "processor\t: 1\nmodel name\t: something else\n"
+    (tmp_path / "cpuinfo").write_text(first + "\n" + second)
+    assert machine.cpu_model(str(tmp_path / "cpuinfo")) == expected
+    assert machine.cpu_model(str(tmp_path / "missing"))  # no cpuinfo: the platform's name
