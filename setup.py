@@ -78,6 +78,8 @@ TEST = [
     # The serving tests drive the server with the official client and the chat page with a real
     # browser (Chromium from the system packages; the Makefile installs it).
     "openai==3.63.0",
+    # benchmarks.serve's clients: asyncio tasks of one loop, light on the cores the server uses.
+    "aiohttp==3.14.5",
     "playwright==1.65.3",
     # References for fine-tuning: peft loads/makes PEFT adapters, TRL's DPOTrainer computes the
     # DPO loss, datasets writes save_to_disk folders (tests only; llamax reads them with pyarrow).

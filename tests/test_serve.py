@@ -206,6 +206,22 @@ def test_sixteen_concurrent_clients_each_get_their_solo_greedy_output(base_url, 
     assert engine.num_active == 0
 
 
+def test_the_serving_benchmark_clients_count_every_streamed_token(base_url):
+    """benchmarks.serve's clients read only the chunks they need: their token count must still
+    be the server's (the same prompts answered without streaming)."""
+    from benchmarks.serve import run_clients
+
+    clients, each, prompt_len, max_tokens, vocab = 3, 2, 8, 7, 512
+    row = run_clients(base_url, clients, each, prompt_len, max_tokens, vocab, seed=5, model=MODEL)
+    prompts = np.random.RandomState(5).randint(3, vocab, (clients, each, prompt_len)).tolist()
+    expected = sum(httpx.post(f"{base_url}/v1/completions", timeout=120, json={
+        "model": MODEL, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
+    }).json()["usage"]["completion_tokens"] for per_client in prompts for prompt in per_client)
+    assert (row["clients"], row["requests"]) == (clients, clients * each)
+    assert row["tokens"] == expected > 0
+    assert 0 < row["ttft_p50_s"] <= row["latency_p50_s"] <= row["latency_p95_s"]
+
+
 def test_a_client_that_disconnects_mid_stream_frees_its_slot(base_url, engine, served_model):
     """The dropped request can end only by being cancelled: it has no stop ids, and its tokens
     reach the server at most every 20 ms (480 of them: >= 9.6 s), however loaded the machine."""
