@@ -7,9 +7,9 @@
 A random-weight model of `--preset` is written as an HF folder (with a tokenizer of its vocabulary
 size trained on the corpus) and served by `python -m experiments.serve --warmup` in its own
 process, so the clients (asyncio tasks here, one HTTP connection each, closed loop: a client
-sends its next request when the previous one ends) do not share the server's interpreter. Every request is
-a streamed greedy completion of a random `--prompt_len`-token prompt (sent as token ids) for
-`--max_tokens` tokens (random weights rarely produce the stop id).
+sends its next request when the previous one ends) do not share the server's interpreter. Every
+request is a streamed greedy completion of a random `--prompt_len`-token prompt (sent as token
+ids) for `--max_tokens` tokens (random weights rarely produce the stop id).
 
 Reported per concurrency: generated tokens/s (all completion tokens / wall time), latency p50/p95
 (request sent -> last chunk) and time-to-first-token p50/p95, from the median (by tokens/s) of
@@ -72,8 +72,8 @@ def start_server(checkpoint: Path, port: int, max_batch: int, max_seq_len: int) 
 
 async def one_request(http, url: str, prompt: list[int], max_tokens: int, model: str = "bench") -> dict:
     """One streamed greedy completion: latency, time to the first text chunk, tokens generated
-    (the usage chunk's count). Only the chunks that carry those are parsed: the clients share
-    the server's cores, and parsing every chunk cost them 4x the CPU per token."""
+    (the usage chunk's count). Only the chunks that carry those are parsed as JSON: the clients
+    share the server's cores (see `run_clients`)."""
     body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
             "stream": True, "stream_options": {"include_usage": True}}
     start = time.perf_counter()
@@ -98,8 +98,9 @@ def run_clients(url: str, clients: int, requests_each: int, prompt_len: int, max
                 vocab: int, seed: int, model: str = "bench") -> dict:
     """`clients` concurrent clients, each sending `requests_each` requests back to back over its
     own connection. The clients are tasks of one asyncio loop (aiohttp), as in vLLM's serving
-    benchmark: 16 client threads of a blocking client parsing every chunk took 0.22 ms of CPU
-    per streamed token on the 2 cores the server runs on, these 0.05 ms (docs/performance.md)."""
+    benchmark. On the 2 cores the server also runs on, 16 threads of a blocking client that
+    parsed every chunk used 0.22 ms of CPU per streamed token; these clients use 0.05 ms
+    (benchmarks/RESULTS.md, "Lighter benchmark clients")."""
     import asyncio
 
     import aiohttp
