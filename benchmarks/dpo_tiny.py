@@ -15,8 +15,9 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import subprocess
 from pathlib import Path
+
+from benchmarks.machine import cpu_model
 
 
 def evaluate(run: Path, steps: int, batch_size: int, seq_len: int, seed: int, beta: float,
@@ -64,9 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     result = evaluate(Path(args.run), args.steps, args.batch_size, args.seq_len, args.seed, args.beta,
                       args.sft_template)
-    cpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    model = next((line.split(":", 1)[1].strip() for line in cpu.splitlines() if "Model name" in line), "?")
-    result["machine"] = {"cpu": model, "python": platform.python_version()}
+    result["machine"] = {"cpu": cpu_model(), "python": platform.python_version()}
     for name in ("before", "after"):
         print(name, {k: round(v, 4) for k, v in result[name].items()})
     if args.json:

@@ -16,11 +16,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+from benchmarks.machine import cpu_model
 
 TESTS = Path(__file__).resolve().parent.parent / "tests"
 
@@ -83,10 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     figures = measure()
-    cpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    record = {"figures": figures, "cpu": next((line.split(":", 1)[1].strip() for line in cpu.splitlines()
-                                                if line.startswith("Model name")), platform.processor()),
-              "load_average": os.getloadavg()}
+    record = {"figures": figures, "cpu": cpu_model(), "load_average": os.getloadavg()}
     print(json.dumps(record, indent=1))
     if args.json:
         Path(args.json).write_text(json.dumps(record, indent=1) + "\n")

@@ -19,6 +19,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from benchmarks.machine import cpu_model
+
 REPO = Path(__file__).resolve().parent.parent
 PROBE = """
 import time
@@ -73,8 +75,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for row in rows:
         print(json.dumps(row))
     if args.json:
-        cpu = subprocess.run("lscpu | grep 'Model name'", shell=True, capture_output=True, text=True).stdout
-        record = dict(rows=rows, cpu=cpu.split(":", 1)[-1].strip(), cores=os.cpu_count(), jax=_version("jax"),
+        record = dict(rows=rows, cpu=cpu_model(), cores=os.cpu_count(), jax=_version("jax"),
                       libtpu=_version("libtpu"), load_average_start=load_start, load_average_end=os.getloadavg())
         Path(args.json).write_text(json.dumps(record, indent=2) + "\n")
     return rows

@@ -17,20 +17,19 @@ import argparse
 import datetime
 import json
 import os
-import subprocess
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
+from benchmarks.machine import cpu_model
+
 
 def machine() -> dict:
-    cpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    model = next((line.split(":", 1)[1].strip() for line in cpu.splitlines() if line.startswith("Model name")), "?")
     import jax
 
-    return {"cpu": model, "cores": os.cpu_count(), "load_1min": os.getloadavg()[0],
+    return {"cpu": cpu_model(), "cores": os.cpu_count(), "load_1min": os.getloadavg()[0],
             "jax_devices": len(jax.devices()), "date": datetime.date.today().isoformat()}
 
 

@@ -33,6 +33,8 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks.machine import cpu_model
+
 
 def write_checkpoint(folder: Path, preset: str) -> Path:
     """Random params of `preset` as an HF folder, with a tokenizer of the model's vocabulary size
@@ -203,8 +205,6 @@ def median_rows(runs: dict[int, list[dict]]) -> list[dict]:
 
 
 def machine() -> dict:
-    from benchmarks.machine import cpu_model
-
     return {"cpu": cpu_model(), "cores": os.cpu_count(), "load_avg": [round(x, 2) for x in os.getloadavg()]}
 
 
