@@ -1,4 +1,5 @@
-"""`llamax.model.llama.attend`: causal query blocks equal dense attention (values and gradients), the
+"""`llamax.model.llama.attend`: causal query blocks equal dense attention (values and gradients,
+in both the CPU form of `llamax.model.cpu_attention` and JAX's autodiff of the blocks), the
 model with small blocks still matches transformers, and the mask semantics equal
 `jax.nn.dot_product_attention` (the call the cuDNN path makes) for GQA + causal + segments, as do
 `attend_cached`'s two forms over a heads-major KV cache."""
@@ -32,22 +33,51 @@ def _inputs(seed: int = 0):
     return q, k, v, mask
 
 
+@pytest.mark.parametrize("cpu_form", [True, False])  # llamax.model.cpu_attention / autodiff blocks
 @pytest.mark.parametrize("block", [16, 24, 79])  # divides SEQ, does not, one short of SEQ
-def test_causal_blocks_equal_dense_attention(block):
+def test_causal_blocks_equal_dense_attention(block, cpu_form):
     q, k, v, mask = _inputs()
     config = get_preset("tiny")
-    dense = attend(q, k, v, mask, config.replace(attention_block_size=0), causal=True)
-    blocked = attend(q, k, v, mask, config.replace(attention_block_size=block), causal=True)
-    np.testing.assert_allclose(blocked, dense, atol=1e-5)
 
     def loss(block_size, q, k, v):
-        out = attend(q, k, v, mask, config.replace(attention_block_size=block_size), causal=True)
-        return jnp.sum(jnp.sin(out))
+        with flat_matmuls(cpu_form):
+            out = attend(q, k, v, mask, config.replace(attention_block_size=block_size), causal=True)
+        return jnp.sum(jnp.sin(out)), out
 
-    dense_grads = jax.grad(lambda *a: loss(0, *a), argnums=(0, 1, 2))(q, k, v)
-    blocked_grads = jax.grad(lambda *a: loss(block, *a), argnums=(0, 1, 2))(q, k, v)
+    (_, dense), dense_grads = jax.value_and_grad(
+        lambda *a: loss(0, *a), argnums=(0, 1, 2), has_aux=True)(q, k, v)
+    (_, blocked), blocked_grads = jax.jit(jax.value_and_grad(
+        lambda *a: loss(block, *a), argnums=(0, 1, 2), has_aux=True))(q, k, v)
+    np.testing.assert_allclose(blocked, dense, atol=1e-5)
     for ours, reference in zip(blocked_grads, dense_grads):
         np.testing.assert_allclose(ours, reference, atol=1e-5)
+
+
+@pytest.mark.parametrize("kv_heads", [KV_HEADS, HEADS, 1])  # GQA, one query head per kv head, MQA
+def test_cpu_blocked_attention_in_bfloat16_and_every_grouping(kv_heads):
+    """The CPU form's own backward pass against JAX's autodiff of the same blocks: bfloat16
+    inputs (float32 scores and softmax, bfloat16 products) and every query-head grouping."""
+    from llamax.model.cpu_attention import blocked_causal_attention
+    q, k, v, mask = _inputs(5)
+    q, k, v = (x.astype(jnp.bfloat16) for x in (q, k[:, :, :kv_heads], v[:, :, :kv_heads]))
+    config = get_preset("tiny", attention_block_size=24)
+
+    def loss(form, q, k, v):
+        if form == "cpu":
+            out = blocked_causal_attention(q, k, v, mask, 24)
+        else:
+            with flat_matmuls(False):
+                out = attend(q, k, v, mask, config, causal=True)
+        return jnp.sum(jnp.sin(out.astype(jnp.float32))), out
+
+    (_, ours), our_grads = jax.value_and_grad(lambda *a: loss("cpu", *a), argnums=(0, 1, 2), has_aux=True)(q, k, v)
+    (_, theirs), their_grads = jax.value_and_grad(lambda *a: loss("xla", *a), argnums=(0, 1, 2), has_aux=True)(q, k, v)
+    assert ours.dtype == jnp.bfloat16 and all(g.dtype == jnp.bfloat16 for g in our_grads)
+    np.testing.assert_allclose(np.asarray(ours, np.float32), np.asarray(theirs, np.float32), atol=2e-2)
+    for mine, reference in zip(our_grads, their_grads):
+        scale = float(jnp.max(jnp.abs(reference.astype(jnp.float32))))
+        np.testing.assert_allclose(np.asarray(mine, np.float32), np.asarray(reference, np.float32),
+                                   atol=2e-2 * scale)
 
 
 def test_mask_semantics_match_jax_dot_product_attention():

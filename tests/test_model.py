@@ -8,6 +8,7 @@ from hf_models import HF_VARIANTS, hf_logits, make_hf_model
 from llamax.config import REMAT_POLICIES, ModelConfig, get_preset
 from llamax.convert import hf_to_params
 from llamax.model import KVCache, Llama, init_params, param_logical_axes
+from llamax.model.matmul import flat_matmuls
 
 
 def _from_hf(model, **overrides):
@@ -57,6 +58,28 @@ def test_remat_policies_do_not_change_gradients():
     for policy in REMAT_POLICIES[1:]:
         jax.tree.map(lambda ours, plain: np.testing.assert_allclose(ours, plain, atol=1e-7, err_msg=policy),
                      grads(policy), reference)
+
+
+@pytest.mark.parametrize("remat_policy", ["none", "full"])
+def test_cpu_programs_run_the_stacked_layers_unrolled(remat_policy):
+    """Params stay stacked [layers, ...] (`nn.scan`); a program built for CPU runs the layers as
+    straight-line code, one built for TPU/GPU keeps the rolled loop, and their gradients agree."""
+    config = get_preset("tiny", remat_policy=remat_policy)
+    assert config.scan_layers
+    params = init_params(config)
+    tokens = jnp.asarray(np.random.RandomState(0).randint(0, config.vocab_size, (2, 16)))
+
+    def program(for_cpu: bool):
+        loss = lambda p: jnp.mean(Llama(config).apply({"params": p}, tokens) ** 2)  # noqa: E731
+        with flat_matmuls(for_cpu):  # jit traces here, under the setting
+            lowered = jax.jit(jax.grad(loss)).lower(params)
+        return lowered.as_text(), lowered.compile()(params)
+
+    cpu_text, cpu_grads = program(True)
+    accelerator_text, accelerator_grads = program(False)
+    assert "stablehlo.while" not in cpu_text and "stablehlo.while" in accelerator_text
+    jax.tree.map(lambda ours, rolled: np.testing.assert_allclose(ours, rolled, rtol=1e-5, atol=1e-7),
+                 cpu_grads, accelerator_grads)
 
 
 def test_future_tokens_never_change_earlier_logits():

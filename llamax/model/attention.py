@@ -15,7 +15,8 @@ import jax
 import jax.numpy as jnp
 
 from llamax.config import ModelConfig
-from llamax.model.matmul import use_flat_matmuls
+from llamax.model.cpu_attention import blocked_causal_attention
+from llamax.model.matmul import builds_for_cpu, use_flat_matmuls
 
 Array = jax.Array
 
@@ -29,7 +30,8 @@ def attend(q: Array, k: Array, v: Array, mask: Array, config: ModelConfig,
     (no cache: query i is key i). The XLA path then splits the queries into blocks of
     `config.attention_block_size` and lets block j read only keys [0, (j+1) * block): the
     masked upper triangle is never computed (about half the attention work and memory at long
-    sequences). cuDNN gets `is_causal=True` and skips it itself. Splash builds its causal and
+    sequences); on CPU, `llamax.model.cpu_attention` computes the same blocks with its own
+    backward pass. cuDNN gets `is_causal=True` and skips it itself. Splash builds its causal and
     same-segment mask from `segment_ids` [batch, seq] inside the kernel and ignores `mask`;
     without causal, splash does not apply and the XLA path runs. (The model attends over a KV
     cache with `attend_cached`.)
@@ -48,6 +50,8 @@ def attend(q: Array, k: Array, v: Array, mask: Array, config: ModelConfig,
     q_len, block = q.shape[1], config.attention_block_size
     if not causal or not block or q_len <= block:
         return _attend_dense(q, k, v, mask)
+    if builds_for_cpu():  # same blocks, a backward pass in the forms XLA:CPU runs fast
+        return blocked_causal_attention(q, k, v, mask, block)
     outputs = []
     for start in range(0, q_len, block):  # static: a few blocks per layer
         end = min(start + block, q_len)

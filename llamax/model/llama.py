@@ -28,7 +28,7 @@ from jax.ad_checkpoint import checkpoint_name
 from llamax.config import ModelConfig
 from llamax.model.attention import attend
 from llamax.model.kv_cache import KVCache, update_and_attend, write_at
-from llamax.model.matmul import out_in_shape, project, project_out_in
+from llamax.model.matmul import builds_for_cpu, out_in_shape, project, project_out_in
 from llamax.model.rope import apply_rotary, inverse_frequencies, rotary_cos_sin
 
 Array = jax.Array
@@ -263,10 +263,15 @@ class Llama(nn.Module):
         mask = (key_slots[None, None, :] <= query_slots[:, :, None]) & (
             segment_ids[:, :, None] == key_segments[:, None, :])  # [batch, q_len, kv_len]
 
+        # On CPU the stacked layers run unrolled (params stay stacked): a rolled loop writes every
+        # layer's saved activations into zero-filled [layers, ...] buffers and reads them back,
+        # which cost the bench train step 11% on an Intel Xeon (docs/performance.md, change 8).
+        unroll = c.num_layers if c.scan_layers and builds_for_cpu() else 1
         block = DecoderLayer
         if c.remat_policy != "none":
+            # A rolled scan body cannot be CSE'd with its recomputation; straight-line code can.
             block = nn.remat(DecoderLayer, policy=_remat_policy(c.remat_policy),
-                             prevent_cse=not c.scan_layers)
+                             prevent_cse=not c.scan_layers or unroll > 1)
         per_layer = cache is not None and isinstance(cache.key, tuple)
         if c.scan_layers:
             if per_layer:
@@ -275,7 +280,7 @@ class Llama(nn.Module):
                             split_rngs={"params": True},
                             # cos, sin, mask, segment_ids shared; caches split per layer
                             in_axes=(nn.broadcast,) * 4 + (0, nn.broadcast),
-                            length=c.num_layers, metadata_params={nn.PARTITION_NAME: "layers"})
+                            length=c.num_layers, unroll=unroll, metadata_params={nn.PARTITION_NAME: "layers"})
             x, new_layer_caches = stack(c, name="layers")(x, cos, sin, mask, segment_ids, layer_caches,
                                                           None if cache is None else cache.index)
         else:

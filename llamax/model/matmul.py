@@ -49,9 +49,16 @@ def runs_on_cpu(mesh: jax.sharding.Mesh | None) -> bool:
     return (jax.default_backend() if mesh is None else mesh.devices.flat[0].platform) == "cpu"
 
 
-def use_flat_matmuls() -> bool:
+def builds_for_cpu() -> bool:
+    """Whether the program being traced is built for CPU devices: the `flat_matmuls` setting, or
+    the default backend outside one. Beyond 2-D projections it picks the other CPU forms: the
+    causal attention of `llamax.model.cpu_attention` and an unrolled layer stack."""
     setting = _FLAT.get()
     return jax.default_backend() == "cpu" if setting is None else setting
+
+
+def use_flat_matmuls() -> bool:
+    return builds_for_cpu()
 
 
 def _pass_through_form(equation: str) -> tuple[int, int] | None:

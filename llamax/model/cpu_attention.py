@@ -1,0 +1,117 @@
+"""Causal attention in query blocks with a hand-written backward pass: the CPU training path.
+
+`llamax.model.attention.attend` splits causal queries into blocks (block j reads keys [0, end_j)).
+Differentiated by JAX, that path saves every block's softmax probabilities and XLA:CPU runs the
+backward products in a slow form: the key and value gradients contract the probabilities over
+their rows, so XLA copies each [rows, keys] matrix into a transposed layout first, once for the
+probabilities and once for their gradient. This module computes the same attention with a
+flash-attention style backward (Dao et al., 2022), in forms XLA:CPU's dot library takes as they
+are:
+
+* forward: per block, scores = q k^T, mask, row max m, p = exp(scores - m), l = sum(p),
+  out = (p v) / l; only out, m and l are saved (not p).
+* backward: per block, p is recomputed from q, k, m and l; dp = dout v^T;
+  dscores = p * (dp - rowsum(dout * out)); dq = dscores k; and the key/value gradients are
+  computed transposed, dk^T = q^T dscores and dv^T = dout^T p, whose large operand is read in
+  its own row-major layout. One transpose of the small [head_dim, keys] results at the end.
+
+Heads-major with query heads grouped under their kv head: each (row, kv head) multiplies one
+[block rows * groups, head_dim] matrix by [keys, head_dim] keys, with the queries of a block
+contiguous. Bench preset on an Intel Xeon (Sapphire Rapids), one layer, 4 x 512, GQA 8/4, fwd+bwd:
+55-57 ms against 68-72 ms for the autodiff path (torch's scaled_dot_product_attention: 40 ms).
+Values and gradients equal the autodiff path (tests/test_attention.py). Used for programs built
+for CPU devices (`llamax.model.matmul.builds_for_cpu`); TPU and GPU programs keep the autodiff
+path (or splash / cuDNN).
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+_MASKED = jnp.finfo(jnp.float32).min
+
+
+def blocked_causal_attention(q: Array, k: Array, v: Array, mask: Array, block: int) -> Array:
+    """softmax(q k^T / sqrt(d)) v where `mask` [batch, seq, seq] is True, computed in query blocks
+    of `block` (block j reads keys [0, end_j); `mask` must hide every later key, as a causal mask
+    does). q [batch, seq, heads, head_dim]; k, v [batch, seq, kv_heads, head_dim]. Returns
+    [batch, seq, heads, head_dim] in q's dtype."""
+    batch, seq, heads, head_dim = q.shape
+    kv_heads = k.shape[2]
+    groups = heads // kv_heads
+    # [batch, kv_heads, seq * groups, head_dim]: a query block's rows are contiguous
+    rows = q.reshape(batch, seq, kv_heads, groups, head_dim).transpose(0, 2, 1, 3, 4)
+    rows = rows.reshape(batch, kv_heads, seq * groups, head_dim)
+    keys = jnp.swapaxes(k, 1, 2).astype(q.dtype)  # [batch, kv_heads, seq, head_dim]
+    values = jnp.swapaxes(v, 1, 2).astype(q.dtype)
+    bounds = [(start, min(start + block, seq)) for start in range(0, seq, block)]
+    query_blocks = tuple(rows[:, :, start * groups:end * groups] for start, end in bounds)
+    # [batch, 1, block rows, end]: each query's mask row, repeated for its group's heads
+    mask_blocks = tuple(jnp.repeat(mask[:, None, start:end, :end], groups, axis=2) for start, end in bounds)
+    outputs = _attention(query_blocks, keys, values, mask_blocks)
+    out = jnp.concatenate(outputs, axis=2).reshape(batch, kv_heads, seq, groups, head_dim)
+    return out.transpose(0, 2, 1, 3, 4).reshape(batch, seq, heads, head_dim)
+
+
+def _scores(query: Array, keys: Array, mask: Array) -> Array:
+    """Masked, scaled float32 scores [batch, kv_heads, rows, keys]."""
+    scores = jnp.einsum("BKRD,BKSD->BKRS", query, keys, preferred_element_type=jnp.float32)
+    return jnp.where(mask, scores * (query.shape[-1] ** -0.5), _MASKED)
+
+
+def _forward(query_blocks, keys, values, mask_blocks):
+    """(outputs, row maxima, row sums) per block; a block reads the keys its mask covers."""
+    outputs, maxima, sums = [], [], []
+    for query, mask in zip(query_blocks, mask_blocks):
+        end = mask.shape[-1]
+        scores = _scores(query, keys[:, :, :end], mask)
+        row_max = jnp.max(scores, axis=-1, keepdims=True)  # [batch, kv_heads, rows, 1]
+        weights = jnp.exp(scores - row_max)
+        row_sum = jnp.sum(weights, axis=-1, keepdims=True)
+        out = jnp.einsum("BKRS,BKSD->BKRD", weights.astype(query.dtype), values[:, :, :end],
+                         preferred_element_type=jnp.float32)
+        outputs.append((out / row_sum).astype(query.dtype))
+        maxima.append(row_max)
+        sums.append(row_sum)
+    return tuple(outputs), tuple(maxima), tuple(sums)
+
+
+@jax.custom_vjp
+def _attention(query_blocks, keys, values, mask_blocks):
+    return _forward(query_blocks, keys, values, mask_blocks)[0]
+
+
+def _attention_fwd(query_blocks, keys, values, mask_blocks):
+    outputs, maxima, sums = _forward(query_blocks, keys, values, mask_blocks)
+    return outputs, (query_blocks, keys, values, mask_blocks, outputs, maxima, sums)
+
+
+def _attention_bwd(saved, output_grads):
+    query_blocks, keys, values, mask_blocks, outputs, maxima, sums = saved
+    batch, kv_heads, seq, head_dim = keys.shape
+    dtype = keys.dtype
+    # Transposed key/value gradients [batch, kv_heads, head_dim, seq] (see the module docstring).
+    keys_grad_t = jnp.zeros((batch, kv_heads, head_dim, seq), jnp.float32)
+    values_grad_t = jnp.zeros((batch, kv_heads, head_dim, seq), jnp.float32)
+    query_grads = []
+    for query, mask, out, row_max, row_sum, out_grad in zip(query_blocks, mask_blocks, outputs, maxima,
+                                                             sums, output_grads):
+        end = mask.shape[-1]
+        block_keys, block_values = keys[:, :, :end], values[:, :, :end]
+        probs = jnp.exp(_scores(query, block_keys, mask) - row_max) / row_sum  # [batch, kv_heads, rows, end]
+        probs_grad = jnp.einsum("BKRD,BKSD->BKRS", out_grad, block_values, preferred_element_type=jnp.float32)
+        out_dot = jnp.sum(out_grad.astype(jnp.float32) * out.astype(jnp.float32), axis=-1, keepdims=True)
+        scores_grad = (probs * (probs_grad - out_dot) * (head_dim ** -0.5)).astype(dtype)
+        query_grads.append(jnp.einsum("BKRS,BKSD->BKRD", scores_grad, block_keys,
+                                      preferred_element_type=jnp.float32).astype(dtype))
+        keys_grad_t = keys_grad_t.at[..., :end].add(
+            jnp.einsum("BKRD,BKRS->BKDS", query, scores_grad, preferred_element_type=jnp.float32))
+        values_grad_t = values_grad_t.at[..., :end].add(
+            jnp.einsum("BKRD,BKRS->BKDS", out_grad, probs.astype(dtype), preferred_element_type=jnp.float32))
+    keys_grad = jnp.swapaxes(keys_grad_t, 2, 3).astype(dtype)
+    values_grad = jnp.swapaxes(values_grad_t, 2, 3).astype(dtype)
+    return tuple(query_grads), keys_grad, values_grad, None
+
+
+_attention.defvjp(_attention_fwd, _attention_bwd)
