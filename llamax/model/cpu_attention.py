@@ -46,24 +46,34 @@ def blocked_causal_attention(q: Array, k: Array, v: Array, mask: Array, block: i
     keys = jnp.swapaxes(k, 1, 2).astype(q.dtype)  # [batch, kv_heads, seq, head_dim]
     values = jnp.swapaxes(v, 1, 2).astype(q.dtype)
     bounds = [(start, min(start + block, seq)) for start in range(0, seq, block)]
-    query_blocks = tuple(rows[:, :, start * groups:end * groups] for start, end in bounds)
+    # Scaled once here, on [rows, head_dim]: a scalar multiply of a [rows, keys] matrix, fused
+    # into XLA:CPU's dot, would have it materialize the scalar's broadcast at full size.
+    rows = rows * jnp.asarray(head_dim ** -0.5, rows.dtype)
     # [batch, 1, block rows, end]: each query's mask row, repeated for its group's heads
     mask_blocks = tuple(jnp.repeat(mask[:, None, start:end, :end], groups, axis=2) for start, end in bounds)
-    outputs = _attention(query_blocks, keys, values, mask_blocks)
-    out = jnp.concatenate(outputs, axis=2).reshape(batch, kv_heads, seq, groups, head_dim)
+    out = _attention(rows, keys, values, mask_blocks).reshape(batch, kv_heads, seq, groups, head_dim)
     return out.transpose(0, 2, 1, 3, 4).reshape(batch, seq, heads, head_dim)
 
 
+def _row_blocks(rows: Array, mask_blocks) -> list[Array]:
+    """`rows` [batch, kv_heads, seq * groups, head_dim] cut into the query blocks of `mask_blocks`."""
+    blocks, start = [], 0
+    for mask in mask_blocks:
+        blocks.append(rows[:, :, start:start + mask.shape[2]])
+        start += mask.shape[2]
+    return blocks
+
+
 def _scores(query: Array, keys: Array, mask: Array) -> Array:
-    """Masked, scaled float32 scores [batch, kv_heads, rows, keys]."""
+    """Masked float32 scores [batch, kv_heads, rows, keys] of pre-scaled queries."""
     scores = jnp.einsum("BKRD,BKSD->BKRS", query, keys, preferred_element_type=jnp.float32)
-    return jnp.where(mask, scores * (query.shape[-1] ** -0.5), _MASKED)
+    return jnp.where(mask, scores, _MASKED)
 
 
-def _forward(query_blocks, keys, values, mask_blocks):
-    """(outputs, row maxima, row sums) per block; a block reads the keys its mask covers."""
+def _forward(rows, keys, values, mask_blocks):
+    """(output rows, row maxima, row sums); a block reads the keys its mask covers."""
     outputs, maxima, sums = [], [], []
-    for query, mask in zip(query_blocks, mask_blocks):
+    for query, mask in zip(_row_blocks(rows, mask_blocks), mask_blocks):
         end = mask.shape[-1]
         scores = _scores(query, keys[:, :, :end], mask)
         row_max = jnp.max(scores, axis=-1, keepdims=True)  # [batch, kv_heads, rows, 1]
@@ -74,35 +84,36 @@ def _forward(query_blocks, keys, values, mask_blocks):
         outputs.append((out / row_sum).astype(query.dtype))
         maxima.append(row_max)
         sums.append(row_sum)
-    return tuple(outputs), tuple(maxima), tuple(sums)
+    return jnp.concatenate(outputs, axis=2), tuple(maxima), tuple(sums)
 
 
 @jax.custom_vjp
-def _attention(query_blocks, keys, values, mask_blocks):
-    return _forward(query_blocks, keys, values, mask_blocks)[0]
+def _attention(rows, keys, values, mask_blocks):
+    return _forward(rows, keys, values, mask_blocks)[0]
 
 
-def _attention_fwd(query_blocks, keys, values, mask_blocks):
-    outputs, maxima, sums = _forward(query_blocks, keys, values, mask_blocks)
-    return outputs, (query_blocks, keys, values, mask_blocks, outputs, maxima, sums)
+def _attention_fwd(rows, keys, values, mask_blocks):
+    out, maxima, sums = _forward(rows, keys, values, mask_blocks)
+    return out, (rows, keys, values, mask_blocks, out, maxima, sums)
 
 
-def _attention_bwd(saved, output_grads):
-    query_blocks, keys, values, mask_blocks, outputs, maxima, sums = saved
+def _attention_bwd(saved, out_grad_rows):
+    rows, keys, values, mask_blocks, out_rows, maxima, sums = saved
     batch, kv_heads, seq, head_dim = keys.shape
     dtype = keys.dtype
     # Transposed key/value gradients [batch, kv_heads, head_dim, seq] (see the module docstring).
     keys_grad_t = jnp.zeros((batch, kv_heads, head_dim, seq), jnp.float32)
     values_grad_t = jnp.zeros((batch, kv_heads, head_dim, seq), jnp.float32)
     query_grads = []
-    for query, mask, out, row_max, row_sum, out_grad in zip(query_blocks, mask_blocks, outputs, maxima,
-                                                             sums, output_grads):
+    for query, mask, out, row_max, row_sum, out_grad in zip(
+            _row_blocks(rows, mask_blocks), mask_blocks, _row_blocks(out_rows, mask_blocks), maxima, sums,
+            _row_blocks(out_grad_rows, mask_blocks)):
         end = mask.shape[-1]
         block_keys, block_values = keys[:, :, :end], values[:, :, :end]
         probs = jnp.exp(_scores(query, block_keys, mask) - row_max) / row_sum  # [batch, kv_heads, rows, end]
         probs_grad = jnp.einsum("BKRD,BKSD->BKRS", out_grad, block_values, preferred_element_type=jnp.float32)
         out_dot = jnp.sum(out_grad.astype(jnp.float32) * out.astype(jnp.float32), axis=-1, keepdims=True)
-        scores_grad = (probs * (probs_grad - out_dot) * (head_dim ** -0.5)).astype(dtype)
+        scores_grad = (probs * (probs_grad - out_dot)).astype(dtype)  # of the pre-scaled queries' scores
         query_grads.append(jnp.einsum("BKRS,BKSD->BKRD", scores_grad, block_keys,
                                       preferred_element_type=jnp.float32).astype(dtype))
         keys_grad_t = keys_grad_t.at[..., :end].add(
@@ -111,7 +122,7 @@ def _attention_bwd(saved, output_grads):
             jnp.einsum("BKRD,BKRS->BKDS", out_grad, probs.astype(dtype), preferred_element_type=jnp.float32))
     keys_grad = jnp.swapaxes(keys_grad_t, 2, 3).astype(dtype)
     values_grad = jnp.swapaxes(values_grad_t, 2, 3).astype(dtype)
-    return tuple(query_grads), keys_grad, values_grad, None
+    return jnp.concatenate(query_grads, axis=2), keys_grad, values_grad, None
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)
