@@ -45,19 +45,22 @@ def test_cpu_step_equals_write_then_attend(per_row):
     np.testing.assert_array_equal(values, want_values)
 
 
-def test_generate_loop_copies_no_cache_buffer():
+@pytest.mark.parametrize("rows", [1, 4])  # [inputs, outputs] / [outputs, inputs] kernels
+def test_generate_loop_copies_no_cache_buffer(rows):
     """The compiled decode loop of `generate` (CPU form) holds no copy of a KV cache buffer. Before
     the step attended over the old cache, XLA:CPU copied each of them several times per step."""
     config = get_preset("tiny")
     params = init_params(config, rng=0)
-    prompts = [[1, 2, 3, 4, 5]]
+    prompts = [[1, 2, 3, 4, 5]] * rows
     sampler, mesh, rules, dynamic, _ = generation._prepare(config, params, prompts, 20, 0.0, None, None, 0,
                                                            None, (), None, None, None)
+    layout = generation.decode_kernel_layout(mesh, rows)
+    assert layout == ("in_out" if rows == 1 else "out_in")
     with flat_matmuls(True), generation.sharding_context(mesh, rules):
-        run = generation._compiled_generate(config, sampler, 20, mesh, rules)
+        run = generation._compiled_generate(config, sampler, 20, mesh, rules, layout)
         hlo = run.lower(*dynamic).compile().as_text()
     length = generation.bucket_length(len(prompts[0])) + 20
-    buffer = rf"f32\[1,{config.num_kv_heads},{length},{config.head_dim}\]"
+    buffer = rf"f32\[{rows},{config.num_kv_heads},{length},{config.head_dim}\]"
     assert re.search(rf"= {buffer}\S* (?:get-tuple-element|dynamic-update-slice|fusion)", hlo), \
         "the cache buffer's shape was not found: the test no longer looks at the right program"
     copies = re.findall(rf"= {buffer}\S* copy\(", hlo)

@@ -14,7 +14,8 @@ from llamax.config import ModelConfig
 from llamax.convert import hf_to_params, save_hf
 from llamax.errors import ConfigError, DataError, LlamaxError
 from llamax.model import Llama
-from llamax.infer.generate import (Sampler, _compiled_generate, bucket_length, decode_step, decoding_config,
+from llamax.infer.generate import (Sampler, _compiled_generate, bucket_length, decode_kernel_layout, decode_step,
+                                   decoding_config,
                            filter_logits, generate, generate_stream, left_pad, prefill, sample_tokens,
                            decoding_params)
 
@@ -151,7 +152,8 @@ def test_compiles_once_per_bucket(gqa):
     assert bucket_length(17) == bucket_length(32) == 32
     generate(config, params, _prompts(config.vocab_size), NEW)  # batch 3 -> 4, length 30 -> 32
     generate(config, params, _prompts(config.vocab_size, lengths=(20, 2, 17, 5), seed=3), NEW)
-    compiled = _compiled_generate(config, Sampler(True, None, None), NEW, None, None)
+    compiled = _compiled_generate(config, Sampler(True, None, None), NEW, None, None,
+                                  decode_kernel_layout(None, 4))
     assert compiled._cache_size() == 1
 
 

@@ -107,7 +107,8 @@ def decoding_config(config: ModelConfig, kernel_layout: str = "in_out") -> Model
     scan output, which copies the whole KV cache every step (3x slower decoding at batch 8 on
     CPU); unscanned layers update it in place. 'out_in' kernels make a CPU decode step faster
     but cost a transposed copy of every weight: worth it where params are placed once (the
-    serving engine, `llamax.infer.slots`), not per `generate` call (docs/performance.md, change 8).
+    serving engine, `llamax.infer.slots`), and per `generate` call from a few rows
+    (`decode_kernel_layout`; docs/performance.md, changes 8 and 10).
     """
     return config.replace(scan_layers=False, remat_policy="none", kernel_layout=kernel_layout)
 
@@ -137,14 +138,28 @@ def _constrain_cache(buffers: Array | tuple[Array, ...]) -> Array | tuple[Array,
     return nn.with_logical_constraint(buffers, CACHE_AXES)
 
 
-def decode_compiler_options(mesh: jax.sharding.Mesh | None = None) -> dict[str, str] | None:
+def decode_compiler_options(mesh: jax.sharding.Mesh | None = None,
+                            kernel_layout: str = "in_out") -> dict[str, str] | None:
     """XLA options for programs that decode (a few rows per step) on the mesh's platform. On CPU
-    a decode step's dots are thin ([batch <= 16, embed] @ [embed, out]): Eigen runs them faster
-    than the YNNPACK fusions XLA picks by default (AMD EPYC, bench preset, batch 8: 15.2 vs
-    17.4 ms per step), while a train step's large dots gain from YNNPACK (3.55 vs 3.77 s). The
-    serving engine's [outputs, inputs] kernels run faster with YNNPACK: it keeps the default
-    (docs/performance.md, change 8)."""
-    return {"xla_cpu_experimental_ynn_fusion_type": ""} if runs_on_cpu(mesh) else None
+    a decode step's dots are thin ([batch <= 16, embed] @ [embed, out]): with [inputs, outputs]
+    kernels Eigen runs them faster than the YNNPACK fusions XLA picks by default (AMD EPYC, bench
+    preset, batch 8: 15.2 vs 17.4 ms per step), while a train step's large dots gain from YNNPACK
+    (3.55 vs 3.77 s). [outputs, inputs] kernels run faster with YNNPACK: they keep the default
+    (docs/performance.md, changes 8 and 10)."""
+    return {"xla_cpu_experimental_ynn_fusion_type": ""} if runs_on_cpu(mesh) and kernel_layout == "in_out" else None
+
+
+# From this many rows (the bucketed batch) a CPU `generate` decodes with [outputs, inputs] kernels.
+OUT_IN_MIN_ROWS = 4
+
+
+def decode_kernel_layout(mesh: jax.sharding.Mesh | None, rows: int) -> str:
+    """The kernel layout `generate` decodes `rows` rows with: 'out_in' on CPU from OUT_IN_MIN_ROWS
+    rows, else the trained 'in_out'. Intel Xeon (family 6 model 167), bench preset, 128 new
+    tokens, tokens/s in_out + Eigen -> out_in + YNNPACK: 2 rows 274 -> 237, 4 rows 418 -> 452,
+    8 rows 517 -> 649, 16 rows 790 -> 870; 1 row 200-215 -> 160 (docs/performance.md, change 10).
+    The conversion (one transposed copy of every kernel per call) is inside those figures."""
+    return "out_in" if runs_on_cpu(mesh) and rows >= OUT_IN_MIN_ROWS else "in_out"
 
 
 def prefill(config: ModelConfig, params: Any, tokens: Array, positions: Array, segment_ids: Array,
@@ -203,11 +218,12 @@ def _advance(config: ModelConfig, sampler: Sampler, params: Any, state: DecodeSt
 
 @functools.lru_cache(maxsize=64)
 def _compiled_generate(config: ModelConfig, sampler: Sampler, max_new_tokens: int,
-                       mesh: Any, rules: Any):
+                       mesh: Any, rules: Any, kernel_layout: str = "in_out"):
     """The jitted prefill + while_loop; one per static key (jit adds one executable per shape)."""
 
     def run(params, tokens, positions, segment_ids, num_real, key_data, temperature, stop_ids):
-        decode_config, params = decoding_config(config), tuple(decoding_params(config, w) for w in params)
+        decode_config = decoding_config(config, kernel_layout)
+        params = tuple(decoding_params(config, w, kernel_layout) for w in params)
         key = jax.random.wrap_key_data(key_data)
         state = _start(decode_config, sampler, max_new_tokens, params, tokens, positions, segment_ids,
                        num_real, key, temperature, stop_ids)
@@ -216,16 +232,19 @@ def _compiled_generate(config: ModelConfig, sampler: Sampler, max_new_tokens: in
             lambda s: _advance(decode_config, sampler, params, s, key, temperature, stop_ids), state)
         return state.tokens
 
-    return jax.jit(run, out_shardings=_replicated(mesh), compiler_options=decode_compiler_options(mesh))
+    return jax.jit(run, out_shardings=_replicated(mesh),
+                   compiler_options=decode_compiler_options(mesh, kernel_layout))
 
 
 @functools.lru_cache(maxsize=64)
-def _compiled_stream(config: ModelConfig, sampler: Sampler, max_new_tokens: int, mesh: Any, rules: Any):
+def _compiled_stream(config: ModelConfig, sampler: Sampler, max_new_tokens: int, mesh: Any, rules: Any,
+                     kernel_layout: str = "in_out"):
     """(to_decoding, start, advance, extend, peek): the decode loop in pieces. Params are converted to
     the decoding layout once per call; `extend` runs the loop up to a given step; `peek` copies
     (step, tokens, done) to every process."""
-    decode_config = decoding_config(config)
-    to_decoding = jax.jit(lambda weights: tuple(decoding_params(config, w) for w in weights))  # (params, quant)
+    decode_config = decoding_config(config, kernel_layout)
+    to_decoding = jax.jit(lambda weights: tuple(decoding_params(config, w, kernel_layout)
+                                                for w in weights))  # (params, quant)
 
     def start(params, tokens, positions, segment_ids, num_real, key_data, temperature, stop_ids):
         return _start(decode_config, sampler, max_new_tokens, params, tokens, positions, segment_ids,
@@ -241,7 +260,7 @@ def _compiled_stream(config: ModelConfig, sampler: Sampler, max_new_tokens: int,
                                   lambda s: advance(params, s, key_data, temperature, stop_ids), state)
 
     peek = jax.jit(lambda state: (state.step, state.tokens, state.done), out_shardings=_replicated(mesh))
-    options = decode_compiler_options(mesh)
+    options = decode_compiler_options(mesh, kernel_layout)
     return (to_decoding, jax.jit(start, compiler_options=options),
             jax.jit(advance, donate_argnums=(1,), compiler_options=options),
             jax.jit(extend, donate_argnums=(1,), compiler_options=options), peek)
@@ -349,19 +368,21 @@ def generate(config: ModelConfig, params: Any, prompts: Sequence[Sequence[int]],
     sampler, mesh, rules, dynamic, stops = _prepare(config, params, prompts, max_new_tokens, temperature,
                                                     top_k, top_p, seed, eos_id, stop_ids, mesh, rules, quant)
     with sharding_context(mesh, rules):
+        layout = decode_kernel_layout(mesh, dynamic[1].shape[0])  # the bucketed batch
         if stop is None:
-            tokens = _compiled_generate(config, sampler, max_new_tokens, mesh, rules)(*dynamic)
+            tokens = _compiled_generate(config, sampler, max_new_tokens, mesh, rules, layout)(*dynamic)
             tokens = np.asarray(jax.device_get(tokens))  # [batch, max_new_tokens]; the one host sync
         else:
             tokens = _generate_in_chunks(config, sampler, max_new_tokens, mesh, rules, dynamic,
-                                         len(prompts), stops, stop, check_every)
+                                         len(prompts), stops, stop, check_every, layout)
     return [_until_stop(row, stops) for row in tokens[:len(prompts)]]
 
 
 def _generate_in_chunks(config, sampler, max_new_tokens, mesh, rules, dynamic, num_prompts, stops,
-                        stop, check_every) -> np.ndarray:
+                        stop, check_every, kernel_layout) -> np.ndarray:
     """The decode loop `check_every` steps at a time; between chunks `stop` ends rows on the host."""
-    to_decoding, start, _, extend, peek = _compiled_stream(config, sampler, max_new_tokens, mesh, rules)
+    to_decoding, start, _, extend, peek = _compiled_stream(config, sampler, max_new_tokens, mesh, rules,
+                                                           kernel_layout)
     params, key_temperature_stops = to_decoding(dynamic[0]), dynamic[5:]
     state = start(params, *dynamic[1:])
     stopped = np.zeros(dynamic[1].shape[0], bool)  # [batch] rows ended by `stop`
