@@ -265,7 +265,7 @@ class Llama(nn.Module):
 
         # On CPU the stacked layers run unrolled (params stay stacked): a rolled loop writes every
         # layer's saved activations into zero-filled [layers, ...] buffers and reads them back,
-        # which cost the bench train step 11% on an Intel Xeon (docs/performance.md, change 8).
+        # which cost the bench train step 11% on an Intel Xeon (docs/performance.md, change 9).
         unroll = c.num_layers if c.scan_layers and builds_for_cpu() else 1
         block = DecoderLayer
         if c.remat_policy != "none":
