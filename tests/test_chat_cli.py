@@ -5,6 +5,7 @@ import os
 import pty
 import re
 import select
+import signal
 import sys
 import time
 import warnings
@@ -27,6 +28,10 @@ class Terminal:
             warnings.simplefilter("ignore", RuntimeWarning)
             self.pid, self.fd = pty.fork()
         if self.pid == 0:  # the child: the pty is its controlling terminal, as in a real shell
+            # A shell starts a program with Ctrl-C's SIGINT at its default. A test run launched in
+            # the background (`cmd &` in a script, some CI runners) ignores SIGINT, an exec keeps
+            # that, and the chat could then not be interrupted (2 CI runs failed so).
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
             os.execve(sys.executable, [sys.executable, *argv], env)
         self.buffer = b""
 
