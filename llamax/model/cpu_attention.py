@@ -17,8 +17,9 @@ are:
 
 Heads-major with query heads grouped under their kv head: each (row, kv head) multiplies one
 [block rows * groups, head_dim] matrix by [keys, head_dim] keys, with the queries of a block
-contiguous. Bench preset on an Intel Xeon (Sapphire Rapids), one layer, 4 x 512, GQA 8/4, fwd+bwd:
-55-57 ms against 68-72 ms for the autodiff path (torch's scaled_dot_product_attention: 40 ms).
+contiguous, pre-scaled by 1/sqrt(head_dim). Bench preset on an Intel Xeon (family 6 model 167),
+one layer, 4 x 512, GQA 8/4, fwd+bwd: 48-50 ms against 68-72 ms for the autodiff path (torch's
+scaled_dot_product_attention: 40 ms; docs/performance.md, change 9).
 Values and gradients equal the autodiff path (tests/test_attention.py). Used for programs built
 for CPU devices (`llamax.model.matmul.builds_for_cpu`); TPU and GPU programs keep the autodiff
 path (or splash / cuDNN).
