@@ -231,7 +231,7 @@ def test_inference_programs_for_a_tpu_mesh_take_the_tpu_form_on_a_cpu_host():
 
     from llamax.infer import generate as gen
     from llamax.infer.slots import SlotProgram
-    from llamax.model.matmul import use_flat_matmuls
+    from llamax.model.matmul import builds_for_cpu
     from llamax.sharding import LOGICAL_AXIS_RULES
 
     rules = tuple(tuple(rule) for rule in LOGICAL_AXIS_RULES)
@@ -240,6 +240,6 @@ def test_inference_programs_for_a_tpu_mesh_take_the_tpu_form_on_a_cpu_host():
     cpu = Mesh(np.array(jax.devices("cpu")[:1]).reshape(1, 1, 1), ("data", "fsdp", "tensor"))
     for mesh, cpu_form in ((tpu, False), (cpu, True)):
         with gen.sharding_context(mesh, rules):
-            assert use_flat_matmuls() is cpu_form
+            assert builds_for_cpu() is cpu_form
         with SlotProgram(get_preset("tiny"), 2, 32, mesh=mesh)._context(rules):
-            assert use_flat_matmuls() is cpu_form
+            assert builds_for_cpu() is cpu_form

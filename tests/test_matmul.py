@@ -4,8 +4,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from llamax.model.matmul import (OUT_IN_MAX_ROWS, _pass_through_form, flat_matmuls, out_in_shape, project,
-                                 project_out_in, use_flat_matmuls)
+from llamax.model.matmul import (OUT_IN_MAX_ROWS, _pass_through_form, builds_for_cpu, flat_matmuls, out_in_shape,
+                                 project, project_out_in)
 
 
 @pytest.mark.parametrize("equation, x_shape, kernel_shape", [
@@ -54,9 +54,9 @@ def test_other_equations_stay_einsums(equation):
 
 
 def test_the_setting_defaults_to_the_backend_and_nests():
-    assert use_flat_matmuls() == (jax.default_backend() == "cpu")
+    assert builds_for_cpu() == (jax.default_backend() == "cpu")
     with flat_matmuls(False):
-        assert not use_flat_matmuls()
+        assert not builds_for_cpu()
         with flat_matmuls(True):
-            assert use_flat_matmuls()
-        assert not use_flat_matmuls()
+            assert builds_for_cpu()
+        assert not builds_for_cpu()

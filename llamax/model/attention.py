@@ -16,7 +16,7 @@ import jax.numpy as jnp
 
 from llamax.config import ModelConfig
 from llamax.model.cpu_attention import blocked_causal_attention
-from llamax.model.matmul import builds_for_cpu, use_flat_matmuls
+from llamax.model.matmul import builds_for_cpu
 
 Array = jax.Array
 
@@ -94,7 +94,7 @@ def attend_cached(q: Array, k: Array, v: Array, mask: Array, config: ModelConfig
     kv_heads = k.shape[1]
     groups = heads // kv_heads
     k, v = k.astype(q.dtype), v.astype(q.dtype)
-    if q_len == 1 and use_flat_matmuls():
+    if q_len == 1 and builds_for_cpu():
         return _one_query_per_head(q, k, v, mask)
     q = q.reshape(batch, q_len, kv_heads, groups, head_dim)
     scores = jnp.einsum("BTKGD,BKSD->BKGTS", q, k, preferred_element_type=jnp.float32) * (head_dim ** -0.5)

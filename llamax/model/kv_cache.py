@@ -19,7 +19,7 @@ import jax.numpy as jnp
 
 from llamax.config import ModelConfig
 from llamax.model.attention import attend_cached, attend_step
-from llamax.model.matmul import use_flat_matmuls
+from llamax.model.matmul import builds_for_cpu
 
 Array = jax.Array
 
@@ -99,7 +99,7 @@ def update_and_attend(q: Array, k: Array, v: Array, layer_cache: tuple[Array, Ar
     k, v = k.astype(cached_key.dtype), v.astype(cached_value.dtype)
     rows, window = q.shape[0], mask.shape[-1]
     whole = (cached_key.shape[0], cached_key.shape[2]) == (rows, window)
-    if q.shape[1] == 1 and whole and use_flat_matmuls():
+    if q.shape[1] == 1 and whole and builds_for_cpu():
         old_mask = mask & (jnp.arange(window) != jnp.reshape(index, (-1, 1, 1)))  # own slot: stale
         out = attend_step(q, cached_key, cached_value, k, v, old_mask, config)
         # 0 * out makes the writes depend on the attention, so they come after its reads of the

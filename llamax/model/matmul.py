@@ -57,10 +57,6 @@ def builds_for_cpu() -> bool:
     return jax.default_backend() == "cpu" if setting is None else setting
 
 
-def use_flat_matmuls() -> bool:
-    return builds_for_cpu()
-
-
 def _pass_through_form(equation: str) -> tuple[int, int] | None:
     """(number of lead axes, number of input axes) when `equation` is `<lead><in>,<in><out>->
     <lead><out>` with every letter distinct, else None."""
@@ -80,8 +76,8 @@ def _pass_through_form(equation: str) -> tuple[int, int] | None:
 
 
 def project(equation: str, x: jax.Array, kernel: jax.Array) -> jax.Array:
-    """`jnp.einsum(equation, x, kernel)`; a reshaped 2-D matmul where `use_flat_matmuls()`."""
-    form = _pass_through_form(equation) if use_flat_matmuls() else None
+    """`jnp.einsum(equation, x, kernel)`; a reshaped 2-D matmul where `builds_for_cpu()`."""
+    form = _pass_through_form(equation) if builds_for_cpu() else None
     if form is None:
         return jnp.einsum(equation, x, kernel)
     n_lead, n_in = form
