@@ -9,6 +9,7 @@ import pytest
 from llamax.config import get_preset
 from llamax.errors import ConfigError, DataError
 from llamax.infer.engine import Engine, SamplingParams
+from llamax.infer.generate import uses_decode_kernels
 from llamax.model import init_params
 from llamax.sample import generate
 
@@ -45,12 +46,14 @@ def reference(model, prompts):
 
 
 def test_solo_greedy_equals_generate(engine, prompts, reference):
-    # On CPU the engine decodes with [outputs, inputs] kernels (generate with the trained layout):
-    # the same tokens from both layouts.
+    # On CPU the engine decodes its 4 slots with the decode kernels and the trained layout where
+    # they are built, else with [outputs, inputs] kernels: the same tokens as generate either way.
     config = engine.config
-    assert engine.program.decode_config.kernel_layout == "out_in"
-    assert engine.params["layers_0"]["mlp"]["up_proj"]["kernel"].shape == (config.intermediate_size,
-                                                                        config.hidden_size)
+    thin = uses_decode_kernels(None, 4, config)
+    assert engine.program.decode_config.kernel_layout == ("in_out" if thin else "out_in")
+    up = engine.params["layers_0"]["mlp"]["up_proj"]["kernel"].shape
+    assert up == ((config.hidden_size, config.intermediate_size) if thin else
+                  (config.intermediate_size, config.hidden_size))
     for prompt, expected in zip(prompts, reference):
         request = engine.submit(prompt, SamplingParams(max_tokens=NEW))
         assert request.tokens(timeout=TIMEOUT) == expected

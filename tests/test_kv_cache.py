@@ -10,7 +10,7 @@ import pytest
 
 from llamax.config import get_preset
 from llamax.infer import generate as generation
-from llamax.model import init_params
+from llamax.model import init_params, decode_kernels
 from llamax.model.attention import attend_cached
 from llamax.model.kv_cache import update_and_attend, write_at
 from llamax.model.matmul import flat_matmuls
@@ -45,8 +45,8 @@ def test_cpu_step_equals_write_then_attend(per_row):
     np.testing.assert_array_equal(values, want_values)
 
 
-@pytest.mark.parametrize("rows", [1, 4])  # [inputs, outputs] / [outputs, inputs] kernels
-def test_generate_loop_copies_no_cache_buffer(rows):
+@pytest.mark.parametrize("rows", [1, 4, 16])  # [inputs, outputs] kernels (with the decode kernel
+def test_generate_loop_copies_no_cache_buffer(rows):  # where it is built) / [outputs, inputs] kernels
     """The compiled decode loop of `generate` (CPU form) holds no copy of a KV cache buffer. Before
     the step attended over the old cache, XLA:CPU copied each of them several times per step."""
     config = get_preset("tiny")
@@ -55,7 +55,8 @@ def test_generate_loop_copies_no_cache_buffer(rows):
     sampler, mesh, rules, dynamic, _ = generation._prepare(config, params, prompts, 20, 0.0, None, None, 0,
                                                            None, (), None, None, None)
     layout = generation.decode_kernel_layout(mesh, rows)
-    assert layout == ("in_out" if rows == 1 else "out_in")
+    thin = generation.uses_decode_kernels(mesh, rows)
+    assert layout == ("in_out" if rows == 1 or thin else "out_in") and thin == (rows <= 8 and decode_kernels.available())
     with flat_matmuls(True), generation.sharding_context(mesh, rules):
         run = generation._compiled_generate(config, sampler, 20, mesh, rules, layout)
         hlo = run.lower(*dynamic).compile().as_text()

@@ -41,6 +41,7 @@ from llamax.infer.checks import all_stop_ids, check_generate_args
 from llamax.infer.sampling import Sampler, filter_logits, sample_tokens  # noqa: F401 (re-exported)
 from llamax.model.kv_cache import CACHE_AXES, KVCache
 from llamax.model.llama import Llama, kernels_out_in
+from llamax.model import decode_kernels
 from llamax.model.matmul import flat_matmuls_for, runs_on_cpu
 from llamax.model.quantize import model_variables
 
@@ -149,17 +150,48 @@ def decode_compiler_options(mesh: jax.sharding.Mesh | None = None,
     return {"xla_cpu_experimental_ynn_fusion_type": ""} if runs_on_cpu(mesh) and kernel_layout == "in_out" else None
 
 
-# From this many rows (the bucketed batch) a CPU `generate` decodes with [outputs, inputs] kernels.
+# From this many rows (the bucketed batch) a CPU `generate` decodes with [outputs, inputs] kernels
+# where the CPU decode kernel does not apply.
 OUT_IN_MIN_ROWS = 4
 
 
-def decode_kernel_layout(mesh: jax.sharding.Mesh | None, rows: int) -> str:
-    """The kernel layout `generate` decodes `rows` rows with: 'out_in' on CPU from OUT_IN_MIN_ROWS
-    rows, else the trained 'in_out'. Intel Xeon (family 6 model 167), bench preset, 128 new
+def _one_cpu_device(mesh: jax.sharding.Mesh | None) -> bool:
+    """Whether programs for `mesh` run on a single CPU device (the decode kernels have no sharding)."""
+    return runs_on_cpu(mesh) and (mesh is None or mesh.devices.size == 1)
+
+
+def uses_decode_kernels(mesh: jax.sharding.Mesh | None, rows: int, config: ModelConfig | None = None) -> bool:
+    """Whether a CPU decode program of `rows` rows (the bucketed batch) computes its projections
+    with the CPU decode kernels (`llamax.model.decode_kernels`): one CPU device, float32 weights
+    and compute (`config`, when given), at most THIN_MAX_ROWS rows, and the kernels built."""
+    float32 = config is None or (config.compute_dtype == jnp.float32 and config.weight_dtype == jnp.float32)
+    return (_one_cpu_device(mesh) and float32 and rows <= decode_kernels.THIN_MAX_ROWS
+            and decode_kernels.available())
+
+
+def decode_kernel_layout(mesh: jax.sharding.Mesh | None, rows: int, config: ModelConfig | None = None) -> str:
+    """The kernel layout `generate` decodes `rows` rows with: the trained 'in_out' where the CPU
+    decode kernels take the products (`uses_decode_kernels`) or below OUT_IN_MIN_ROWS rows, else
+    'out_in' on CPU. Without the kernels, Intel Xeon (family 6 model 167), bench preset, 128 new
     tokens, tokens/s in_out + Eigen -> out_in + YNNPACK: 2 rows 274 -> 237, 4 rows 418 -> 452,
     8 rows 517 -> 649, 16 rows 790 -> 870; 1 row 200-215 -> 160 (docs/performance.md, change 10).
     The conversion (one transposed copy of every kernel per call) is inside those figures."""
+    if uses_decode_kernels(mesh, rows, config):
+        return "in_out"
     return "out_in" if runs_on_cpu(mesh) and rows >= OUT_IN_MIN_ROWS else "in_out"
+
+
+def with_decode_kernels(fn: Callable, mesh: jax.sharding.Mesh | None) -> Callable:
+    """`fn`, traced with the CPU decode kernels on where its programs run on one CPU device
+    (`project` then takes them for float32 products of few rows, `attend_step` in float32)."""
+    enabled = _one_cpu_device(mesh)
+
+    @functools.wraps(fn)
+    def traced(*args):
+        with decode_kernels.decode_kernels(enabled):
+            return fn(*args)
+
+    return traced
 
 
 def prefill(config: ModelConfig, params: Any, tokens: Array, positions: Array, segment_ids: Array,
@@ -232,7 +264,7 @@ def _compiled_generate(config: ModelConfig, sampler: Sampler, max_new_tokens: in
             lambda s: _advance(decode_config, sampler, params, s, key, temperature, stop_ids), state)
         return state.tokens
 
-    return jax.jit(run, out_shardings=_replicated(mesh),
+    return jax.jit(with_decode_kernels(run, mesh), out_shardings=_replicated(mesh),
                    compiler_options=decode_compiler_options(mesh, kernel_layout))
 
 
@@ -261,6 +293,7 @@ def _compiled_stream(config: ModelConfig, sampler: Sampler, max_new_tokens: int,
 
     peek = jax.jit(lambda state: (state.step, state.tokens, state.done), out_shardings=_replicated(mesh))
     options = decode_compiler_options(mesh, kernel_layout)
+    start, advance, extend = (with_decode_kernels(fn, mesh) for fn in (start, advance, extend))
     return (to_decoding, jax.jit(start, compiler_options=options),
             jax.jit(advance, donate_argnums=(1,), compiler_options=options),
             jax.jit(extend, donate_argnums=(1,), compiler_options=options), peek)
@@ -368,7 +401,7 @@ def generate(config: ModelConfig, params: Any, prompts: Sequence[Sequence[int]],
     sampler, mesh, rules, dynamic, stops = _prepare(config, params, prompts, max_new_tokens, temperature,
                                                     top_k, top_p, seed, eos_id, stop_ids, mesh, rules, quant)
     with sharding_context(mesh, rules):
-        layout = decode_kernel_layout(mesh, dynamic[1].shape[0])  # the bucketed batch
+        layout = decode_kernel_layout(mesh, dynamic[1].shape[0], config)  # the bucketed batch
         if stop is None:
             tokens = _compiled_generate(config, sampler, max_new_tokens, mesh, rules, layout)(*dynamic)
             tokens = np.asarray(jax.device_get(tokens))  # [batch, max_new_tokens]; the one host sync

@@ -26,7 +26,8 @@ import jax
 import jax.numpy as jnp
 
 from llamax.config import ModelConfig
-from llamax.infer.generate import decoding_config, decoding_params, sharding_context
+from llamax.infer.generate import (decoding_config, decoding_params, sharding_context, uses_decode_kernels,
+                                   with_decode_kernels)
 from llamax.infer.row_sampling import SlotSampling, StepOutput, sample_rows
 from llamax.model.kv_cache import CACHE_AXES, KVCache
 from llamax.model.llama import Llama
@@ -70,8 +71,10 @@ class SlotProgram:
         self.config, self.max_batch, self.max_seq_len = config, max_batch, max_seq_len
         # On CPU the kernels are [outputs, inputs] matrices, transposed once by `place_params`:
         # with XLA's default (YNNPACK) dots, a decode step of 1-16 rows is then 5-45% faster
-        # (docs/performance.md, change 8).
-        self.kernel_layout = "out_in" if runs_on_cpu(mesh) else "in_out"
+        # (docs/performance.md, change 8). Up to 8 slots the CPU decode kernels take the trained
+        # layout, and every CPU decode step attends with them (change 11).
+        thin = uses_decode_kernels(mesh, max_batch, config)
+        self.kernel_layout = "out_in" if runs_on_cpu(mesh) and not thin else "in_out"
         self.decode_config = decoding_config(config, self.kernel_layout)
         self.mesh = mesh
         if mesh is not None:
@@ -83,7 +86,8 @@ class SlotProgram:
             (name, None if name == "batch" else axes) for name, axes in rules)
         self._empty = jax.jit(self._empty_batch)
         self._prefill = jax.jit(self._prefill_slot, donate_argnums=(1,))
-        self._decode = jax.jit(self._decode_slots, donate_argnums=(1,), static_argnums=(2, 3))
+        self._decode = jax.jit(with_decode_kernels(self._decode_slots, mesh), donate_argnums=(1,),
+                               static_argnums=(2, 3))
 
     def _context(self, rules: Rules | None):
         return sharding_context(self.mesh, rules)

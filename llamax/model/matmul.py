@@ -10,8 +10,10 @@ sharding annotations expect, they stay einsums. The choice follows the devices a
 for (`flat_matmuls`, set by the train setup from its mesh), so compiling for a TPU topology on a
 CPU host still builds the TPU program; outside any setting it follows `jax.default_backend()`.
 
-CPU decoding stores each kernel as one [outputs, inputs] matrix (`project_out_in`): a decode step
-multiplies a few rows by every weight, and XLA:CPU does that faster with the weight matrix as the
+A CPU decode step multiplies a few rows by every weight. Up to 8 float32 rows, `project` hands
+them to `llamax.model.decode_kernels`, a custom call that reads the weights in place, when the decode
+program turns it on; otherwise (more rows, other dtypes, no C++ compiler) CPU decoding stores each
+kernel as one [outputs, inputs] matrix (`project_out_in`), which XLA:CPU multiplies faster as the
 left operand.
 """
 from __future__ import annotations
@@ -23,6 +25,8 @@ import re
 
 import jax
 import jax.numpy as jnp
+
+from llamax.model import decode_kernels
 
 _FLAT = contextvars.ContextVar("llamax_flat_matmuls", default=None)
 
@@ -83,7 +87,9 @@ def project(equation: str, x: jax.Array, kernel: jax.Array) -> jax.Array:
     n_lead, n_in = form
     lead_shape, out_shape = x.shape[:n_lead], kernel.shape[n_in:]
     inputs = math.prod(kernel.shape[:n_in])
-    flat = x.reshape(-1, inputs) @ kernel.reshape(inputs, -1)  # [lead..., outputs...] flattened
+    rows, matrix = x.reshape(-1, inputs), kernel.reshape(inputs, -1)
+    # [lead..., outputs...] flattened; a decode step's few rows by the CPU decode kernel
+    flat = decode_kernels.thin_matmul(rows, matrix) if decode_kernels.thin_matmul_applies(rows, matrix) else rows @ matrix
     return flat.reshape(*lead_shape, *out_shape)
 
 

@@ -1,0 +1,232 @@
+// y[M, N] = x[M, K] @ w[K, N] in float32 for a few rows x (a CPU decode step's projections),
+// as an XLA FFI custom call: `llamax.model.thin_matmul` builds and registers it.
+//
+// XLA:CPU's dot libraries (Eigen, YNNPACK) and MKL pack the weight matrix for every product,
+// which for 1-8 rows costs more than the arithmetic: a decode step's weights stream at 12 GB/s
+// for 8 rows where the memory delivers 25-30. Here w is read once, in place: each thread takes a
+// range of columns; a register tile of MB rows x NV vectors accumulates KBLOCK rows of w at a
+// time, and the tiles walk along those rows, so w is read as KBLOCK sequential streams.
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <memory>
+#include <thread>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+// 16 floats: one AVX-512 register; the compiler splits it where the CPU has AVX2 only.
+typedef float v16 __attribute__((vector_size(64)));
+typedef float v16_unaligned __attribute__((vector_size(64), aligned(4), may_alias));
+
+inline v16 Load(const float* p) { return *reinterpret_cast<const v16_unaligned*>(p); }
+inline void Store(float* p, v16 v) { *reinterpret_cast<v16_unaligned*>(p) = v; }
+
+constexpr int64_t kBlock = 16;    // rows of w per pass of a tile (sequential streams)
+constexpr int kMaxRows = 8;       // rows of x per pass over w
+constexpr int64_t kColumnGrain = 128;  // a thread's columns: a multiple of the widest tile
+
+// y[:MB, n:n + 16 NV] (+)= x[:MB, k0:k1] @ w[k0:k1, n:n + 16 NV]; the first block starts from 0.
+template <int MB, int NV>
+inline void Tile(const float* x, const float* w, float* y, int64_t K, int64_t N, int64_t n,
+                 int64_t k0, int64_t k1) {
+  v16 acc[MB][NV];
+#pragma GCC unroll 8
+  for (int m = 0; m < MB; ++m)
+#pragma GCC unroll 8
+    for (int j = 0; j < NV; ++j) acc[m][j] = k0 == 0 ? v16{} : Load(y + m * N + n + 16 * j);
+  for (int64_t k = k0; k < k1; ++k) {
+    const float* w_row = w + k * N + n;
+    v16 w_vectors[NV];
+#pragma GCC unroll 8
+    for (int j = 0; j < NV; ++j) w_vectors[j] = Load(w_row + 16 * j);
+#pragma GCC unroll 8
+    for (int m = 0; m < MB; ++m) {
+      const float x_mk = x[m * K + k];
+#pragma GCC unroll 8
+      for (int j = 0; j < NV; ++j) acc[m][j] += x_mk * w_vectors[j];
+    }
+  }
+#pragma GCC unroll 8
+  for (int m = 0; m < MB; ++m)
+#pragma GCC unroll 8
+    for (int j = 0; j < NV; ++j) Store(y + m * N + n + 16 * j, acc[m][j]);
+}
+
+// Columns [n0, n1) of y for MB rows. Tiles hold 16 accumulators: 8 vectors wide for 1-2 rows,
+// 4 for 3-4 rows, 2 for 5-8 rows.
+template <int MB>
+void Columns(const float* x, const float* w, float* y, int64_t K, int64_t N, int64_t n0, int64_t n1) {
+  constexpr int NV = MB <= 2 ? 8 : MB <= 4 ? 4 : 2;
+  const int64_t vector_end = n0 + (n1 - n0) / 16 * 16;
+  for (int64_t k0 = 0; k0 < K; k0 += kBlock) {
+    const int64_t k1 = std::min(K, k0 + kBlock);
+    int64_t n = n0;
+    for (; n + 16 * NV <= vector_end; n += 16 * NV) Tile<MB, NV>(x, w, y, K, N, n, k0, k1);
+    for (; n < vector_end; n += 16) Tile<MB, 1>(x, w, y, K, N, n, k0, k1);
+  }
+  for (int64_t n = vector_end; n < n1; ++n)  // fewer than 16 columns left
+    for (int m = 0; m < MB; ++m) {
+      float sum = 0;
+      for (int64_t k = 0; k < K; ++k) sum += x[m * K + k] * w[k * N + n];
+      y[m * N + n] = sum;
+    }
+}
+
+using ColumnsFn = void (*)(const float*, const float*, float*, int64_t, int64_t, int64_t, int64_t);
+constexpr ColumnsFn kColumnsByRows[kMaxRows + 1] = {
+    nullptr, Columns<1>, Columns<2>, Columns<3>, Columns<4>, Columns<5>, Columns<6>, Columns<7>, Columns<8>};
+
+// Runs body(0) ... body(count - 1) on the caller and up to threads - 1 pool threads. Every thread
+// (the caller included) takes indices until none is left, so the caller never waits on a task
+// the pool has not started; a task that starts after the last index was taken returns at once
+// (it holds the shared counters, not the caller's buffers).
+template <typename Body>
+void ParallelFor(ffi::ThreadPool& pool, int64_t threads, int64_t count, Body body) {
+  struct Shared {
+    std::atomic<int64_t> next{0};
+    std::atomic<int64_t> done{0};
+    int64_t count;
+    Body body;
+    Shared(int64_t count, Body body) : count(count), body(body) {}
+    void Work() {
+      for (int64_t i; (i = next.fetch_add(1, std::memory_order_relaxed)) < count;) {
+        body(i);
+        done.fetch_add(1, std::memory_order_release);
+      }
+    }
+  };
+  auto shared = std::make_shared<Shared>(count, body);
+  for (int64_t t = 1; t < std::min(threads, count); ++t) pool.Schedule([shared] { shared->Work(); });
+  shared->Work();
+  while (shared->done.load(std::memory_order_acquire) < count) std::this_thread::yield();
+}
+
+ffi::Error ThinMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
+                      ffi::ResultBuffer<ffi::F32> y) {
+  const auto x_dims = x.dimensions(), w_dims = w.dimensions();
+  if (x_dims.size() != 2 || w_dims.size() != 2 || x_dims[1] != w_dims[0])
+    return ffi::Error::InvalidArgument("llamax_thin_matmul expects x [rows, K] and w [K, N]");
+  const int64_t rows = x_dims[0], K = x_dims[1], N = w_dims[1];
+  const float* x_data = x.typed_data();
+  const float* w_data = w.typed_data();
+  float* y_data = y->typed_data();
+  if (K == 0) std::fill(y_data, y_data + rows * N, 0.0f);  // an empty sum
+  if (rows == 0 || N == 0 || K == 0) return ffi::Error::Success();
+  // Small products stay on the calling thread: waking another costs more than it saves.
+  const int64_t threads = K * N < (1 << 16) ? 1 : std::max<int64_t>(1, pool.num_threads());
+  // One range of columns per thread, a multiple of the widest tile.
+  const int64_t per_thread = (N + threads - 1) / threads;
+  const int64_t chunk = (per_thread + kColumnGrain - 1) / kColumnGrain * kColumnGrain;
+  ParallelFor(pool, threads, (N + chunk - 1) / chunk, [=](int64_t c) {
+    const int64_t n0 = c * chunk, n1 = std::min(N, n0 + chunk);
+    for (int64_t m0 = 0; m0 < rows; m0 += kMaxRows) {
+      const int64_t block_rows = std::min<int64_t>(kMaxRows, rows - m0);
+      kColumnsByRows[block_rows](x_data + m0 * K, w_data, y_data + m0 * N, K, N, n0, n1);
+    }
+  });
+  return ffi::Error::Success();
+}
+
+// ---- step attention -----------------------------------------------------------------------
+// Per (row, kv head): the group's G queries score the filled cache slots (a masked slot is
+// neither read nor weighted: exp(-inf) is what softmax gives it) and the step's own key, then
+// average the values. The cache is read once per kv head, not once per query head.
+
+inline float Dot(const float* a, const float* b, int64_t n) {
+  v16 sum{};
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) sum += Load(a + i) * Load(b + i);
+  float total = 0;
+  for (int j = 0; j < 16; ++j) total += sum[j];
+  for (; i < n; ++i) total += a[i] * b[i];
+  return total;
+}
+
+inline void AddScaled(float* out, const float* v, float scale, int64_t n) {
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) Store(out + i, Load(out + i) + scale * Load(v + i));
+  for (; i < n; ++i) out[i] += scale * v[i];
+}
+
+ffi::Error StepAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
+                         ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::PRED> mask,
+                         ffi::Buffer<ffi::F32> own_k, ffi::Buffer<ffi::F32> own_v,
+                         ffi::ResultBuffer<ffi::F32> out) {
+  const auto q_dims = q.dimensions(), k_dims = k.dimensions();
+  if (q_dims.size() != 4 || k_dims.size() != 4 || v.element_count() != k.element_count() ||
+      q_dims[0] != k_dims[0] || q_dims[1] != k_dims[1] || q_dims[3] != k_dims[3] ||
+      mask.element_count() != k_dims[0] * k_dims[2] ||
+      own_k.element_count() != k_dims[0] * k_dims[1] * k_dims[3] ||
+      own_v.element_count() != own_k.element_count())
+    return ffi::Error::InvalidArgument(
+        "llamax_step_attention expects q [B, K, G, D], k and v [B, K, S, D], mask [B, S], "
+        "own key and value [B, K, D]");
+  const int64_t batch = k_dims[0], kv_heads = k_dims[1], length = k_dims[2], dim = k_dims[3];
+  const int64_t groups = q_dims[2];
+  const float* q_data = q.typed_data();  // pre-scaled by 1/sqrt(D)
+  const float* k_data = k.typed_data();
+  const float* v_data = v.typed_data();
+  const bool* mask_data = mask.typed_data();
+  const float* own_k_data = own_k.typed_data();
+  const float* own_v_data = own_v.typed_data();
+  float* out_data = out->typed_data();
+  const int64_t threads = batch * kv_heads * length * dim < (1 << 14) ? 1 : std::max<int64_t>(1, pool.num_threads());
+  ParallelFor(pool, threads, batch * kv_heads, [=](int64_t pair) {
+    const int64_t row = pair / kv_heads;
+    const float* keys = k_data + pair * length * dim;    // [S, D]
+    const float* values = v_data + pair * length * dim;  // [S, D]
+    const bool* filled = mask_data + row * length;       // [S]
+    const float* own_key = own_k_data + pair * dim;
+    const float* own_value = own_v_data + pair * dim;
+    std::vector<float> scores((length + 1) * groups);  // [S + 1, G]: the last slot is the own key
+    for (int64_t g = 0; g < groups; ++g) {
+      const float* query = q_data + (pair * groups + g) * dim;
+      float best = scores[length * groups + g] = Dot(query, own_key, dim);
+      for (int64_t s = 0; s < length; ++s) {
+        if (!filled[s]) continue;
+        const float score = Dot(query, keys + s * dim, dim);
+        scores[s * groups + g] = score;
+        best = std::max(best, score);
+      }
+      float sum = 0;
+      for (int64_t s = 0; s <= length; ++s) {
+        if (s < length && !filled[s]) continue;
+        sum += scores[s * groups + g] = std::exp(scores[s * groups + g] - best);
+      }
+      float* result = out_data + (pair * groups + g) * dim;
+      std::fill(result, result + dim, 0.0f);
+      const float inverse = 1.0f / sum;
+      for (int64_t s = 0; s < length; ++s)
+        if (filled[s]) AddScaled(result, values + s * dim, scores[s * groups + g] * inverse, dim);
+      AddScaled(result, own_value, scores[length * groups + g] * inverse, dim);
+    }
+  });
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LlamaxThinMatmul, ThinMatmul,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LlamaxStepAttention, StepAttention,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::PRED>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
