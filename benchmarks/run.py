@@ -5,8 +5,10 @@
 
 Measures, interleaving llamax and its peer so that a background load slows both alike:
   peak    fp32 matmul GFLOP/s of this machine, in jax and in torch (the max is the MFU peak);
-  memory  read bandwidth (GB/s) of a STREAM-like sum over 256 MB, in jax and torch (their threads);
-          decode rows report their tok/s as a fraction of bandwidth / bytes read per step;
+  memory  read bandwidth (GB/s) of a STREAM-like read of 256 MB by jax (a sum), torch (a sum) and
+          llamax's CPU decode kernel (their threads), and of as many bytes as a batch-1 decode
+          step reads (`step_sized`: what a cache holding part of the weights allows); decode rows
+          report their tok/s as a fraction of bandwidth / bytes read per step, for both;
   train   tokens/s of one optimizer step: `llamax.train.step.make_train_step` on a 1-device mesh vs
           `transformers.LlamaForCausalLM` + `torch.optim.AdamW` on the same weights and batch;
   decode  greedy tokens/s of `llamax.infer.generate.generate` vs `transformers` `generate`, batch 1 and 8.
@@ -85,19 +87,32 @@ def matmul_peak(size: int = 2048, repeats: int = 7) -> dict[str, float]:
 
 
 def memory_bandwidth(megabytes: int = 256, repeats: int = 7) -> dict[str, float]:
-    """Measured read bandwidth in GB/s: a sum over a `megabytes` fp32 array, jitted in jax and in
-    torch (each with its own threads, as their decode loops run); the best of `repeats`. The
-    array is far larger than any cache, so this is what a weight-streaming decode step can get."""
+    """Measured read bandwidth in GB/s: one read of a `megabytes` fp32 array by jax (a jitted
+    sum), torch (a sum) and, where built, llamax's CPU decode kernel (a one-row product with the
+    array as its weight matrix), each with its own threads as their decode loops run; the best
+    of `repeats`, and `bandwidth_gb_s` the best reader. A CPU's last-level cache can hold part
+    of an array read again and again: on the Intel Xeon of 2026-12-06 the decode kernel read
+    128 MB at 38-45 GB/s, 256 MB and 1 GB at 31 (jax's and torch's sums: 26-29 at all three)."""
     import torch
+    from llamax.model import decode_kernels
     array = np.ones((megabytes << 20) // 4, np.float32)
     array_jax = jax.device_put(array)
     total = jax.jit(jnp.sum)
     total(array_jax).block_until_ready()
     array_torch = torch.from_numpy(array)
-    best = _interleaved({"jax": lambda: total(array_jax).block_until_ready(),
-                         "torch": lambda: torch.sum(array_torch)}, repeats, min)
+    readers = {"jax": lambda: total(array_jax).block_until_ready(), "torch": lambda: torch.sum(array_torch)}
+    if decode_kernels.available():
+        matrix = array_jax.reshape(512, -1)  # [inputs, outputs]: every element read once
+        row = jnp.ones((1, 512), jnp.float32)
+        product = jax.jit(decode_kernels.thin_matmul)
+        product(row, matrix).block_until_ready()
+        readers["llamax_kernel"] = lambda: product(row, matrix).block_until_ready()
+    # One reader at a time, not round-robin: torch's threads spin for a while after a call, and
+    # a reader run right after torch.sum got 15 GB/s where alone it gets 31-38.
+    best = {name: _interleaved({name: read}, repeats, min)[name] for name, read in readers.items()}
     result = {f"{name}_gb_s": round(array.nbytes / s / 1e9, 1) for name, s in best.items()}
     result["bandwidth_gb_s"] = max(result.values())
+    result["megabytes"] = megabytes
     return result
 
 
@@ -229,13 +244,15 @@ def bench_train(config, batch_size: int, seq_len: int, steps: int, peak_gflops: 
 # ---- decode -------------------------------------------------------------------------------
 
 def bench_decode(config, batch_size: int, prompt_len: int, new_tokens: int, repeats: int,
-                 with_hf: bool = True, bandwidth_gb_s: float | None = None) -> dict[str, Any]:
+                 with_hf: bool = True, bandwidth_gb_s: float | None = None,
+                 step_sized_gb_s: float | None = None) -> dict[str, Any]:
     """Greedy decode tokens/s of llamax `generate` vs HF `generate` (interleaved), same weights.
 
     Mirrors `benchmarks/decode.py` (which times the two one after the other) and adds
     interleaving; `same_tokens` says whether both produced the same continuation. With the
     machine's `bandwidth_gb_s`, `roofline_tok_s` is what reading `decode_bytes_per_step` at that
-    bandwidth allows, and `roofline_fraction` llamax's share of it.
+    bandwidth allows, and `roofline_fraction` llamax's share of it; `step_sized_roofline_*` the
+    same at the bandwidth of a step-sized read (`step_sized_gb_s`).
     """
     from llamax.infer.generate import bucket_length
     import torch
@@ -271,11 +288,12 @@ def bench_decode(config, batch_size: int, prompt_len: int, new_tokens: int, repe
     result = dict(batch=batch_size, prompt_len=prompt_len, new_tokens=new_tokens,
                   compile_s=round(first_call - medians["llamax"], 2),
                   llamax_tok_s=round(generated / medians["llamax"], 1))
-    if bandwidth_gb_s:
-        step_bytes = decode_bytes_per_step(config, batch_size, bucket_length(prompt_len) + new_tokens)
-        roofline = batch_size * bandwidth_gb_s * 1e9 / step_bytes
-        result.update(bytes_per_step=step_bytes, roofline_tok_s=round(roofline, 1),
-                      roofline_fraction=round(result["llamax_tok_s"] / roofline, 3))
+    step_bytes = decode_bytes_per_step(config, batch_size, bucket_length(prompt_len) + new_tokens)
+    for prefix, gb_s in (("", bandwidth_gb_s), ("step_sized_", step_sized_gb_s)):
+        if gb_s:
+            roofline = batch_size * gb_s * 1e9 / step_bytes
+            result.update({"bytes_per_step": step_bytes, f"{prefix}roofline_tok_s": round(roofline, 1),
+                           f"{prefix}roofline_fraction": round(result["llamax_tok_s"] / roofline, 3)})
     if with_hf:
         result.update(hf_tok_s=round(generated / medians["hf"], 1),
                       ratio=round(medians["hf"] / medians["llamax"], 2),
@@ -312,10 +330,16 @@ def format_table(results: dict) -> str:
                      f"{row.get('ratio', float('nan')):>8.2f}x{'1.5x':>7}")
     memory = results.get("memory")
     if memory:
-        lines.append(f"{'memory read GB/s':<22}{memory['jax_gb_s']:>12.1f}{memory['torch_gb_s']:>12.1f}")
-        for row in results["decode"]["per_batch"]:
-            lines.append(f"{'  roofline b=' + str(row['batch']):<22}{row['roofline_tok_s']:>12.1f} tok/s: "
-                         f"llamax at {row['roofline_fraction']:.0%} ({row['bytes_per_step'] / 1e6:.1f} MB/step)")
+        for name, read, prefix in (("memory", memory, ""), ("step-sized", memory.get("step_sized"), "step_sized_")):
+            if not read:
+                continue
+            ours = max(read["jax_gb_s"], read.get("llamax_kernel_gb_s", 0.0))
+            lines.append(f"{name + ' read GB/s':<22}{ours:>12.1f}{read['torch_gb_s']:>12.1f}"
+                         f"  ({read.get('megabytes', '?')} MB)")
+            for row in results["decode"]["per_batch"]:
+                lines.append(f"{'  roofline b=' + str(row['batch']):<22}{row[prefix + 'roofline_tok_s']:>12.1f} "
+                             f"tok/s: llamax at {row[prefix + 'roofline_fraction']:.0%} "
+                             f"({row['bytes_per_step'] / 1e6:.1f} MB/step)")
     lines += ["", f"train (freed host memory kept: {train.get('host_memory_retained')}): "
                   f"batch {train['batch']} x seq {train['seq_len']}, median of "
                   f"{train['steps']} steps, compile {train['compile_s']} s, MFU "
@@ -423,9 +447,15 @@ def main(argv: list[str] | None = None) -> dict:
                                source="llamax.train.step.PEAK_FLOPS_PER_DEVICE (dense bf16)")
     else:
         results["peak"] = matmul_peak(512 if quick else 2048, 2 if quick else 7)
+        from llamax.infer.generate import bucket_length
         results["memory"] = memory_bandwidth(32 if quick else 256, 2 if quick else 7)
+        # As much as a batch-1 decode step reads, read again and again as the step's weights are:
+        # a cache that holds part of it raises what a step can get above the memory's rate.
+        step_megabytes = -(-decode_bytes_per_step(config, 1, bucket_length(prompt_len) + new_tokens) // (1 << 20))
+        results["memory"]["step_sized"] = memory_bandwidth(step_megabytes, 2 if quick else 7)
     print(f"peak: {results['peak']}", flush=True)
     bandwidth = results.get("memory", {}).get("bandwidth_gb_s")
+    step_sized = results.get("memory", {}).get("step_sized", {}).get("bandwidth_gb_s")
 
     if jax.default_backend() == "cpu":
         results["train"] = _train_in_child(argv, results["peak"]["peak_gflops"])
@@ -444,7 +474,7 @@ def main(argv: list[str] | None = None) -> dict:
     rows = []
     for decode_batch in args.decode_batches:
         rows.append(bench_decode(config, decode_batch, prompt_len, new_tokens, 2 if quick else 3,
-                                 with_hf=peer, bandwidth_gb_s=bandwidth))
+                                 with_hf=peer, bandwidth_gb_s=bandwidth, step_sized_gb_s=step_sized))
         print(f"decode: {rows[-1]}", flush=True)
     decode: dict[str, Any] = dict(per_batch=rows,
                                   llamax_tok_s=round(_geomean([r["llamax_tok_s"] for r in rows]), 1))

@@ -26,6 +26,11 @@ def test_quick_run_writes_the_documented_json(tmp_path, capsys):
     assert written["memory"]["bandwidth_gb_s"] > 0 and row["bytes_per_step"] > 0
     # Rounded to 3 decimals in the JSON (a tiny model's fraction is ~0.005).
     assert row["roofline_fraction"] == pytest.approx(row["llamax_tok_s"] / row["roofline_tok_s"], abs=1e-3)
+    # The second roofline: a read as large as a batch-1 step's, at its own measured bandwidth.
+    step_sized = written["memory"]["step_sized"]
+    assert step_sized["megabytes"] == -(-row["bytes_per_step"] // (1 << 20)) and step_sized["bandwidth_gb_s"] > 0
+    assert row["step_sized_roofline_tok_s"] == pytest.approx(
+        step_sized["bandwidth_gb_s"] * 1e9 / row["bytes_per_step"], rel=1e-3)
     printed = capsys.readouterr().out
     assert "train tok/s" in printed
     assert "cannot import maxtext" in written["maxtext"]["error"]
