@@ -16,6 +16,7 @@ from llamax.infer import generate as generation
 from llamax.model import decode_kernels, init_params
 from llamax.model.attention import attend_step
 from llamax.model.matmul import flat_matmuls
+from llamax.model.quantize import quantize_weights
 
 needs_kernel = pytest.mark.skipif(decode_kernels._compiler() is None, reason="no C++ compiler")
 
@@ -39,6 +40,27 @@ def test_equals_numpy(rows, inputs, outputs):
     got = np.asarray(jax.jit(decode_kernels.thin_matmul)(x, w))
     want = x.astype(np.float64) @ w.astype(np.float64)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * max(1, inputs) ** 0.5)
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", ["bfloat16", "int8"])
+@pytest.mark.parametrize("rows, inputs, outputs", [(1, 512, 1408), (8, 130, 129), (3, 7, 40), (5, 64, 8)])
+def test_narrow_weights_are_read_as_they_are(dtype, rows, inputs, outputs):
+    """Weight-only decode: the product of bfloat16 / int8 weights equals float64 numpy on the same
+    (widened) values; the weights reach the custom call narrow."""
+    rng = np.random.RandomState(inputs)
+    x = rng.randn(rows, inputs).astype(np.float32)
+    if dtype == "int8":
+        w = jnp.asarray(rng.randint(-127, 128, (inputs, outputs)), jnp.int8)
+    else:
+        w = jnp.asarray(rng.randn(inputs, outputs), jnp.bfloat16)
+    product = jax.jit(decode_kernels.thin_matmul)
+    narrow = "bf16" if dtype == "bfloat16" else "s8"
+    call = [line for line in product.lower(x, w).compile().as_text().splitlines() if "custom-call(" in line]
+    assert len(call) == 1 and f"{narrow}[{inputs},{outputs}]" in call[0], call  # the operand, narrow
+    want = x.astype(np.float64) @ np.asarray(w.astype(jnp.float32), np.float64)
+    np.testing.assert_allclose(np.asarray(product(x, w)), want, rtol=1e-5,
+                               atol=1e-5 * max(1, inputs) ** 0.5 * (127 if dtype == "int8" else 1))
 
 
 @needs_kernel
@@ -92,6 +114,30 @@ def test_decoding_with_the_kernel_equals_xla(rows, monkeypatch):
         generation._compiled_generate.cache_clear()
     assert decode_kernels.THIN_MATMUL not in reference_hlo and decode_kernels.STEP_ATTENTION not in reference_hlo
     np.testing.assert_array_equal(tokens, reference)
+
+
+@needs_kernel
+@pytest.mark.parametrize("weights", ["bfloat16", "int8"])
+def test_weight_only_decoding_with_the_kernels_equals_xla(weights, monkeypatch):
+    config = get_preset("tiny")
+    params, quant = quantize_weights(config, init_params(config, rng=3), weights)
+    prompts = [[1, 2, 3, 4, 5], [7, 3, 2]]
+    with_kernels = generation.generate(config, params, prompts, 12, quant=quant)
+    sampler, mesh, rules, dynamic, _ = generation._prepare(config, params, prompts, 12, 0.0, None, None, 0,
+                                                           None, (), None, None, quant)
+    hlo = generation._compiled_generate(config, sampler, 12, mesh, rules, "in_out").lower(*dynamic).compile().as_text()
+    # The decode loop's MLP products take the kernels narrow (only the prefill's many rows, in
+    # XLA's dots, use a widened copy).
+    narrow = "bf16" if weights == "bfloat16" else "s8"
+    calls = [line for line in hlo.splitlines() if f'custom_call_target="{decode_kernels.THIN_MATMUL}_{narrow}"' in line]
+    assert sum(f"{narrow}[{config.hidden_size},{config.intermediate_size}]" in line for line in calls) \
+        >= 2 * config.num_layers, calls
+    generation._compiled_generate.cache_clear()
+    monkeypatch.setenv(decode_kernels.SWITCH_ENV, "0")
+    try:
+        assert generation.generate(config, params, prompts, 12, quant=quant) == with_kernels
+    finally:
+        generation._compiled_generate.cache_clear()
 
 
 @needs_kernel

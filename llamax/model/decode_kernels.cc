@@ -10,6 +10,8 @@
 #include <atomic>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
+#include <immintrin.h>
 #include <limits>
 #include <memory>
 #include <thread>
@@ -28,13 +30,47 @@ typedef float v16_unaligned __attribute__((vector_size(64), aligned(4), may_alia
 inline v16 Load(const float* p) { return *reinterpret_cast<const v16_unaligned*>(p); }
 inline void Store(float* p, v16 v) { *reinterpret_cast<v16_unaligned*>(p) = v; }
 
+// 16 weights as float32, from float32, bfloat16 (the high half of a float32) or int8.
+typedef uint16_t u16x16 __attribute__((vector_size(32)));
+typedef uint16_t u16x16_unaligned __attribute__((vector_size(32), aligned(2), may_alias));
+typedef uint32_t u32x16 __attribute__((vector_size(64)));
+
+
+inline v16 LoadWeights(const float* p) { return Load(p); }
+inline v16 LoadWeights(const uint16_t* p) {
+  const u16x16 half = *reinterpret_cast<const u16x16_unaligned*>(p);
+  return (v16)(__builtin_convertvector(half, u32x16) << 16);
+}
+// int8 by intrinsics: GCC turns a vector conversion from int8 into 16 scalar conversions.
+inline v16 LoadWeights(const int8_t* p) {
+  const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+#if defined(__AVX512F__)
+  return (v16)_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(bytes));
+#else  // AVX2: two halves of 8
+  const __m256 low = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(bytes));
+  const __m256 high = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(bytes, 8)));
+  v16 out;
+  std::memcpy(&out, &low, sizeof low);
+  std::memcpy(reinterpret_cast<char*>(&out) + sizeof low, &high, sizeof high);
+  return out;
+#endif
+}
+inline float Weight(float w) { return w; }
+inline float Weight(uint16_t w) {
+  const uint32_t bits = uint32_t(w) << 16;
+  float value;
+  std::memcpy(&value, &bits, sizeof value);
+  return value;
+}
+inline float Weight(int8_t w) { return float(w); }
+
 constexpr int64_t kBlock = 16;    // rows of w per pass of a tile (sequential streams)
 constexpr int kMaxRows = 8;       // rows of x per pass over w
 constexpr int64_t kColumnGrain = 128;  // a thread's columns: a multiple of the widest tile
 
 // y[:MB, n:n + 16 NV] (+)= x[:MB, k0:k1] @ w[k0:k1, n:n + 16 NV]; the first block starts from 0.
-template <int MB, int NV>
-inline void Tile(const float* x, const float* w, float* y, int64_t K, int64_t N, int64_t n,
+template <int MB, int NV, typename W>
+inline void Tile(const float* x, const W* w, float* y, int64_t K, int64_t N, int64_t n,
                  int64_t k0, int64_t k1) {
   v16 acc[MB][NV];
 #pragma GCC unroll 8
@@ -42,10 +78,10 @@ inline void Tile(const float* x, const float* w, float* y, int64_t K, int64_t N,
 #pragma GCC unroll 8
     for (int j = 0; j < NV; ++j) acc[m][j] = k0 == 0 ? v16{} : Load(y + m * N + n + 16 * j);
   for (int64_t k = k0; k < k1; ++k) {
-    const float* w_row = w + k * N + n;
+    const W* w_row = w + k * N + n;
     v16 w_vectors[NV];
 #pragma GCC unroll 8
-    for (int j = 0; j < NV; ++j) w_vectors[j] = Load(w_row + 16 * j);
+    for (int j = 0; j < NV; ++j) w_vectors[j] = LoadWeights(w_row + 16 * j);
 #pragma GCC unroll 8
     for (int m = 0; m < MB; ++m) {
       const float x_mk = x[m * K + k];
@@ -61,27 +97,30 @@ inline void Tile(const float* x, const float* w, float* y, int64_t K, int64_t N,
 
 // Columns [n0, n1) of y for MB rows. Tiles hold 16 accumulators: 8 vectors wide for 1-2 rows,
 // 4 for 3-4 rows, 2 for 5-8 rows.
-template <int MB>
-void Columns(const float* x, const float* w, float* y, int64_t K, int64_t N, int64_t n0, int64_t n1) {
+template <int MB, typename W>
+void Columns(const float* x, const W* w, float* y, int64_t K, int64_t N, int64_t n0, int64_t n1) {
   constexpr int NV = MB <= 2 ? 8 : MB <= 4 ? 4 : 2;
   const int64_t vector_end = n0 + (n1 - n0) / 16 * 16;
   for (int64_t k0 = 0; k0 < K; k0 += kBlock) {
     const int64_t k1 = std::min(K, k0 + kBlock);
     int64_t n = n0;
-    for (; n + 16 * NV <= vector_end; n += 16 * NV) Tile<MB, NV>(x, w, y, K, N, n, k0, k1);
-    for (; n < vector_end; n += 16) Tile<MB, 1>(x, w, y, K, N, n, k0, k1);
+    for (; n + 16 * NV <= vector_end; n += 16 * NV) Tile<MB, NV, W>(x, w, y, K, N, n, k0, k1);
+    for (; n < vector_end; n += 16) Tile<MB, 1, W>(x, w, y, K, N, n, k0, k1);
   }
   for (int64_t n = vector_end; n < n1; ++n)  // fewer than 16 columns left
     for (int m = 0; m < MB; ++m) {
       float sum = 0;
-      for (int64_t k = 0; k < K; ++k) sum += x[m * K + k] * w[k * N + n];
+      for (int64_t k = 0; k < K; ++k) sum += x[m * K + k] * Weight(w[k * N + n]);
       y[m * N + n] = sum;
     }
 }
 
-using ColumnsFn = void (*)(const float*, const float*, float*, int64_t, int64_t, int64_t, int64_t);
-constexpr ColumnsFn kColumnsByRows[kMaxRows + 1] = {
-    nullptr, Columns<1>, Columns<2>, Columns<3>, Columns<4>, Columns<5>, Columns<6>, Columns<7>, Columns<8>};
+template <typename W>
+using ColumnsFn = void (*)(const float*, const W*, float*, int64_t, int64_t, int64_t, int64_t);
+template <typename W>
+constexpr ColumnsFn<W> kColumnsByRows[kMaxRows + 1] = {
+    nullptr,        Columns<1, W>, Columns<2, W>, Columns<3, W>, Columns<4, W>,
+    Columns<5, W>, Columns<6, W>, Columns<7, W>, Columns<8, W>};
 
 // Runs body(0) ... body(count - 1) on the caller and up to threads - 1 pool threads. Every thread
 // (the caller included) takes indices until none is left, so the caller never waits on a task
@@ -108,14 +147,16 @@ void ParallelFor(ffi::ThreadPool& pool, int64_t threads, int64_t count, Body bod
   while (shared->done.load(std::memory_order_acquire) < count) std::this_thread::yield();
 }
 
-ffi::Error ThinMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
+template <ffi::DataType WeightType>
+ffi::Error ThinMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<WeightType> w,
                       ffi::ResultBuffer<ffi::F32> y) {
+  using W = ffi::NativeType<WeightType>;
   const auto x_dims = x.dimensions(), w_dims = w.dimensions();
   if (x_dims.size() != 2 || w_dims.size() != 2 || x_dims[1] != w_dims[0])
     return ffi::Error::InvalidArgument("llamax_thin_matmul expects x [rows, K] and w [K, N]");
   const int64_t rows = x_dims[0], K = x_dims[1], N = w_dims[1];
   const float* x_data = x.typed_data();
-  const float* w_data = w.typed_data();
+  const W* w_data = w.typed_data();
   float* y_data = y->typed_data();
   if (K == 0) std::fill(y_data, y_data + rows * N, 0.0f);  // an empty sum
   if (rows == 0 || N == 0 || K == 0) return ffi::Error::Success();
@@ -128,7 +169,7 @@ ffi::Error ThinMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
     const int64_t n0 = c * chunk, n1 = std::min(N, n0 + chunk);
     for (int64_t m0 = 0; m0 < rows; m0 += kMaxRows) {
       const int64_t block_rows = std::min<int64_t>(kMaxRows, rows - m0);
-      kColumnsByRows[block_rows](x_data + m0 * K, w_data, y_data + m0 * N, K, N, n0, n1);
+      kColumnsByRows<W>[block_rows](x_data + m0 * K, w_data, y_data + m0 * N, K, N, n0, n1);
     }
   });
   return ffi::Error::Success();
@@ -213,12 +254,16 @@ ffi::Error StepAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buf
 
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(LlamaxThinMatmul, ThinMatmul,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+#define LLAMAX_THIN_MATMUL(name, weight_type)                                                  \
+  XLA_FFI_DEFINE_HANDLER_SYMBOL(name, ThinMatmul<weight_type>,                                  \
+                                ffi::Ffi::Bind()                                                \
+                                    .Ctx<ffi::ThreadPool>()                                     \
+                                    .Arg<ffi::Buffer<ffi::F32>>()                               \
+                                    .Arg<ffi::Buffer<weight_type>>()                            \
+                                    .Ret<ffi::Buffer<ffi::F32>>());
+LLAMAX_THIN_MATMUL(LlamaxThinMatmul, ffi::F32)
+LLAMAX_THIN_MATMUL(LlamaxThinMatmulBf16, ffi::BF16)
+LLAMAX_THIN_MATMUL(LlamaxThinMatmulS8, ffi::S8)
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(LlamaxStepAttention, StepAttention,
                               ffi::Ffi::Bind()

@@ -6,7 +6,10 @@ weight matrix for each product, which at that size costs more than the arithmeti
 Xeon (family 6 model 167, 2 cores) the bench preset's 111 MB of projection weights, as a chain of
 dependent products, took 10.5-12.9 ms for 8 rows (9-11 GB/s) and 4.3-5.7 ms for one row.
 `thin_matmul` reads each weight row in place, in register tiles that walk along the rows: 6.7 ms
-for 8 rows, 3.7 ms for one. XLA's decode attention is one batched matrix-vector product per query
+for 8 rows, 3.7 ms for one. It reads bfloat16 and int8 kernels (weight-only decode,
+`llamax.model.quantize`) as they are, widening them in registers, so they cost half and a
+quarter of the bytes per step (XLA widens them to a float32 copy once per call): batch-1
+decode 258 / 340 / 594 tok/s for float32 / bfloat16 / int8 weights, same machine. XLA's decode attention is one batched matrix-vector product per query
 head (2.2 ms per step at 8 rows); `step_attention` reads each kv head's cache once, and skips
 the slots not filled yet (docs/performance.md, change 11).
 
@@ -43,6 +46,11 @@ logger = logging.getLogger(__name__)
 
 THIN_MAX_ROWS = 8  # more rows: XLA's dots are as fast (16 rows: 11.5 vs 13.0 ms, same machine)
 THIN_MATMUL, STEP_ATTENTION = "llamax_thin_matmul", "llamax_step_attention"  # the FFI targets
+# The product's target and its library symbol per weight dtype (weight-only decode reads bfloat16
+# and int8 kernels narrow; an int8 kernel's scales multiply the product outside).
+_THIN_MATMULS = {jnp.dtype(jnp.float32): (THIN_MATMUL, "LlamaxThinMatmul"),
+                 jnp.dtype(jnp.bfloat16): (THIN_MATMUL + "_bf16", "LlamaxThinMatmulBf16"),
+                 jnp.dtype(jnp.int8): (THIN_MATMUL + "_s8", "LlamaxThinMatmulS8")}
 SOURCE = Path(__file__).with_name("decode_kernels.cc")
 SWITCH_ENV = "LLAMAX_DECODE_KERNELS"  # "0": never use the kernels
 COMPILER_FLAGS = ("-O3", "-march=native", "-mprefer-vector-width=512", "-std=c++17", "-shared", "-fPIC", "-w")
@@ -130,21 +138,25 @@ def _load() -> bool:
     except (OSError, RuntimeError) as error:
         logger.warning("llamax: the CPU decode kernels are unavailable (%s); decoding uses XLA's ops", error)
         return False
-    jax.ffi.register_ffi_target(THIN_MATMUL, jax.ffi.pycapsule(library.LlamaxThinMatmul), platform="cpu")
+    for target, symbol in _THIN_MATMULS.values():
+        jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, symbol)), platform="cpu")
     jax.ffi.register_ffi_target(STEP_ATTENTION, jax.ffi.pycapsule(library.LlamaxStepAttention), platform="cpu")
     return True
 
 
 def thin_matmul(x: jax.Array, w: jax.Array) -> jax.Array:
-    """x [rows, K] @ w [K, N], float32, by the custom call (only after `available()`)."""
-    return jax.ffi.ffi_call(THIN_MATMUL, jax.ShapeDtypeStruct((x.shape[0], w.shape[1]), jnp.float32))(x, w)
+    """x [rows, K] float32 @ w [K, N] (float32, bfloat16 or int8, read as it is) in float32, by
+    the custom call (only after `available()`)."""
+    target = _THIN_MATMULS[jnp.dtype(w.dtype)][0]
+    return jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((x.shape[0], w.shape[1]), jnp.float32))(x, w)
 
 
 def thin_matmul_applies(x: jax.Array, w: jax.Array) -> bool:
     """Whether `project` computes x [rows, K] @ w [K, N] by `thin_matmul`: inside
-    `decode_kernels(True)`, float32, at most THIN_MAX_ROWS rows, and the kernels available."""
+    `decode_kernels(True)`, x float32 with at most THIN_MAX_ROWS rows, w float32, bfloat16 or
+    int8, and the kernels available."""
     return (_ENABLED.get() and x.shape[0] <= THIN_MAX_ROWS and x.dtype == jnp.float32
-            and w.dtype == jnp.float32 and available())
+            and jnp.dtype(w.dtype) in _THIN_MATMULS and available())
 
 
 def step_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, own_k: jax.Array,

@@ -74,8 +74,9 @@ class Projection(nn.Module):
     With an int8 kernel and its per-output-column `scale` [outputs...] in the `quant`
     collection, y = (x K_int8) * scale: the scale factors out of the contraction. The kernel
     itself is widened to the compute dtype for the product; XLA:CPU hoists that out of a decode
-    loop (one float copy per `generate` call), libtpu keeps it int8 inside (docs/performance.md,
-    "Weight-only decode").
+    loop (one float copy per `generate` call), libtpu keeps it int8 inside, and the CPU decode
+    kernel (`llamax.model.decode_kernels`) reads it narrow (docs/performance.md, "Weight-only
+    decode").
     """
 
     config: ModelConfig
@@ -90,8 +91,11 @@ class Projection(nn.Module):
         kernel = self.param("kernel", nn.with_logical_partitioning(_init(self.config), axes), shape,
                             self.config.weight_dtype)
         dtype = self.config.compute_dtype
-        x, kernel = x.astype(dtype), kernel.astype(dtype)
-        y = project_out_in(self.equation, x, kernel, self.shape) if out_in else project(self.equation, x, kernel)
+        x = x.astype(dtype)
+        if out_in:
+            y = project_out_in(self.equation, x, kernel.astype(dtype), self.shape)
+        else:  # widened for the product, unless the CPU decode kernel reads it narrow
+            y = project(self.equation, x, kernel, dtype)
         if self.has_variable(QUANT_COLLECTION, "scale"):
             y = y * self.get_variable(QUANT_COLLECTION, "scale").astype(dtype)  # scale: [outputs...]
         if self.has_variable(LORA_COLLECTION, "lora_a"):

@@ -79,17 +79,23 @@ def _pass_through_form(equation: str) -> tuple[int, int] | None:
     return len(lead), n_in
 
 
-def project(equation: str, x: jax.Array, kernel: jax.Array) -> jax.Array:
-    """`jnp.einsum(equation, x, kernel)`; a reshaped 2-D matmul where `builds_for_cpu()`."""
+def project(equation: str, x: jax.Array, kernel: jax.Array, dtype: jnp.dtype | None = None) -> jax.Array:
+    """`jnp.einsum(equation, x, kernel)`; a reshaped 2-D matmul where `builds_for_cpu()`. With
+    `dtype`, the kernel is widened to it for the product, except where the CPU decode kernel
+    reads it as it is (bfloat16 and int8 weight-only decoding)."""
+    widen = (lambda k: k) if dtype is None else (lambda k: k.astype(dtype))  # noqa: E731
     form = _pass_through_form(equation) if builds_for_cpu() else None
     if form is None:
-        return jnp.einsum(equation, x, kernel)
+        return jnp.einsum(equation, x, widen(kernel))
     n_lead, n_in = form
     lead_shape, out_shape = x.shape[:n_lead], kernel.shape[n_in:]
     inputs = math.prod(kernel.shape[:n_in])
     rows, matrix = x.reshape(-1, inputs), kernel.reshape(inputs, -1)
     # [lead..., outputs...] flattened; a decode step's few rows by the CPU decode kernel
-    flat = decode_kernels.thin_matmul(rows, matrix) if decode_kernels.thin_matmul_applies(rows, matrix) else rows @ matrix
+    if decode_kernels.thin_matmul_applies(rows, matrix):
+        flat = decode_kernels.thin_matmul(rows, matrix)
+    else:
+        flat = rows @ widen(matrix)
     return flat.reshape(*lead_shape, *out_shape)
 
 
