@@ -235,7 +235,7 @@ def main(argv: list[str] | None = None) -> dict:
     from llamax.infer import generate as gen
 
     if args.ynn == "on":  # XLA's default compiler options for the decode programs too
-        gen.decode_compiler_options = lambda mesh=None: None
+        gen.decode_compiler_options = lambda *args, **kwargs: None
 
     if args.decode_only:
         print(json.dumps(bench_decode(args.batches, args.repeats)), flush=True)
