@@ -165,6 +165,8 @@ def test_more_rows_or_other_dtypes_keep_xla():
     assert generation.decode_kernel_layout(None, 16, config) == "out_in"
     assert not generation.uses_decode_kernels(None, 9, config)
     assert not generation.uses_decode_kernels(None, 4, config.replace(dtype="bfloat16"))
+    # bfloat16 params with float32 compute: the kernels read the bfloat16 weights
+    assert generation.uses_decode_kernels(None, 4, config.replace(param_dtype="bfloat16")) == decode_kernels.available()
     with decode_kernels.decode_kernels(True):
         assert not decode_kernels.thin_matmul_applies(jnp.zeros((9, 4)), jnp.zeros((4, 4)))
         assert not decode_kernels.thin_matmul_applies(jnp.zeros((2, 4), jnp.bfloat16), jnp.zeros((4, 4), jnp.bfloat16))

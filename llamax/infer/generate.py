@@ -39,9 +39,9 @@ from llamax.config import ModelConfig
 from llamax.errors import ConfigError
 from llamax.infer.checks import all_stop_ids, check_generate_args
 from llamax.infer.sampling import Sampler, filter_logits, sample_tokens  # noqa: F401 (re-exported)
+from llamax.model import decode_kernels
 from llamax.model.kv_cache import CACHE_AXES, KVCache
 from llamax.model.llama import Llama, kernels_out_in
-from llamax.model import decode_kernels
 from llamax.model.matmul import flat_matmuls_for, runs_on_cpu
 from llamax.model.quantize import model_variables
 
@@ -162,9 +162,10 @@ def _one_cpu_device(mesh: jax.sharding.Mesh | None) -> bool:
 
 def uses_decode_kernels(mesh: jax.sharding.Mesh | None, rows: int, config: ModelConfig | None = None) -> bool:
     """Whether a CPU decode program of `rows` rows (the bucketed batch) computes its projections
-    with the CPU decode kernels (`llamax.model.decode_kernels`): one CPU device, float32 weights
-    and compute (`config`, when given), at most THIN_MAX_ROWS rows, and the kernels built."""
-    float32 = config is None or (config.compute_dtype == jnp.float32 and config.weight_dtype == jnp.float32)
+    with the CPU decode kernels (`llamax.model.decode_kernels`): one CPU device, float32 compute
+    (`config`, when given; the kernels read float32, bfloat16 and int8 weights), at most
+    THIN_MAX_ROWS rows, and the kernels built."""
+    float32 = config is None or config.compute_dtype == jnp.float32
     return (_one_cpu_device(mesh) and float32 and rows <= decode_kernels.THIN_MAX_ROWS
             and decode_kernels.available())
 
