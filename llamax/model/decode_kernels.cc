@@ -1,11 +1,17 @@
-// y[M, N] = x[M, K] @ w[K, N] in float32 for a few rows x (a CPU decode step's projections),
-// as an XLA FFI custom call: `llamax.model.thin_matmul` builds and registers it.
+// A CPU decode step's two kinds of work as XLA FFI custom calls; `llamax.model.decode_kernels`
+// builds and registers them:
 //
-// XLA:CPU's dot libraries (Eigen, YNNPACK) and MKL pack the weight matrix for every product,
-// which for 1-8 rows costs more than the arithmetic: a decode step's weights stream at 12 GB/s
-// for 8 rows where the memory delivers 25-30. Here w is read once, in place: each thread takes a
-// range of columns; a register tile of MB rows x NV vectors accumulates KBLOCK rows of w at a
-// time, and the tiles walk along those rows, so w is read as KBLOCK sequential streams.
+// * llamax_thin_matmul(_bf16, _s8): y[M, N] = x[M, K] @ w[K, N] in float32 for a few rows x (the
+//   projections), with w float32, bfloat16 or int8 (weight-only decode: read narrow, widened in
+//   registers; an int8 kernel's per-column scales stay outside, on y).
+// * llamax_step_attention: one new query per head over the KV cache as it was before the step,
+//   plus the step's own key/value (`llamax.model.attention.attend_step`).
+//
+// Projections. XLA:CPU's dot libraries (Eigen, YNNPACK) and MKL pack the weight matrix for every
+// product, which for 1-8 rows costs more than the arithmetic: a decode step's weights stream at
+// 12 GB/s for 8 rows where the memory delivers 25-30. Here w is read once, in place: each thread
+// takes a range of columns; a register tile of MB rows x NV vectors accumulates kBlock rows of w
+// at a time, and the tiles walk along those rows, so w is read as kBlock sequential streams.
 #include <algorithm>
 #include <atomic>
 #include <cmath>
@@ -34,7 +40,6 @@ inline void Store(float* p, v16 v) { *reinterpret_cast<v16_unaligned*>(p) = v; }
 typedef uint16_t u16x16 __attribute__((vector_size(32)));
 typedef uint16_t u16x16_unaligned __attribute__((vector_size(32), aligned(2), may_alias));
 typedef uint32_t u32x16 __attribute__((vector_size(64)));
-
 
 inline v16 LoadWeights(const float* p) { return Load(p); }
 inline v16 LoadWeights(const uint16_t* p) {
