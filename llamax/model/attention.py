@@ -116,14 +116,13 @@ def attend_step(q: Array, k_old: Array, v_old: Array, k_new: Array, v_new: Array
     batched matrix-vector product per query head of a group. Returns [batch, 1, heads, head_dim].
     """
     own = (k_new[:, 0].astype(q.dtype), v_new[:, 0].astype(q.dtype))  # [batch, kv_heads, head_dim]
+    k_old, v_old = k_old.astype(q.dtype), v_old.astype(q.dtype)
     if decode_kernels.step_attention_applies(q):  # a CPU decode program, float32: one custom call
         batch, _, heads, head_dim = q.shape
-        kv_heads = k_old.shape[1]
-        grouped = q.reshape(batch, kv_heads, heads // kv_heads, head_dim)
-        out = decode_kernels.step_attention(grouped, k_old.astype(q.dtype), v_old.astype(q.dtype),
-                                            mask[:, 0], *own)
+        grouped = q.reshape(batch, k_old.shape[1], heads // k_old.shape[1], head_dim)
+        out = decode_kernels.step_attention(grouped, k_old, v_old, mask[:, 0], *own)
         return out.reshape(batch, 1, heads, head_dim)
-    return _one_query_per_head(q, k_old.astype(q.dtype), v_old.astype(q.dtype), mask, own)
+    return _one_query_per_head(q, k_old, v_old, mask, own)
 
 
 def _one_query_per_head(q: Array, k: Array, v: Array, mask: Array,
