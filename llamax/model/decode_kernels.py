@@ -127,7 +127,12 @@ def available() -> bool:
     line saying why, where they cannot be built."""
     if os.environ.get(SWITCH_ENV, "1") == "0":
         return False
-    return platform.system() == "Linux" and platform.machine() in ("x86_64", "AMD64") and _load()
+    return _supported_platform() and _load()
+
+
+def _supported_platform() -> bool:
+    """x86-64 Linux: what the compiler flags and the kernels' intrinsics are written for."""
+    return platform.system() == "Linux" and platform.machine() in ("x86_64", "AMD64")
 
 
 @functools.cache
@@ -178,6 +183,9 @@ def step_attention_applies(q: jax.Array) -> bool:
 
 def build_ahead() -> None:
     """`make install`: builds the kernels before the first decode needs them, and says where."""
+    if not _supported_platform():
+        print(f"CPU decode kernels: not built on {platform.system()} {platform.machine()} (x86-64 Linux only)")
+        return
     try:
         print(f"CPU decode kernels: {build()}")
     except RuntimeError as error:
