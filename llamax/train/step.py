@@ -145,12 +145,16 @@ def train_step(model: Llama, variables: Variables, objective: Objective,
     finite = jnp.isfinite(grad_norm)
     for value in metrics.values():
         finite = finite & jnp.all(jnp.isfinite(value))
-    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-    updated = TrainState(step=state.step + 1, params=optax.apply_updates(state.params, updates),
-                         opt_state=opt_state, rng=next_rng(state.rng))
-    # Select, not lax.cond: both branches are cheap next to the step, and select keeps
-    # donation and sharding simple.
-    new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), updated, state)
+
+    def update(state: TrainState) -> TrainState:
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        return TrainState(step=state.step + 1, params=optax.apply_updates(state.params, updates),
+                          opt_state=opt_state, rng=next_rng(state.rng))
+
+    # A branch, not a select of new and old: XLA fuses the update into fewer passes over the
+    # params and moments without the select (bench preset on CPU: 125 -> 75 ms per update,
+    # 62 MiB less temp memory), and the skipped branch returns the donated state as it is.
+    new_state = jax.lax.cond(finite, update, lambda state: state, state)
     metrics.update(grad_norm=grad_norm, finite=finite,
                    learning_rate=jnp.asarray(schedule(state.step), jnp.float32))
     return new_state, metrics
