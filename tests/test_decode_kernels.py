@@ -194,7 +194,7 @@ def test_a_failed_build_is_one_warning_and_xla_decodes(monkeypatch, tmp_path, ca
     with pytest.raises(RuntimeError, match="exited with 3: error: this compiler is broken"):
         decode_kernels.build()
     assert not list((tmp_path / "llamax" / "kernels").iterdir()), "a failed build leaves no file"
-    with caplog.at_level(logging.WARNING, logger="llamax.model.decode_kernels"):
+    with caplog.at_level(logging.WARNING, logger="llamax.model.cpu_kernels"):
         assert decode_kernels._load.__wrapped__() is False  # the uncached load: the build fails
     assert len(caplog.records) == 1 and "unavailable" in caplog.records[0].getMessage()
 

@@ -23,14 +23,51 @@ scaled_dot_product_attention: 40 ms; docs/performance.md, change 9).
 Values and gradients equal the autodiff path (tests/test_attention.py). Used for programs built
 for CPU devices (`llamax.model.matmul.builds_for_cpu`); TPU and GPU programs keep the autodiff
 path (or splash / cuDNN).
+
+A train step on one CPU device (`attention_kernel(True)`, set by the train setup) computes the
+same blocks in float32 by two C++ custom calls instead (`train_attention.cc`, built with the other
+CPU kernels, `llamax.model.cpu_kernels`): they read q, k, v and write the gradients in the
+[batch, seq, heads, head_dim] layout, without the heads-major copies, and keep a block's scores in
+the cache between its products and its softmax. Same machine, same layer: 28 ms fwd+bwd
+(docs/performance.md, change 12). `LLAMAX_TRAIN_KERNELS=0` keeps XLA's form.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import functools
+import os
+
 import jax
 import jax.numpy as jnp
+import numpy as np
+
+from llamax.model import cpu_kernels
 
 Array = jax.Array
 _MASKED = jnp.finfo(jnp.float32).min
+SWITCH_ENV = "LLAMAX_TRAIN_KERNELS"  # "0": never use the kernels
+FORWARD, BACKWARD = "llamax_train_attention_fwd", "llamax_train_attention_bwd"  # the FFI targets
+_KERNEL = contextvars.ContextVar("llamax_train_attention_kernel", default=False)
+
+
+@contextlib.contextmanager
+def attention_kernel(enabled: bool):
+    """Within this context (while a program is traced), `blocked_causal_attention` of float32
+    q, k, v runs the C++ kernels where they are available. Only for programs on one CPU device:
+    XLA cannot split a custom call across devices."""
+    token = _KERNEL.set(enabled)
+    try:
+        yield
+    finally:
+        _KERNEL.reset(token)
+
+
+def kernel_applies(q: Array, k: Array, v: Array) -> bool:
+    """Whether `blocked_causal_attention` runs the C++ kernels: inside `attention_kernel(True)`,
+    q, k, v float32, head_dim a multiple of 16, the kernels available and not switched off."""
+    return (_KERNEL.get() and q.dtype == k.dtype == v.dtype == jnp.float32 and q.shape[-1] % 16 == 0
+            and os.environ.get(SWITCH_ENV, "1") != "0" and cpu_kernels.available())
 
 
 def blocked_causal_attention(q: Array, k: Array, v: Array, mask: Array, block: int) -> Array:
@@ -39,6 +76,8 @@ def blocked_causal_attention(q: Array, k: Array, v: Array, mask: Array, block: i
     does). q [batch, seq, heads, head_dim]; k, v [batch, seq, kv_heads, head_dim]. Returns
     [batch, seq, heads, head_dim] in q's dtype."""
     batch, seq, heads, head_dim = q.shape
+    if kernel_applies(q, k, v):
+        return _kernel_attention(q * jnp.asarray(head_dim ** -0.5, q.dtype), k, v, mask, block)
     kv_heads = k.shape[2]
     groups = heads // kv_heads
     # [batch, kv_heads, seq * groups, head_dim]: a query block's rows are contiguous
@@ -127,3 +166,33 @@ def _attention_bwd(saved, out_grad_rows):
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)
+
+
+# ---- the C++ kernels ----------------------------------------------------------------------------
+
+def _kernel_forward(q, k, v, mask, block):
+    """(out [batch, seq, heads, head_dim], row max, row sum [batch, seq, heads]) of pre-scaled q."""
+    stats = jax.ShapeDtypeStruct(q.shape[:3], jnp.float32)
+    return jax.ffi.ffi_call(FORWARD, (jax.ShapeDtypeStruct(q.shape, jnp.float32), stats, stats))(
+        q, k, v, mask, block=np.int64(block))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _kernel_attention(q, k, v, mask, block):
+    return _kernel_forward(q, k, v, mask, block)[0]
+
+
+def _kernel_attention_fwd(q, k, v, mask, block):
+    out, row_max, row_sum = _kernel_forward(q, k, v, mask, block)
+    return out, (q, k, v, mask, out, row_max, row_sum)
+
+
+def _kernel_attention_bwd(block, saved, out_grad):
+    q, k, v, mask, out, row_max, row_sum = saved
+    shapes = tuple(jax.ShapeDtypeStruct(x.shape, jnp.float32) for x in (q, k, v))
+    q_grad, k_grad, v_grad = jax.ffi.ffi_call(BACKWARD, shapes)(
+        q, k, v, mask, out, row_max, row_sum, out_grad, block=np.int64(block))
+    return q_grad, k_grad, v_grad, None
+
+
+_kernel_attention.defvjp(_kernel_attention_fwd, _kernel_attention_bwd)

@@ -16,8 +16,9 @@ the slots not filled yet (docs/performance.md, change 11).
 The kernels are C++ (GCC/Clang vector extensions, so AVX-512 or AVX2 as the CPU has), built on
 first use with the machine's C++ compiler, `-march=native`, into `~/.cache/llamax/kernels`
 (`XDG_CACHE_HOME` moves it; `make install` builds them ahead), and registered with XLA as FFI
-targets. Where they cannot be built (no compiler, not x86-64 Linux) or `LLAMAX_DECODE_KERNELS=0`,
-`available()` says False (with one log line where a build failed) and decoding keeps XLA's ops.
+targets, with the other CPU kernels (`llamax.model.cpu_kernels`). Where they cannot be built (no
+compiler, not x86-64 Linux) or `LLAMAX_DECODE_KERNELS=0`, `available()` says False (with one log
+line where a build failed) and decoding keeps XLA's ops.
 
 Decode programs turn them on with `decode_kernels(True)` while they are traced: `project` then
 takes `thin_matmul` for float32 products of at most THIN_MAX_ROWS rows, and `attend_step` takes
@@ -28,32 +29,21 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import ctypes
-import functools
-import hashlib
-import logging
 import os
-import platform
-import shutil
-import subprocess
-import tempfile
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 
-logger = logging.getLogger(__name__)
+from llamax.model import cpu_kernels
+from llamax.model.cpu_kernels import _compiler, _load, build  # noqa: F401  (the library's, re-exported)
 
 THIN_MAX_ROWS = 8  # more rows: XLA's dots are as fast (16 rows: 11.5 vs 13.0 ms, same machine)
 THIN_MATMUL, STEP_ATTENTION = "llamax_thin_matmul", "llamax_step_attention"  # the FFI targets
 # The product's target and its library symbol per weight dtype (weight-only decode reads bfloat16
 # and int8 kernels narrow; an int8 kernel's scales multiply the product outside).
-_THIN_MATMULS = {jnp.dtype(jnp.float32): (THIN_MATMUL, "LlamaxThinMatmul"),
-                 jnp.dtype(jnp.bfloat16): (THIN_MATMUL + "_bf16", "LlamaxThinMatmulBf16"),
-                 jnp.dtype(jnp.int8): (THIN_MATMUL + "_s8", "LlamaxThinMatmulS8")}
-SOURCE = Path(__file__).with_name("decode_kernels.cc")
+_THIN_MATMULS = {jnp.dtype(jnp.float32): THIN_MATMUL, jnp.dtype(jnp.bfloat16): THIN_MATMUL + "_bf16",
+                 jnp.dtype(jnp.int8): THIN_MATMUL + "_s8"}
 SWITCH_ENV = "LLAMAX_DECODE_KERNELS"  # "0": never use the kernels
-COMPILER_FLAGS = ("-O3", "-march=native", "-mprefer-vector-width=512", "-std=c++17", "-shared", "-fPIC", "-w")
 
 _ENABLED = contextvars.ContextVar("llamax_decode_kernels", default=False)
 
@@ -69,90 +59,19 @@ def decode_kernels(enabled: bool):
         _ENABLED.reset(token)
 
 
-def _compiler() -> str | None:
-    return os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
-
-
-def _cpu_signature() -> bytes:
-    """The CPU's model name and flags: a library built with -march=native runs only on its kind."""
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-    except OSError:
-        return platform.processor().encode()
-    wanted = [line for line in lines if line.startswith(("model name", "flags"))]
-    return "\n".join(wanted[:2]).encode()
-
-
-def library_path(compiler: str) -> Path:
-    """Where the kernels built by `compiler` for this source, jaxlib and CPU live."""
-    import jaxlib
-
-    key = hashlib.sha256(b"\0".join([SOURCE.read_bytes(), compiler.encode(), " ".join(COMPILER_FLAGS).encode(),
-                                     jaxlib.__version__.encode(), _cpu_signature()])).hexdigest()[:16]
-    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(cache) / "llamax" / "kernels" / f"decode_kernels-{key}.so"
-
-
-def build() -> Path:
-    """Compiles the kernels unless this machine already has them; returns the library's path.
-    Raises RuntimeError saying why it could not."""
-    compiler = _compiler()
-    if compiler is None:
-        raise RuntimeError("no C++ compiler (set CXX, or install g++)")
-    path = library_path(compiler)
-    if path.exists():
-        return path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, partial = tempfile.mkstemp(dir=path.parent, suffix=".so.partial")
-    os.close(handle)
-    command = [compiler, *COMPILER_FLAGS, f"-I{jax.ffi.include_dir()}", str(SOURCE), "-o", partial]
-    try:
-        try:
-            result = subprocess.run(command, capture_output=True, text=True)
-        except OSError as error:  # CXX names no program
-            raise RuntimeError(f"{compiler} could not run: {error.strerror}") from None
-        if result.returncode:
-            last = (result.stderr.strip().splitlines() or ["no message"])[-1]
-            raise RuntimeError(f"{compiler} exited with {result.returncode}: {last}")
-        os.replace(partial, path)  # atomic: concurrent builders each write their own file
-    finally:
-        if os.path.exists(partial):
-            os.remove(partial)
-    return path
-
-
 def available() -> bool:
-    """Whether the kernels are built and registered with XLA (built on the first call of a process
-    where needed). False where `LLAMAX_DECODE_KERNELS=0`, off x86-64 Linux, or, with one warning
-    line saying why, where they cannot be built."""
+    """Whether the kernels are built and registered with XLA (`llamax.model.cpu_kernels`, built on
+    the first call of a process where needed). False where `LLAMAX_DECODE_KERNELS=0`, off x86-64
+    Linux, or, with one warning line saying why, where they cannot be built."""
     if os.environ.get(SWITCH_ENV, "1") == "0":
         return False
-    return _supported_platform() and _load()
-
-
-def _supported_platform() -> bool:
-    """x86-64 Linux: what the compiler flags and the kernels' intrinsics are written for."""
-    return platform.system() == "Linux" and platform.machine() in ("x86_64", "AMD64")
-
-
-@functools.cache
-def _load() -> bool:
-    """Builds (if needed), loads and registers the kernels, once per process."""
-    try:
-        library = ctypes.CDLL(str(build()))
-    except (OSError, RuntimeError) as error:
-        logger.warning("llamax: the CPU decode kernels are unavailable (%s); decoding uses XLA's ops", error)
-        return False
-    for target, symbol in _THIN_MATMULS.values():
-        jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, symbol)), platform="cpu")
-    jax.ffi.register_ffi_target(STEP_ATTENTION, jax.ffi.pycapsule(library.LlamaxStepAttention), platform="cpu")
-    return True
+    return cpu_kernels.available()
 
 
 def thin_matmul(x: jax.Array, w: jax.Array) -> jax.Array:
     """x [rows, K] float32 @ w [K, N] (float32, bfloat16 or int8, read as it is) in float32, by
     the custom call (only after `available()`)."""
-    target = _THIN_MATMULS[jnp.dtype(w.dtype)][0]
+    target = _THIN_MATMULS[jnp.dtype(w.dtype)]
     return jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((x.shape[0], w.shape[1]), jnp.float32))(x, w)
 
 
@@ -179,14 +98,3 @@ def step_attention_applies(q: jax.Array) -> bool:
     """Whether `attend_step` runs `step_attention`: inside `decode_kernels(True)`, float32, and
     the kernels available."""
     return _ENABLED.get() and q.dtype == jnp.float32 and available()
-
-
-def build_ahead() -> None:
-    """`make install`: builds the kernels before the first decode needs them, and says where."""
-    if not _supported_platform():
-        print(f"CPU decode kernels: not built on {platform.system()} {platform.machine()} (x86-64 Linux only)")
-        return
-    try:
-        print(f"CPU decode kernels: {build()}")
-    except RuntimeError as error:
-        print(f"CPU decode kernels unavailable ({error}): decoding will use XLA's ops")

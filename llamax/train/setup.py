@@ -36,7 +36,8 @@ from llamax.config import ModelConfig
 from llamax.errors import ConfigError
 from llamax.model import lora, quantize
 from llamax.model.llama import Llama, abstract_params
-from llamax.model.matmul import flat_matmuls_for
+from llamax.model.cpu_attention import attention_kernel
+from llamax.model.matmul import flat_matmuls_for, runs_on_cpu
 from llamax.sharding import (LOGICAL_AXIS_RULES, Rules, batch_sharding, check_heads_divisible,
                              replicated, tree_shardings)
 from llamax.train import step as steps
@@ -170,7 +171,8 @@ def make_train_setup(model_config: ModelConfig, optim_config: OptimConfig, mesh:
         projections in the form the mesh's devices run best (`llamax.model.matmul`)."""
         def traced(*args):
             with (jax.sharding.use_abstract_mesh(mesh.abstract_mesh), nn.logical_axis_rules(rules),
-                  flat_matmuls_for(mesh)):  # the mesh's devices, not jax's default: AOT builds for a TPU
+                  flat_matmuls_for(mesh),  # the mesh's devices, not jax's default: AOT builds for a TPU
+                  attention_kernel(mesh.size == 1 and runs_on_cpu(mesh))):
                 return fn(*args)
         return traced
 
