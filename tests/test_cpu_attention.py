@@ -1,7 +1,8 @@
 """`llamax.model.cpu_attention`'s C++ kernels (`train_attention.cc`): values and gradients equal
 XLA's form of the same blocks for every grouping, odd lengths and head sizes, packed and padded
 rows (float32); they are used only inside `attention_kernel(True)`, never for bfloat16 or when
-switched off; the train setup turns them on for one CPU device only; and a train step with them
+switched off; the train setup turns them on for one CPU device only; and a train step with the
+train kernels (this attention and the AdamW update of `llamax.train.optim.cpu_adamw_update`)
 equals one without."""
 import platform
 
@@ -112,7 +113,8 @@ def test_train_step_with_the_kernels_equals_xla(monkeypatch):
     for switch in ("1", "0"):
         monkeypatch.setenv(cpu_attention.SWITCH_ENV, switch)
         state, step = _train_step(config, one, jax.devices()[:1])
-        assert (cpu_attention.FORWARD in step.jitted.lower(state, batch).as_text()) == (switch == "1")
+        text = step.jitted.lower(state, batch).as_text()
+        assert (cpu_attention.FORWARD in text) == (switch == "1") == ("llamax_adamw" in text)
         results[switch] = step(state, batch)
     (ours, our_metrics), (theirs, their_metrics) = results["1"], results["0"]
     for key in ("loss", "grad_norm"):

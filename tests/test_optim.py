@@ -1,4 +1,7 @@
-"""Learning-rate schedule values, the weight-decay mask, and OptimConfig validation."""
+"""Learning-rate schedule values, the weight-decay mask, OptimConfig validation, and the CPU
+AdamW kernel equal to optax."""
+import platform
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,7 +11,9 @@ import pytest
 from llamax.config import get_preset
 from llamax.errors import ConfigError
 from llamax.model import init_params
-from llamax.train.optim import OptimConfig, learning_rate_schedule, make_optimizer, weight_decay_mask
+from llamax.model import cpu_kernels
+from llamax.train.optim import (OptimConfig, cpu_adamw_update, learning_rate_schedule, make_optimizer,
+                                weight_decay_mask)
 
 TINY = get_preset("tiny")
 
@@ -104,3 +109,48 @@ def test_opt_state_dtype_sets_first_moment_dtype():
 def test_bad_optim_config_raises(fields, match):
     with pytest.raises(ConfigError, match=match):
         OptimConfig(**fields)
+
+
+needs_kernel = pytest.mark.skipif(
+    cpu_kernels._compiler() is None or platform.system() != "Linux" or platform.machine() != "x86_64",
+    reason="the kernels build on x86-64 Linux with a C++ compiler")
+
+
+@needs_kernel
+@pytest.mark.parametrize("clip_norm", [1.0, 100.0, None])  # clipping, not reached, off
+def test_cpu_adamw_kernel_equals_optax(clip_norm):
+    """Four updates through warmup and decay: params and optimizer state (counts included) equal
+    optax's update + apply_updates to float32 rounding, decay mask and an empty array included."""
+    cfg = OptimConfig(learning_rate=1e-2, warmup_steps=2, total_steps=10, clip_norm=clip_norm)
+    rng = np.random.RandomState(0)
+    params = {"layers": {"kernel": jnp.asarray(rng.randn(3, 40, 50), jnp.float32),
+                         "input_layernorm": {"weight": jnp.asarray(rng.randn(3, 40), jnp.float32)}},
+              "embed_tokens": {"embedding": jnp.asarray(rng.randn(70, 8), jnp.float32)},
+              "empty": jnp.zeros((0, 4), jnp.float32)}
+    optimizer, fused = make_optimizer(cfg), cpu_adamw_update(cfg)
+
+    @jax.jit
+    def reference(params, state, grads):
+        updates, state = optimizer.update(grads, state, params)
+        return optax.apply_updates(params, updates), state
+
+    theirs = ours = (params, optimizer.init(params))
+    assert "llamax_adamw" in jax.jit(fused).lower(params, ours[1], params).as_text()
+    for _ in range(4):
+        grads = jax.tree.map(lambda x: jnp.asarray(rng.randn(*x.shape) * 0.3, jnp.float32), params)
+        theirs, ours = reference(*theirs, grads), jax.jit(fused)(grads, ours[1], ours[0])
+        assert jax.tree.structure(ours) == jax.tree.structure(theirs)
+        for mine, reference_leaf in zip(jax.tree.leaves(ours), jax.tree.leaves(theirs)):
+            np.testing.assert_allclose(mine, reference_leaf, rtol=1e-6, atol=1e-7)
+
+
+@needs_kernel
+def test_cpu_adamw_kernel_leaves_other_dtypes_and_the_switch_to_optax(monkeypatch):
+    params = {"kernel": jnp.ones((4, 4), jnp.float32)}
+    fused = cpu_adamw_update(OptimConfig(opt_state_dtype="bfloat16"))
+    state = make_optimizer(OptimConfig(opt_state_dtype="bfloat16")).init(params)
+    assert fused(params, state, params) is None  # a bfloat16 first moment
+    cfg = OptimConfig()
+    state = make_optimizer(cfg).init(params)
+    monkeypatch.setenv(cpu_kernels.TRAIN_SWITCH_ENV, "0")
+    assert cpu_adamw_update(cfg)(params, state, params) is None

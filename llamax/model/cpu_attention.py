@@ -36,7 +36,6 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
-import os
 
 import jax
 import jax.numpy as jnp
@@ -46,7 +45,7 @@ from llamax.model import cpu_kernels
 
 Array = jax.Array
 _MASKED = jnp.finfo(jnp.float32).min
-SWITCH_ENV = "LLAMAX_TRAIN_KERNELS"  # "0": never use the kernels
+SWITCH_ENV = cpu_kernels.TRAIN_SWITCH_ENV  # "0": never use the kernels
 FORWARD, BACKWARD = "llamax_train_attention_fwd", "llamax_train_attention_bwd"  # the FFI targets
 _KERNEL = contextvars.ContextVar("llamax_train_attention_kernel", default=False)
 
@@ -67,7 +66,7 @@ def kernel_applies(q: Array, k: Array, v: Array) -> bool:
     """Whether `blocked_causal_attention` runs the C++ kernels: inside `attention_kernel(True)`,
     q, k, v float32, head_dim a multiple of 16, the kernels available and not switched off."""
     return (_KERNEL.get() and q.dtype == k.dtype == v.dtype == jnp.float32 and q.shape[-1] % 16 == 0
-            and os.environ.get(SWITCH_ENV, "1") != "0" and cpu_kernels.available())
+            and cpu_kernels.train_kernels_available())
 
 
 def blocked_causal_attention(q: Array, k: Array, v: Array, mask: Array, block: int) -> Array:

@@ -3,12 +3,14 @@
 * `decode_kernels.cc` (`llamax.model.decode_kernels`): a decode step's projections and attention.
 * `train_attention.cc` (`llamax.model.cpu_attention`): causal attention of a train step, forward
   and backward.
+* `adamw.cc` (`llamax.train.optim.cpu_adamw_update`): a train step's AdamW update, in place.
 
 They are built on first use with the machine's C++ compiler, `-march=native`, into
 `~/.cache/llamax/kernels` (`XDG_CACHE_HOME` moves it; `make install` builds them ahead), and
 registered with XLA as FFI targets. Where they cannot be built (no compiler, not x86-64 Linux),
 `available()` says False (with one log line where a build failed) and the programs keep XLA's
-ops. Each user has its own switch besides: `LLAMAX_DECODE_KERNELS=0`, `LLAMAX_TRAIN_KERNELS=0`.
+ops. Each use has its own switch besides: `LLAMAX_DECODE_KERNELS=0` (decoding),
+`LLAMAX_TRAIN_KERNELS=0` (train steps: attention and AdamW).
 """
 from __future__ import annotations
 
@@ -27,11 +29,11 @@ import jax
 
 logger = logging.getLogger(__name__)
 
-SOURCES = tuple(Path(__file__).with_name(name) for name in ("decode_kernels.cc", "train_attention.cc"))
+SOURCES = tuple(Path(__file__).with_name(name) for name in ("decode_kernels.cc", "train_attention.cc", "adamw.cc"))
 # -ffp-contract=fast: a * b + c as one fused multiply-add (ISO C++ mode would keep two roundings
-# and half the arithmetic rate).
-COMPILER_FLAGS = ("-O3", "-march=native", "-mprefer-vector-width=512", "-ffp-contract=fast", "-std=c++17",
-                  "-shared", "-fPIC", "-w")
+# and half the arithmetic rate); -fno-math-errno: sqrt vectorizes (nothing reads errno).
+COMPILER_FLAGS = ("-O3", "-march=native", "-mprefer-vector-width=512", "-ffp-contract=fast", "-fno-math-errno",
+                  "-std=c++17", "-shared", "-fPIC", "-w")
 # FFI target -> the library's handler symbol
 TARGETS = {
     "llamax_thin_matmul": "LlamaxThinMatmul",
@@ -40,6 +42,7 @@ TARGETS = {
     "llamax_step_attention": "LlamaxStepAttention",
     "llamax_train_attention_fwd": "LlamaxTrainAttentionFwd",
     "llamax_train_attention_bwd": "LlamaxTrainAttentionBwd",
+    "llamax_adamw": "LlamaxAdamW",
 }
 
 
@@ -101,6 +104,14 @@ def available() -> bool:
     where needed). False off x86-64 Linux, or, with one warning line saying why, where they
     cannot be built."""
     return supported_platform() and _load()
+
+
+TRAIN_SWITCH_ENV = "LLAMAX_TRAIN_KERNELS"  # "0": train steps never use the kernels
+
+
+def train_kernels_available() -> bool:
+    """Whether a train step may use the kernels: `available()` and not `LLAMAX_TRAIN_KERNELS=0`."""
+    return os.environ.get(TRAIN_SWITCH_ENV, "1") != "0" and available()
 
 
 def supported_platform() -> bool:

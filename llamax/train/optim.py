@@ -6,13 +6,15 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from llamax.dtypes import float_dtype_name
+from llamax.model import cpu_kernels
 from llamax.errors import ConfigError, check_field_types, check_int
 from llamax.tree_paths import path_names
 
@@ -131,3 +133,43 @@ def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
     # Always a 2-chain, so the optimizer state has one structure whether or not clipping is on.
     clip = optax.clip_by_global_norm(cfg.clip_norm) if cfg.clip_norm else optax.identity()
     return optax.chain(clip, adamw)
+
+
+ADAMW_KERNEL = "llamax_adamw"  # the FFI target (llamax/model/adamw.cc)
+
+
+def cpu_adamw_update(cfg: OptimConfig) -> Callable[[Any, Any, Any], tuple[Any, Any] | None]:
+    """`make_optimizer(cfg)`'s update followed by `optax.apply_updates`, one pass per parameter
+    array by a C++ custom call that updates params and moments in place (`adamw.cc`), for
+    programs on one CPU device. The returned function maps (grads, opt_state, params) to (params,
+    opt_state) of the same structure as optax's, or to None where it does not apply (params,
+    gradients or moments not float32, the kernels unavailable or `LLAMAX_TRAIN_KERNELS=0`):
+    the caller then runs optax. Bench preset on an Intel Xeon: 75 -> ~40 ms per update."""
+    schedule = learning_rate_schedule(cfg)
+
+    def update(grads: Any, opt_state: Any, params: Any) -> tuple[Any, Any] | None:
+        adam, masked, scheduled = opt_state[1]
+        arrays = jax.tree.leaves((grads, adam.mu, adam.nu, params))
+        if any(leaf.dtype != jnp.float32 for leaf in arrays) or not cpu_kernels.train_kernels_available():
+            return None
+        count = optax.safe_increment(adam.count)
+        # optax's scalars: bias corrections of the incremented count, the schedule's step at the
+        # old one, the global norm that clipping compares
+        scalars = jnp.stack([-schedule(scheduled.count), 1 - cfg.b1 ** count, 1 - cfg.b2 ** count,
+                             optax.global_norm(grads)]).astype(jnp.float32)
+
+        def one(param, grad, mu, nu, decays):
+            shape = jax.ShapeDtypeStruct(param.shape, jnp.float32)
+            return jax.ffi.ffi_call(ADAMW_KERNEL, (shape, shape, shape), input_output_aliases={0: 0, 2: 1, 3: 2})(
+                param, grad, mu, nu, scalars, b1=np.float32(cfg.b1), b2=np.float32(cfg.b2), eps=np.float32(cfg.eps),
+                decay=np.float32(cfg.weight_decay if decays else 0.0), clip=np.float32(cfg.clip_norm or 0.0))
+
+        treedef = jax.tree.structure(params)
+        results = [one(*leaves) for leaves in zip(jax.tree.leaves(params), treedef.flatten_up_to(grads),
+                                                  treedef.flatten_up_to(adam.mu), treedef.flatten_up_to(adam.nu),
+                                                  jax.tree.leaves(weight_decay_mask(params, cfg)))]
+        new_params, mu, nu = (treedef.unflatten(parts) for parts in zip(*results)) if results else (params,) * 3
+        adam = adam._replace(count=count, mu=mu, nu=nu)
+        return new_params, (opt_state[0], (adam, masked, scheduled._replace(count=optax.safe_increment(scheduled.count))))
+
+    return update

@@ -42,7 +42,7 @@ from llamax.sharding import (LOGICAL_AXIS_RULES, Rules, batch_sharding, check_he
                              replicated, tree_shardings)
 from llamax.train import step as steps
 from llamax.train.objectives import DPO, CrossEntropy, Objective, check_objective
-from llamax.train.optim import OptimConfig, learning_rate_schedule, make_optimizer
+from llamax.train.optim import OptimConfig, cpu_adamw_update, learning_rate_schedule, make_optimizer
 from llamax.train.step import TrainState
 
 Array = jax.Array
@@ -166,19 +166,22 @@ def make_train_setup(model_config: ModelConfig, optim_config: OptimConfig, mesh:
     micro = optim_config.grad_accum_steps
     data = batch_sharding(mesh, rules)
 
+    one_cpu_device = mesh.size == 1 and runs_on_cpu(mesh)  # where the C++ CPU kernels may run
+
     def in_context(fn: Callable) -> Callable:
         """`fn` traced under the mesh and the logical-axis rules (its constraints resolve), with
         projections in the form the mesh's devices run best (`llamax.model.matmul`)."""
         def traced(*args):
             with (jax.sharding.use_abstract_mesh(mesh.abstract_mesh), nn.logical_axis_rules(rules),
                   flat_matmuls_for(mesh),  # the mesh's devices, not jax's default: AOT builds for a TPU
-                  attention_kernel(mesh.size == 1 and runs_on_cpu(mesh))):
+                  attention_kernel(one_cpu_device)):
                 return fn(*args)
         return traced
 
     train_fn = in_context(functools.partial(
         steps.train_step, model, trainable.variables, objective, optimizer,
-        learning_rate_schedule(optim_config), micro, mesh, rules))
+        learning_rate_schedule(optim_config), micro, mesh, rules,
+        fused_update=cpu_adamw_update(optim_config) if one_cpu_device else None))
     eval_fn = in_context(functools.partial(steps.eval_step, model, trainable.variables, objective))
     grads_fn = in_context(lambda trained, batch, frozen: steps.loss_and_grads(
         model, trainable.variables, objective, trained, frozen, batch, micro, mesh, rules))

@@ -134,11 +134,14 @@ def loss_and_grads(model: Llama, variables: Variables, objective: Objective, tra
 def train_step(model: Llama, variables: Variables, objective: Objective,
                optimizer: optax.GradientTransformation, schedule: optax.Schedule, micro_batches: int,
                mesh: jax.sharding.Mesh, rules: Rules,
-               state: TrainState, batch: Batch, frozen: Any) -> tuple[TrainState, dict]:
+               state: TrainState, batch: Batch, frozen: Any, *,
+               fused_update: Callable | None = None) -> tuple[TrainState, dict]:
     """One optimizer update. Metrics (replicated scalars): the objective's (cross-entropy: loss,
     z_loss, scored_tokens), grad_norm (before clipping), learning_rate (of this update), finite. When the loss or
     gradients are not finite the state is returned unchanged (step included) and finite is
-    False, so no NaN ever reaches params or a checkpoint; the host loop decides what to do."""
+    False, so no NaN ever reaches params or a checkpoint; the host loop decides what to do.
+    `fused_update` (`llamax.train.optim.cpu_adamw_update`), where given and applicable, replaces
+    `optimizer.update` + `optax.apply_updates` with the same update in one pass."""
     metrics, grads = loss_and_grads(model, variables, objective, state.params, frozen, batch,
                                     micro_batches, mesh, rules)
     grad_norm = optax.global_norm(grads)
@@ -147,9 +150,13 @@ def train_step(model: Llama, variables: Variables, objective: Objective,
         finite = finite & jnp.all(jnp.isfinite(value))
 
     def update(state: TrainState) -> TrainState:
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-        return TrainState(step=state.step + 1, params=optax.apply_updates(state.params, updates),
-                          opt_state=opt_state, rng=next_rng(state.rng))
+        fused = fused_update(grads, state.opt_state, state.params) if fused_update else None
+        if fused is None:
+            updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+            params = optax.apply_updates(state.params, updates)
+        else:
+            params, opt_state = fused
+        return TrainState(step=state.step + 1, params=params, opt_state=opt_state, rng=next_rng(state.rng))
 
     # A branch, not a select of new and old: XLA fuses the update into fewer passes over the
     # params and moments without the select (bench preset on CPU: 125 -> 75 ms per update,
