@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from llamax.config import RopeScaling
+from llamax.model.matmul import builds_for_cpu
 
 
 def inverse_frequencies(head_dim: int, theta: float, scaling: RopeScaling | None = None) -> np.ndarray:
@@ -43,7 +44,15 @@ def rotary_cos_sin(positions: jnp.ndarray, inv_freq: np.ndarray) -> tuple[jnp.nd
     """cos and sin tables for integer `positions` [batch, seq] -> two [batch, seq, head_dim] (f32)."""
     angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)  # [batch, seq, head_dim/2]
     angles = jnp.concatenate([angles, angles], axis=-1)  # [batch, seq, head_dim]
-    return jnp.cos(angles), jnp.sin(angles)
+    tables = jnp.stack([jnp.cos(angles), jnp.sin(angles)])  # [2, batch, seq, head_dim]
+    if builds_for_cpu():
+        # XLA:CPU fuses cos and sin into every op that reads them, so each layer's rotation of q
+        # and k (and their gradients) recomputed both per element, once per head: 109 ms of
+        # thread time per bench train step (Intel Xeon). It never fuses a reduction into the ops
+        # that read it, so a sum with zeros along a new axis (x + 0 = x) makes it write the
+        # tables once (docs/performance.md, change 12).
+        tables = jnp.sum(jnp.stack([tables, jnp.zeros_like(tables)]), axis=0)
+    return tables[0], tables[1]
 
 
 def apply_rotary(x: jnp.ndarray, cos: jnp.ndarray, sin: jnp.ndarray) -> jnp.ndarray:
