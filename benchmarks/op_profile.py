@@ -65,12 +65,23 @@ def hlo_classes(hlo_text: str) -> dict[str, str]:
         name, opcode = match.groups()
         computations[current].add(opcode)
         called = re.search(r"calls=%([\w.-]+)", line)
+        target = re.search(r'custom_call_target="([\w.-]+)"', line)
+        if target and target.group(1) in KERNEL_CLASSES:  # llamax's CPU kernels: by what they do
+            opcode = target.group(1)
         instructions[name] = (opcode, called.group(1) if called else "")
     return {name: _classify(name, opcode, computations.get(called, set()))
             for name, (opcode, called) in instructions.items()}
 
 
+# llamax's C++ CPU kernels (custom calls) -> op class; torch's scaled_dot_product_attention
+# (matmuls included) is its "attention softmax" too
+KERNEL_CLASSES = {"llamax_train_attention_fwd": "attention softmax", "llamax_train_attention_bwd": "attention softmax",
+                  "llamax_adamw": "optimizer"}
+
+
 def _classify(name: str, opcode: str, inside: set[str]) -> str:
+    if opcode in KERNEL_CLASSES:
+        return KERNEL_CLASSES[opcode]
     if opcode in ("dot", "convolution") or inside & {"dot", "convolution"}:
         return "matmul"  # YNNPACK/oneDNN fusions around a dot too (their other ones: by contents)
     if name.startswith("wrapped_broadcast") or inside & {"dynamic-update-slice", "dynamic-slice"} \

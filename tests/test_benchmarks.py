@@ -97,6 +97,18 @@ def test_op_classes_of_a_real_xla_module_and_of_aten_ops():
     assert op_profile.torch_class("aten::something_new") == "other"
 
 
+def test_op_classes_of_llamax_cpu_kernels():
+    """The train step's custom calls count as what they do, not as "other"."""
+    text = """ENTRY %main (p: f32[4]) -> f32[4] {
+  %p = f32[4]{0} parameter(0)
+  %ffi_call.1 = (f32[4]{0}) custom-call(%p), custom_call_target="llamax_train_attention_bwd"
+  %ffi_call.2 = (f32[4]{0}) custom-call(%p), custom_call_target="llamax_adamw"
+  ROOT %other = f32[4]{0} custom-call(%p), custom_call_target="something_else"
+}"""
+    classes = op_profile.hlo_classes(text)
+    assert classes == {"p": "other", "ffi_call.1": "attention softmax", "ffi_call.2": "optimizer", "other": "other"}
+
+
 @pytest.mark.slow
 def test_profile_of_a_tiny_train_step_has_both_sides():
     result = op_profile.profile_train("tiny", 2, 16, 1)
