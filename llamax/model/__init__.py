@@ -9,6 +9,10 @@
   lora.py       LoRA adapters: LoraConfig, init, the forward's variables, merge for export
   matmul.py     projection products: einsums, or 2-D matmuls in programs built for CPU
   quantize.py   weight-only bf16 / int8 (per-output-channel scales in the `quant` collection)
+  cpu_attention.py  CPU training's causal attention (its own backward; C++ kernels on one device)
+  decode_kernels.py the CPU decode step's C++ projections and attention
+  cpu_kernels.py    builds and registers the C++ kernels (decode_kernels.cc, train_attention.cc,
+                    adamw.cc: the AdamW update of `llamax.train.optim.cpu_adamw_update`)
 """
 from llamax.model.attention import attend
 from llamax.model.llama import (LORA_COLLECTION, QUANT_COLLECTION, KVCache, Llama, abstract_params,

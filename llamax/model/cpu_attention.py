@@ -28,7 +28,7 @@ A train step on one CPU device (`attention_kernel(True)`, set by the train setup
 same blocks in float32 by two C++ custom calls instead (`train_attention.cc`, built with the other
 CPU kernels, `llamax.model.cpu_kernels`): they read q, k, v and write the gradients in the
 [batch, seq, heads, head_dim] layout, without the heads-major copies, and keep a block's scores in
-the cache between its products and its softmax. Same machine, same layer: 28 ms fwd+bwd
+the cache between its products and its softmax. Same machine, same layer: 25 ms fwd+bwd
 (docs/performance.md, change 12). `LLAMAX_TRAIN_KERNELS=0` keeps XLA's form.
 """
 from __future__ import annotations
@@ -62,10 +62,13 @@ def attention_kernel(enabled: bool):
         _KERNEL.reset(token)
 
 
-def kernel_applies(q: Array, k: Array, v: Array) -> bool:
+def kernel_applies(q: Array, k: Array, v: Array, mask: Array) -> bool:
     """Whether `blocked_causal_attention` runs the C++ kernels: inside `attention_kernel(True)`,
-    q, k, v float32, head_dim a multiple of 16, the kernels available and not switched off."""
+    q, k, v float32, head_dim a multiple of 16, a bool mask of [batch, seq, seq], the kernels
+    available and not switched off."""
+    batch, seq = q.shape[:2]
     return (_KERNEL.get() and q.dtype == k.dtype == v.dtype == jnp.float32 and q.shape[-1] % 16 == 0
+            and mask.dtype == jnp.bool_ and mask.shape == (batch, seq, seq)
             and cpu_kernels.train_kernels_available())
 
 
@@ -75,7 +78,7 @@ def blocked_causal_attention(q: Array, k: Array, v: Array, mask: Array, block: i
     does). q [batch, seq, heads, head_dim]; k, v [batch, seq, kv_heads, head_dim]. Returns
     [batch, seq, heads, head_dim] in q's dtype."""
     batch, seq, heads, head_dim = q.shape
-    if kernel_applies(q, k, v):
+    if kernel_applies(q, k, v, mask):
         return _kernel_attention(q * jnp.asarray(head_dim ** -0.5, q.dtype), k, v, mask, block)
     kv_heads = k.shape[2]
     groups = heads // kv_heads
