@@ -14,8 +14,8 @@ import numpy as np
 import optax
 
 from llamax.dtypes import float_dtype_name
-from llamax.model import cpu_kernels
 from llamax.errors import ConfigError, check_field_types, check_int
+from llamax.model import cpu_kernels
 from llamax.tree_paths import path_names
 
 DECAYS = ("cosine", "linear", "constant")
@@ -138,16 +138,16 @@ def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
 ADAMW_KERNEL = "llamax_adamw"  # the FFI target (llamax/model/adamw.cc)
 
 
-def cpu_adamw_update(cfg: OptimConfig) -> Callable[[Any, Any, Any], tuple[Any, Any] | None]:
+def cpu_adamw_update(cfg: OptimConfig) -> Callable[..., tuple[Any, Any] | None]:
     """`make_optimizer(cfg)`'s update followed by `optax.apply_updates`, one pass per parameter
     array by a C++ custom call that updates params and moments in place (`adamw.cc`), for
-    programs on one CPU device. The returned function maps (grads, opt_state, params) to (params,
-    opt_state) of the same structure as optax's, or to None where it does not apply (params,
-    gradients or moments not float32, the kernels unavailable or `LLAMAX_TRAIN_KERNELS=0`):
-    the caller then runs optax. Bench preset on an Intel Xeon: 70 -> 42 ms per update."""
+    programs on one CPU device. The returned function maps (grads, opt_state, params[, the grads'
+    global norm, if the caller has it]) to (params, opt_state) of the same structure as optax's,
+    or to None where it does not apply (params, gradients or moments not float32, the kernels
+    unavailable or `LLAMAX_TRAIN_KERNELS=0`): the caller then runs optax. Bench preset on an Intel Xeon: 70 -> 42 ms per update."""
     schedule = learning_rate_schedule(cfg)
 
-    def update(grads: Any, opt_state: Any, params: Any) -> tuple[Any, Any] | None:
+    def update(grads: Any, opt_state: Any, params: Any, grad_norm: Any = None) -> tuple[Any, Any] | None:
         adam, masked, scheduled = opt_state[1]
         arrays = jax.tree.leaves((grads, adam.mu, adam.nu, params))
         if any(leaf.dtype != jnp.float32 for leaf in arrays) or not cpu_kernels.train_kernels_available():
@@ -155,8 +155,9 @@ def cpu_adamw_update(cfg: OptimConfig) -> Callable[[Any, Any, Any], tuple[Any, A
         count = optax.safe_increment(adam.count)
         # optax's scalars: bias corrections of the incremented count, the schedule's step at the
         # old one, the global norm that clipping compares
+        norm = optax.global_norm(grads) if grad_norm is None else grad_norm
         scalars = jnp.stack([-schedule(scheduled.count), 1 - cfg.b1 ** count, 1 - cfg.b2 ** count,
-                             optax.global_norm(grads)]).astype(jnp.float32)
+                             norm]).astype(jnp.float32)
 
         def one(param, grad, mu, nu, decays):
             shape = jax.ShapeDtypeStruct(param.shape, jnp.float32)

@@ -150,7 +150,7 @@ def train_step(model: Llama, variables: Variables, objective: Objective,
         finite = finite & jnp.all(jnp.isfinite(value))
 
     def update(state: TrainState) -> TrainState:
-        fused = fused_update(grads, state.opt_state, state.params) if fused_update else None
+        fused = fused_update(grads, state.opt_state, state.params, grad_norm) if fused_update else None
         if fused is None:
             updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
             params = optax.apply_updates(state.params, updates)
