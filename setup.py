@@ -97,7 +97,7 @@ setup(
     packages=find_packages(include=["llamax", "llamax.*", "experiments", "experiments.*",
                                     "configs", "configs.*"]),
     package_data={"configs": ["*/*.gin", "*/*.py", "lm_eval/*.yaml", "lm_eval/data/*.jsonl"],
-                  "llamax.infer": ["static/*.html"], "llamax.model": ["*.cc"]},
+                  "llamax.infer": ["static/*.html"], "llamax.model": ["*.cc", "*.h"]},
     install_requires=CORE,
     # xprof: TensorBoard's profile plugin (and its own server) for PROFILE_STEPS traces.
     extras_require={"convert": CONVERT, "eval": EVAL, "serve": SERVE, "tpu": TPU,

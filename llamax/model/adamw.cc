@@ -9,39 +9,17 @@
 // mu = (1 - b1) g + b1 mu; nu = (1 - b2) g^2 + b2 nu;
 // p += step * ((mu / bias1) / (sqrt(nu / bias2) + eps) + decay p), step = -learning rate.
 #include <algorithm>
-#include <atomic>
 #include <cmath>
 #include <cstdint>
-#include <memory>
-#include <thread>
 
+#include "parallel_for.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
+using llamax::AllThreads;
+using llamax::ParallelFor;
 
 namespace {
-
-template <typename Body>
-void ParallelFor(ffi::ThreadPool& pool, int64_t count, Body body) {  // as in train_attention.cc
-  struct Shared {
-    std::atomic<int64_t> next{0};
-    std::atomic<int64_t> done{0};
-    int64_t count;
-    Body body;
-    Shared(int64_t count, Body body) : count(count), body(body) {}
-    void Work() {
-      for (int64_t i; (i = next.fetch_add(1, std::memory_order_relaxed)) < count;) {
-        body(i);
-        done.fetch_add(1, std::memory_order_release);
-      }
-    }
-  };
-  auto shared = std::make_shared<Shared>(count, body);
-  const int64_t threads = std::min<int64_t>(std::max<int64_t>(1, pool.num_threads()), count);
-  for (int64_t t = 1; t < threads; ++t) pool.Schedule([shared] { shared->Work(); });
-  shared->Work();
-  while (shared->done.load(std::memory_order_acquire) < count) std::this_thread::yield();
-}
 
 constexpr int64_t kChunk = 1 << 15;  // elements per task
 
@@ -59,7 +37,7 @@ ffi::Error AdamW(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> param, ffi::Buffer<
   const bool clipped = clip > 0 && !(norm < clip);
   const float *p_in = param.typed_data(), *g_in = grad.typed_data(), *m_in = mu.typed_data(), *v_in = nu.typed_data();
   float *p_out = param_out->typed_data(), *m_out = mu_out->typed_data(), *v_out = nu_out->typed_data();
-  ParallelFor(pool, (n + kChunk - 1) / kChunk, [=](int64_t chunk) {
+  ParallelFor(pool, AllThreads(pool), (n + kChunk - 1) / kChunk, [=](int64_t chunk) {
     const int64_t end = std::min(n, (chunk + 1) * kChunk);
 #pragma GCC ivdep
     for (int64_t i = chunk * kChunk; i < end; ++i) {

@@ -30,6 +30,7 @@ import jax
 logger = logging.getLogger(__name__)
 
 SOURCES = tuple(Path(__file__).with_name(name) for name in ("decode_kernels.cc", "train_attention.cc", "adamw.cc"))
+HEADERS = (Path(__file__).with_name("parallel_for.h"),)  # included by the sources
 # -ffp-contract=fast: a * b + c as one fused multiply-add (ISO C++ mode would keep two roundings
 # and half the arithmetic rate); -fno-math-errno: sqrt vectorizes (nothing reads errno).
 COMPILER_FLAGS = ("-O3", "-march=native", "-mprefer-vector-width=512", "-ffp-contract=fast", "-fno-math-errno",
@@ -64,7 +65,7 @@ def library_path(compiler: str) -> Path:
     """Where the kernels built by `compiler` for these sources, jaxlib and CPU live."""
     import jaxlib
 
-    key = hashlib.sha256(b"\0".join([*(source.read_bytes() for source in SOURCES), compiler.encode(),
+    key = hashlib.sha256(b"\0".join([*(source.read_bytes() for source in SOURCES + HEADERS), compiler.encode(),
                                      " ".join(COMPILER_FLAGS).encode(), jaxlib.__version__.encode(),
                                      _cpu_signature()])).hexdigest()[:16]
     cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")

@@ -13,19 +13,20 @@
 // takes a range of columns; a register tile of MB rows x NV vectors accumulates kBlock rows of w
 // at a time, and the tiles walk along those rows, so w is read as kBlock sequential streams.
 #include <algorithm>
-#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <immintrin.h>
 #include <limits>
 #include <memory>
-#include <thread>
 #include <vector>
 
+#include "parallel_for.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
+using llamax::AllThreads;
+using llamax::ParallelFor;
 
 namespace {
 
@@ -127,31 +128,6 @@ constexpr ColumnsFn<W> kColumnsByRows[kMaxRows + 1] = {
     nullptr,        Columns<1, W>, Columns<2, W>, Columns<3, W>, Columns<4, W>,
     Columns<5, W>, Columns<6, W>, Columns<7, W>, Columns<8, W>};
 
-// Runs body(0) ... body(count - 1) on the caller and up to threads - 1 pool threads. Every thread
-// (the caller included) takes indices until none is left, so the caller never waits on a task
-// the pool has not started; a task that starts after the last index was taken returns at once
-// (it holds the shared counters, not the caller's buffers).
-template <typename Body>
-void ParallelFor(ffi::ThreadPool& pool, int64_t threads, int64_t count, Body body) {
-  struct Shared {
-    std::atomic<int64_t> next{0};
-    std::atomic<int64_t> done{0};
-    int64_t count;
-    Body body;
-    Shared(int64_t count, Body body) : count(count), body(body) {}
-    void Work() {
-      for (int64_t i; (i = next.fetch_add(1, std::memory_order_relaxed)) < count;) {
-        body(i);
-        done.fetch_add(1, std::memory_order_release);
-      }
-    }
-  };
-  auto shared = std::make_shared<Shared>(count, body);
-  for (int64_t t = 1; t < std::min(threads, count); ++t) pool.Schedule([shared] { shared->Work(); });
-  shared->Work();
-  while (shared->done.load(std::memory_order_acquire) < count) std::this_thread::yield();
-}
-
 template <ffi::DataType WeightType>
 ffi::Error ThinMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<WeightType> w,
                       ffi::ResultBuffer<ffi::F32> y) {
@@ -166,7 +142,7 @@ ffi::Error ThinMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
   if (K == 0) std::fill(y_data, y_data + rows * N, 0.0f);  // an empty sum
   if (rows == 0 || N == 0 || K == 0) return ffi::Error::Success();
   // Small products stay on the calling thread: waking another costs more than it saves.
-  const int64_t threads = K * N < (1 << 16) ? 1 : std::max<int64_t>(1, pool.num_threads());
+  const int64_t threads = K * N < (1 << 16) ? 1 : AllThreads(pool);
   // One range of columns per thread, a multiple of the widest tile.
   const int64_t per_thread = (N + threads - 1) / threads;
   const int64_t chunk = (per_thread + kColumnGrain - 1) / kColumnGrain * kColumnGrain;
@@ -223,7 +199,7 @@ ffi::Error StepAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buf
   const float* own_k_data = own_k.typed_data();
   const float* own_v_data = own_v.typed_data();
   float* out_data = out->typed_data();
-  const int64_t threads = batch * kv_heads * length * dim < (1 << 14) ? 1 : std::max<int64_t>(1, pool.num_threads());
+  const int64_t threads = batch * kv_heads * length * dim < (1 << 14) ? 1 : AllThreads(pool);
   ParallelFor(pool, threads, batch * kv_heads, [=](int64_t pair) {
     const int64_t row = pair / kv_heads;
     const float* keys = k_data + pair * length * dim;    // [S, D]

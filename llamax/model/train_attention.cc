@@ -19,18 +19,19 @@
 // Inputs: q [B, T, H, D] float32, pre-scaled by 1/sqrt(D); k, v [B, T, KV, D]; mask [B, T, T]
 // (true: the query sees the key); D a multiple of 16. Row statistics: [B, T, H].
 #include <algorithm>
-#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <limits>
 #include <memory>
-#include <thread>
 #include <vector>
 
+#include "parallel_for.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
+using llamax::AllThreads;
+using llamax::ParallelFor;
 
 namespace {
 
@@ -111,31 +112,6 @@ void Product(int64_t M, int64_t N, int64_t K, const float* a, int64_t a_row, int
   for (; j + 64 <= N; j += 64) Columns<6, 4>(M, a, a_row, a_col, b + j, ldb, c + j, ldc, K, accumulate);
   for (; j + 32 <= N; j += 32) Columns<8, 2>(M, a, a_row, a_col, b + j, ldb, c + j, ldc, K, accumulate);
   for (; j < N; j += 16) Columns<8, 1>(M, a, a_row, a_col, b + j, ldb, c + j, ldc, K, accumulate);
-}
-
-// ---- threads ------------------------------------------------------------------------------------
-// body(0) ... body(count - 1) on the caller and up to threads - 1 pool threads, each taking the
-// next index until none is left (so the caller never waits on a task the pool has not started).
-template <typename Body>
-void ParallelFor(ffi::ThreadPool& pool, int64_t count, Body body) {
-  struct Shared {
-    std::atomic<int64_t> next{0};
-    std::atomic<int64_t> done{0};
-    int64_t count;
-    Body body;
-    Shared(int64_t count, Body body) : count(count), body(body) {}
-    void Work() {
-      for (int64_t i; (i = next.fetch_add(1, std::memory_order_relaxed)) < count;) {
-        body(i);
-        done.fetch_add(1, std::memory_order_release);
-      }
-    }
-  };
-  auto shared = std::make_shared<Shared>(count, body);
-  const int64_t threads = std::min<int64_t>(std::max<int64_t>(1, pool.num_threads()), count);
-  for (int64_t t = 1; t < threads; ++t) pool.Schedule([shared] { shared->Work(); });
-  shared->Work();
-  while (shared->done.load(std::memory_order_acquire) < count) std::this_thread::yield();
 }
 
 // ---- shapes ---------------------------------------------------------------------------------------
@@ -243,7 +219,7 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ff
   const bool* mask_data = mask.typed_data();
   float *out_data = out->typed_data(), *max_data = row_max->typed_data(), *sum_data = row_sum->typed_data();
   // One task per (row, kv head): its keys are transposed once for all its blocks.
-  ParallelFor(pool, s.batch * s.kv_heads, [=](int64_t pair) {
+  ParallelFor(pool, AllThreads(pool), s.batch * s.kv_heads, [=](int64_t pair) {
     const int64_t b = pair / s.kv_heads, kv = pair % s.kv_heads, D = s.dim, T = s.seq, ld_all = Padded(T);
     const int64_t max_rows = std::min(s.block, T) * s.groups;
     auto keys_t = Scratch(D * ld_all), values = Scratch(T * D), queries = Scratch(max_rows * D);
@@ -286,7 +262,7 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<f
   const float* dout_data = out_grad.typed_data();
   const bool* mask_data = mask.typed_data();
   float *dq_data = q_grad->typed_data(), *dk_data = k_grad->typed_data(), *dv_data = v_grad->typed_data();
-  ParallelFor(pool, s.batch * s.kv_heads, [=](int64_t pair) {
+  ParallelFor(pool, AllThreads(pool), s.batch * s.kv_heads, [=](int64_t pair) {
     const int64_t b = pair / s.kv_heads, kv = pair % s.kv_heads, D = s.dim, T = s.seq, ld_all = Padded(T);
     auto keys_t = Scratch(D * ld_all), values_t = Scratch(D * ld_all), keys = Scratch(T * D);
     std::vector<float> key_grads(T * D), value_grads(T * D);  // zeroed: the blocks add to them
