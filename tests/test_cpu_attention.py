@@ -4,23 +4,18 @@ rows (float32); they are used only inside `attention_kernel(True)`, never for bf
 switched off; the train setup turns them on for one CPU device only; and a train step with the
 train kernels (this attention and the AdamW update of `llamax.train.optim.cpu_adamw_update`)
 equals one without."""
-import platform
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from kernel_marks import needs_kernel
 from llamax.config import get_preset
-from llamax.model import cpu_attention, cpu_kernels
+from llamax.model import cpu_attention
 from llamax.model.cpu_attention import attention_kernel, blocked_causal_attention
 from llamax.sharding import MeshConfig, make_mesh
 from llamax.train import init_train_state, make_train_step
 from llamax.train.optim import OptimConfig
-
-needs_kernel = pytest.mark.skipif(
-    cpu_kernels._compiler() is None or platform.system() != "Linux" or platform.machine() != "x86_64",
-    reason="the kernels build on x86-64 Linux with a C++ compiler")
 
 
 def _inputs(batch, seq, heads, kv_heads, head_dim, seed=0):

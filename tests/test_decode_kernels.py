@@ -3,7 +3,6 @@ count and odd shapes) and XLA's decode attention (masked and unfilled slots, gro
 with them gives the tokens and logits of XLA's ops, and a build that fails costs one warning line
 and nothing else."""
 import logging
-import platform
 import re
 
 import jax
@@ -11,16 +10,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from kernel_marks import needs_kernel
 from llamax.config import get_preset
 from llamax.infer import generate as generation
 from llamax.model import decode_kernels, init_params
 from llamax.model.attention import attend_step
 from llamax.model.matmul import flat_matmuls
 from llamax.model.quantize import quantize_weights
-
-needs_kernel = pytest.mark.skipif(
-    decode_kernels._compiler() is None or platform.system() != "Linux" or platform.machine() != "x86_64",
-    reason="the kernels build on x86-64 Linux with a C++ compiler")
 
 
 @needs_kernel

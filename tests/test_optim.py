@@ -1,17 +1,15 @@
 """Learning-rate schedule values, the weight-decay mask, OptimConfig validation, and the CPU
 AdamW kernel equal to optax."""
-import platform
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
 
+from kernel_marks import needs_kernel
 from llamax.config import get_preset
 from llamax.errors import ConfigError
-from llamax.model import init_params
-from llamax.model import cpu_kernels
+from llamax.model import cpu_kernels, init_params
 from llamax.train.optim import (OptimConfig, cpu_adamw_update, learning_rate_schedule, make_optimizer,
                                 weight_decay_mask)
 
@@ -109,11 +107,6 @@ def test_opt_state_dtype_sets_first_moment_dtype():
 def test_bad_optim_config_raises(fields, match):
     with pytest.raises(ConfigError, match=match):
         OptimConfig(**fields)
-
-
-needs_kernel = pytest.mark.skipif(
-    cpu_kernels._compiler() is None or platform.system() != "Linux" or platform.machine() != "x86_64",
-    reason="the kernels build on x86-64 Linux with a C++ compiler")
 
 
 @needs_kernel
