@@ -42,7 +42,7 @@ from llamax.infer.sampling import Sampler, filter_logits, sample_tokens  # noqa:
 from llamax.model import decode_kernels
 from llamax.model.kv_cache import CACHE_AXES, KVCache
 from llamax.model.llama import Llama, kernels_out_in
-from llamax.model.matmul import flat_matmuls_for, runs_on_cpu
+from llamax.model.matmul import flat_matmuls_for, runs_on_cpu, runs_on_one_cpu_device
 from llamax.model.quantize import model_variables
 
 Array = jax.Array
@@ -155,18 +155,13 @@ def decode_compiler_options(mesh: jax.sharding.Mesh | None = None,
 OUT_IN_MIN_ROWS = 4
 
 
-def _one_cpu_device(mesh: jax.sharding.Mesh | None) -> bool:
-    """Whether programs for `mesh` run on a single CPU device (the decode kernels have no sharding)."""
-    return runs_on_cpu(mesh) and (mesh is None or mesh.devices.size == 1)
-
-
 def uses_decode_kernels(mesh: jax.sharding.Mesh | None, rows: int, config: ModelConfig | None = None) -> bool:
     """Whether a CPU decode program of `rows` rows (the bucketed batch) computes its projections
     with the CPU decode kernels (`llamax.model.decode_kernels`): one CPU device, float32 compute
     (`config`, when given; the kernels read float32, bfloat16 and int8 weights), at most
     THIN_MAX_ROWS rows, and the kernels built."""
     float32 = config is None or config.compute_dtype == jnp.float32
-    return (_one_cpu_device(mesh) and float32 and rows <= decode_kernels.THIN_MAX_ROWS
+    return (runs_on_one_cpu_device(mesh) and float32 and rows <= decode_kernels.THIN_MAX_ROWS
             and decode_kernels.available())
 
 
@@ -185,7 +180,7 @@ def decode_kernel_layout(mesh: jax.sharding.Mesh | None, rows: int, config: Mode
 def with_decode_kernels(fn: Callable, mesh: jax.sharding.Mesh | None) -> Callable:
     """`fn`, traced with the CPU decode kernels on where its programs run on one CPU device
     (`project` then takes them for float32 products of few rows, `attend_step` in float32)."""
-    enabled = _one_cpu_device(mesh)
+    enabled = runs_on_one_cpu_device(mesh)
 
     @functools.wraps(fn)
     def traced(*args):

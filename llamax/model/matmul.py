@@ -53,6 +53,12 @@ def runs_on_cpu(mesh: jax.sharding.Mesh | None) -> bool:
     return (jax.default_backend() if mesh is None else mesh.devices.flat[0].platform) == "cpu"
 
 
+def runs_on_one_cpu_device(mesh: jax.sharding.Mesh | None) -> bool:
+    """Whether programs built for `mesh` (None: the default backend) run on a single CPU device:
+    where llamax's C++ CPU kernels may run (XLA cannot split a custom call across devices)."""
+    return runs_on_cpu(mesh) and (mesh is None or mesh.devices.size == 1)
+
+
 def builds_for_cpu() -> bool:
     """Whether the program being traced is built for CPU devices: the `flat_matmuls` setting, or
     the default backend outside one. Beyond 2-D projections it picks the other CPU forms: the

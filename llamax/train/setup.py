@@ -37,7 +37,7 @@ from llamax.errors import ConfigError
 from llamax.model import lora, quantize
 from llamax.model.llama import Llama, abstract_params
 from llamax.model.cpu_attention import attention_kernel
-from llamax.model.matmul import flat_matmuls_for, runs_on_cpu
+from llamax.model.matmul import flat_matmuls_for, runs_on_one_cpu_device
 from llamax.sharding import (LOGICAL_AXIS_RULES, Rules, batch_sharding, check_heads_divisible,
                              replicated, tree_shardings)
 from llamax.train import step as steps
@@ -166,7 +166,7 @@ def make_train_setup(model_config: ModelConfig, optim_config: OptimConfig, mesh:
     micro = optim_config.grad_accum_steps
     data = batch_sharding(mesh, rules)
 
-    one_cpu_device = mesh.size == 1 and runs_on_cpu(mesh)  # where the C++ CPU kernels may run
+    one_cpu_device = runs_on_one_cpu_device(mesh)  # where the C++ CPU kernels may run
 
     def in_context(fn: Callable) -> Callable:
         """`fn` traced under the mesh and the logical-axis rules (its constraints resolve), with
